@@ -1,0 +1,28 @@
+"""The one exception mlx_flash raises for bad input."""
+
+from pathlib import Path
+from typing import Optional, Union
+
+
+class FlashError(Exception):
+    """Bad input or state a person can act on: what is wrong, where, and the fix.
+
+    Args:
+        message: what is wrong.
+        path: the file or directory at fault, if any.
+        fix: what the user should do about it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: Optional[Union[str, Path]] = None,
+        fix: Optional[str] = None,
+    ):
+        self.message = message
+        self.path = None if path is None else Path(path)
+        self.fix = fix
+        text = f"{path}: {message}" if path is not None else message
+        if fix:
+            text += f"\n  fix: {fix}"
+        super().__init__(text)

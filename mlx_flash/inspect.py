@@ -1,0 +1,54 @@
+"""`python -m mlx_flash.inspect STORE`: the manifest as a table; verify every checksum."""
+
+import argparse
+import sys
+
+from .errors import FlashError
+from .store.store import BundleStore
+
+
+def describe(store: BundleStore) -> str:
+    m = store.manifest
+    lines = [
+        f"store        {store.path}",
+        f"format       v{m.format_version}, layout {m.layout}",
+        f"arch         {m.architecture} ({m.activation}), hidden {m.hidden_size}, "
+        f"FFN {m.intermediate_size}, {len(m.layers)} layers",
+        f"source       {m.source.get('kind')} {m.source.get('path')}",
+        f"bundles      {m.file_bytes / 2**20:.1f} MiB",
+        "components   " + ", ".join(
+            f"{c.name} [{c.encoding.describe()}, {c.nbytes} B]" for c in m.components.values()
+        ),
+        "",
+        f"{'layer':>5} {'neurons':>8} {'section':<28} {'offset':>12} {'bundle B':>9} "
+        f"{'MiB':>8}  sha256",
+    ]
+    for i, layer in enumerate(m.layers):
+        for s in layer.sections:
+            lines.append(
+                f"{i:>5} {layer.neurons:>8} {'+'.join(s.components):<28} {s.offset:>12} "
+                f"{s.bundle_bytes:>9} {layer.neurons * s.bundle_bytes / 2**20:>8.2f}  "
+                f"{s.sha256[:16]}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Show and verify an mlx_flash store.")
+    parser.add_argument("store", help="The store directory")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="Skip reading the bundles to check their checksums")
+    args = parser.parse_args(argv)
+    try:
+        store = BundleStore(args.store)
+        print(describe(store))
+        if not args.no_verify:
+            store.verify()
+            print(f"\nverified: every checksum of {len(store.manifest.layers)} layers matches")
+    except FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

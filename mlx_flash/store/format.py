@@ -1,0 +1,318 @@
+"""The bundle store's on-disk format, version 1 (specified in docs/FORMAT.md).
+
+A store is a directory: `config.json`, tokenizer files, `model.safetensors` (the dense
+part), `ffn.bundles` (every layer's FFN neurons as row-column bundles, paper §3.2) and
+`flash_config.json` (the manifest). This module owns the byte layout: encodings, bundle
+offsets, the bundles-file header and the manifest. It does no file I/O of its own except
+the small manifest and header helpers.
+"""
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import FlashError
+
+MAGIC = b"MLXFLASH"
+MANIFEST_MAGIC = "mlx-flash-store"
+FORMAT_VERSION = 1
+ALIGN = 4096
+HEADER_BYTES = 4096
+MANIFEST_NAME = "flash_config.json"
+BUNDLES_NAME = "ffn.bundles"
+DENSE_NAME = "model.safetensors"
+
+FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+_HEADER = struct.Struct("<8sIIQI32s")  # magic, version, header bytes, file bytes, layers, layout digest
+
+Weight = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]  # float, or (packed, scales, biases)
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one component's values are stored: a float dtype, or MLX affine quantization.
+
+    Affine components hold `[packed uint32 words | scales | biases]`, with scales and
+    biases in `dtype` and one pair per `group_size` values, as `mx.quantize` makes them.
+    """
+
+    dtype: str = "float16"
+    bits: int = 0
+    group_size: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in FLOAT_DTYPES:
+            raise FlashError(f"unknown dtype {self.dtype!r}", fix="use " + ", ".join(FLOAT_DTYPES))
+        if self.bits not in (0, 4, 8) or (self.bits and self.group_size not in (32, 64, 128)):
+            raise FlashError(
+                f"unsupported quantization: {self.bits} bits, group size {self.group_size}",
+                fix="use 4 or 8 bits with a group size of 32, 64 or 128",
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits > 0
+
+    @property
+    def itemsize(self) -> int:
+        return FLOAT_DTYPES[self.dtype].size
+
+    def parts(self, length: int) -> List[Tuple[str, int]]:
+        """Byte size of each part of one row of `length` values."""
+        if not self.quantized:
+            return [("values", length * self.itemsize)]
+        if length % self.group_size:
+            raise FlashError(
+                f"a row of {length} values does not split into groups of {self.group_size}",
+                fix="choose a group size that divides the model's hidden size",
+            )
+        groups = length // self.group_size * self.itemsize
+        return [("packed", length * self.bits // 8), ("scales", groups), ("biases", groups)]
+
+    def nbytes(self, length: int) -> int:
+        return sum(n for _, n in self.parts(length))
+
+    def describe(self) -> str:
+        if self.quantized:
+            return f"q{self.bits} g{self.group_size} ({self.dtype} scales)"
+        return self.dtype
+
+    @classmethod
+    def parse(cls, text: str, group_size: int = 64, scale_dtype: str = "float16"):
+        """`float16`, `bfloat16`, `float32`, `q4` or `q8` -> Encoding."""
+        if text in FLOAT_DTYPES:
+            return cls(dtype=text)
+        if text in ("q4", "q8"):
+            return cls(dtype=scale_dtype, bits=int(text[1]), group_size=group_size)
+        raise FlashError(
+            f"unknown FFN format {text!r}", fix="use float16, bfloat16, float32, q4 or q8"
+        )
+
+
+@dataclass(frozen=True)
+class Component:
+    """One part of a neuron's bundle: a weight row (`length` = hidden size) or a bias."""
+
+    name: str
+    length: int
+    encoding: Encoding
+
+    @property
+    def nbytes(self) -> int:
+        return self.encoding.nbytes(self.length)
+
+
+def bundle_offsets(components: List[Component]) -> Dict[str, Tuple[int, int]]:
+    """Byte (offset, size) of each component inside one bundle, in order."""
+    offsets, at = {}, 0
+    for c in components:
+        offsets[c.name] = (at, c.nbytes)
+        at += c.nbytes
+    return offsets
+
+
+def encode_rows(w: Weight, enc: Encoding, length: int) -> np.ndarray:
+    """Rows of a component (n, length) -> their stored bytes (n, nbytes) as uint8.
+
+    A float array is cast or quantized; an already-quantized triple with the same bits
+    and group size is kept as it is (only its scales cast), so nothing is re-quantized.
+    """
+    if isinstance(w, tuple):
+        if enc.quantized and (enc.bits, enc.group_size) == quant_params(w, length):
+            packed, scales, biases = w
+            dtype = FLOAT_DTYPES[enc.dtype]
+            return _concat_bytes([packed, scales.astype(dtype), biases.astype(dtype)])
+        w = dequantize(w, length)
+    w = w.astype(mx.float32)
+    if enc.quantized:
+        packed, scales, biases = mx.quantize(w, group_size=enc.group_size, bits=enc.bits)
+        dtype = FLOAT_DTYPES[enc.dtype]
+        return _concat_bytes([packed, scales.astype(dtype), biases.astype(dtype)])
+    return _concat_bytes([w.astype(FLOAT_DTYPES[enc.dtype])])
+
+
+def decode_rows(raw: np.ndarray, component: Component, dtype: mx.Dtype) -> Weight:
+    """Stored bytes (n, nbytes) uint8 -> the component's MLX weight, floats in `dtype`."""
+    enc, at, out = component.encoding, 0, []
+    for _, size in enc.parts(component.length):
+        out.append(mx.array(np.ascontiguousarray(raw[:, at : at + size])))
+        at += size
+    if not enc.quantized:
+        return out[0].view(FLOAT_DTYPES[enc.dtype]).astype(dtype)
+    packed, scales, biases = out
+    stored = FLOAT_DTYPES[enc.dtype]
+    return packed.view(mx.uint32), scales.view(stored).astype(dtype), biases.view(stored).astype(dtype)
+
+
+def quant_params(w: Tuple[mx.array, mx.array, mx.array], length: int) -> Tuple[int, int]:
+    """(bits, group_size) of an MLX affine-quantized triple holding rows of `length`."""
+    packed, scales, _ = w
+    bits, group_size = packed.shape[-1] * 32 // length, length // scales.shape[-1]
+    if packed.shape[-1] * 32 != bits * length or group_size * scales.shape[-1] != length:
+        raise FlashError(
+            f"a quantized tensor {packed.shape} with scales {scales.shape} cannot hold rows "
+            f"of {length} values", fix="is the checkpoint complete and its config right?",
+        )
+    return bits, group_size
+
+
+def dequantize(w: Weight, length: int) -> mx.array:
+    if not isinstance(w, tuple):
+        return w
+    bits, group_size = quant_params(w, length)
+    return mx.dequantize(*w, group_size=group_size, bits=bits)
+
+
+def _concat_bytes(parts: List[mx.array]) -> np.ndarray:
+    n = parts[0].shape[0]
+    mx.eval(parts)
+    return np.concatenate([_as_bytes(p).reshape(n, -1) for p in parts], axis=1)
+
+
+def _as_bytes(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: move the raw bits
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a, copy=False)).view(np.uint8)
+
+
+# --- the manifest ---------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One contiguous run of bundles in a layer: every neuron's `components`, in order."""
+
+    components: List[str]
+    offset: int
+    bundle_bytes: int
+    sha256: str = ""
+
+
+@dataclass
+class LayerEntry:
+    neurons: int
+    sections: List[Section]
+
+
+@dataclass
+class Manifest:
+    """`flash_config.json`: everything needed to find and trust one byte of `ffn.bundles`."""
+
+    architecture: str
+    activation: str
+    rows: List[str]  # input projections, one row per neuron (gate_proj, up_proj / fc1)
+    column: str  # output projection, one column per neuron (down_proj / fc2)
+    hidden_size: int
+    intermediate_size: int
+    layout: str
+    components: Dict[str, Component]
+    layers: List[LayerEntry]
+    file_bytes: int = 0
+    out_bias: bool = False
+    source: dict = field(default_factory=dict)
+    magic: str = MANIFEST_MAGIC
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["components"] = {
+            k: {"length": c.length, "encoding": asdict(c.encoding)} for k, c in self.components.items()
+        }
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FlashError(f"the manifest is not valid JSON ({e})", path, _RECONVERT) from None
+        if not isinstance(d, dict) or d.get("magic") != MANIFEST_MAGIC:
+            raise FlashError("not an mlx_flash manifest (bad magic)", path, _RECONVERT)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise FlashError(
+                f"store format version {d.get('format_version')!r}, this mlx_flash reads "
+                f"version {FORMAT_VERSION}",
+                path,
+                "convert the model again with this version of mlx_flash",
+            )
+        try:
+            d["components"] = {
+                k: Component(k, int(c["length"]), Encoding(**c["encoding"]))
+                for k, c in d["components"].items()
+            }
+            d["layers"] = [
+                LayerEntry(int(l["neurons"]), [Section(**s) for s in l["sections"]])
+                for l in d["layers"]
+            ]
+            return cls(**d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FlashError(f"the manifest is malformed ({e!r})", path, _RECONVERT) from None
+
+    def validate(self, path: Path) -> None:
+        """Reject a manifest whose layout cannot be right, before any byte is read."""
+        end = HEADER_BYTES
+        for i, layer in enumerate(self.layers):
+            if layer.neurons <= 0 or not layer.sections:
+                raise FlashError(f"layer {i} has no neurons", path, _RECONVERT)
+            for s in layer.sections:
+                unknown = [c for c in s.components if c not in self.components]
+                if unknown:
+                    raise FlashError(f"layer {i} names unknown components {unknown}", path, _RECONVERT)
+                if s.bundle_bytes != sum(c.nbytes for c in self.section_components(s)):
+                    raise FlashError(f"layer {i}: bundle size disagrees with its components", path, _RECONVERT)
+                if s.offset % ALIGN or s.offset < end:
+                    raise FlashError(f"layer {i}: section offset {s.offset} is misplaced", path, _RECONVERT)
+                end = s.offset + layer.neurons * s.bundle_bytes
+        if end > self.file_bytes:
+            raise FlashError("the manifest points past the end of the bundles file", path, _RECONVERT)
+
+    def section_components(self, section: Section) -> List[Component]:
+        return [self.components[name] for name in section.components]
+
+    def layout_digest(self) -> bytes:
+        """SHA-256 of the byte layout (not the checksums): ties the bundles file to us."""
+        layout = [
+            [l.neurons, [[s.components, s.offset, s.bundle_bytes] for s in l.sections]]
+            for l in self.layers
+        ]
+        comps = {k: [c.length, asdict(c.encoding)] for k, c in sorted(self.components.items())}
+        blob = json.dumps([layout, comps, self.file_bytes], sort_keys=True).encode()
+        return hashlib.sha256(blob).digest()
+
+
+_RECONVERT = "convert the model again with `python -m mlx_flash.convert`"
+
+
+def pack_header(manifest: Manifest) -> bytes:
+    head = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, HEADER_BYTES, manifest.file_bytes, len(manifest.layers),
+        manifest.layout_digest(),
+    )
+    return head.ljust(HEADER_BYTES, b"\0")
+
+
+def check_header(head: bytes, manifest: Manifest, path: Path) -> None:
+    """The cheap check run at every load: magic, version, sizes and layout digest."""
+    if len(head) < _HEADER.size:
+        raise FlashError("the bundles file is shorter than its header", path, _RECONVERT)
+    magic, version, header_bytes, file_bytes, layers, digest = _HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise FlashError("not an mlx_flash bundles file (bad magic)", path, _RECONVERT)
+    if version != FORMAT_VERSION:
+        raise FlashError(
+            f"bundles format version {version}, expected {FORMAT_VERSION}", path, _RECONVERT
+        )
+    if (header_bytes, file_bytes, layers) != (HEADER_BYTES, manifest.file_bytes, len(manifest.layers)):
+        raise FlashError("the bundles file and flash_config.json disagree on sizes", path, _RECONVERT)
+    if digest != manifest.layout_digest():
+        raise FlashError("the bundles file was written for another manifest", path, _RECONVERT)

@@ -1,0 +1,120 @@
+"""`BundleStore`: an opened store directory, checked before any FFN byte is trusted."""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import FlashError
+from .format import (
+    BUNDLES_NAME,
+    DENSE_NAME,
+    HEADER_BYTES,
+    MANIFEST_NAME,
+    Manifest,
+    Weight,
+    check_header,
+    decode_rows,
+)
+from .reader import BundleReader
+
+
+def is_store(path: Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read, parse and validate `flash_config.json` and its agreement with config.json."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    for name in (MANIFEST_NAME, "config.json", DENSE_NAME, BUNDLES_NAME):
+        if not (path / name).is_file():
+            raise FlashError(
+                f"the store has no {name}", path,
+                "convert the model with `python -m mlx_flash.convert` (a store is a directory)",
+            )
+    manifest = Manifest.from_json(manifest_path.read_text(), manifest_path)
+    manifest.validate(manifest_path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise FlashError(f"config.json is not valid JSON ({e})", path / "config.json") from None
+    checks = {
+        "model_type": manifest.architecture,
+        "num_hidden_layers": len(manifest.layers),
+        "hidden_size": manifest.hidden_size,
+    }
+    for key, expected in checks.items():
+        if config.get(key) != expected:
+            raise FlashError(
+                f"config.json says {key}={config.get(key)!r} but flash_config.json was "
+                f"written for {expected!r}",
+                path / "config.json",
+                "restore the store's own config.json or convert the model again",
+            )
+    return manifest
+
+
+class BundleStore:
+    """The FFN bundles of one converted model, read through one `BundleReader`.
+
+    Args:
+        path: the store directory.
+        threads: parallel reads in flight.
+    """
+
+    def __init__(self, path: Path, threads: int = 4):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        bundles = self.path / BUNDLES_NAME
+        size = bundles.stat().st_size
+        if size != self.manifest.file_bytes:
+            raise FlashError(
+                f"the bundles file has {size} bytes, the manifest expects "
+                f"{self.manifest.file_bytes}: it is truncated or was replaced",
+                bundles, "convert the model again",
+            )
+        largest = max(
+            l.neurons * s.bundle_bytes for l in self.manifest.layers for s in l.sections
+        )
+        self.reader = BundleReader(bundles, max(largest, HEADER_BYTES), threads)
+        check_header(bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.manifest.layers)
+
+    def read_layer(self, layer: int, dtype: mx.Dtype) -> Dict[str, Weight]:
+        """Every neuron of `layer`: component name -> MLX weight (n_neurons, length)."""
+        entry, weights = self.manifest.layers[layer], {}
+        for section in entry.sections:
+            raw = self.reader.read(section.offset, entry.neurons * section.bundle_bytes)
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(entry.neurons, section.bundle_bytes)
+            at = 0
+            for comp in self.manifest.section_components(section):
+                weights[comp.name] = decode_rows(rows[:, at : at + comp.nbytes], comp, dtype)
+                at += comp.nbytes
+            del rows, raw  # views into the staging buffer; decode_rows copied out
+        return weights
+
+    def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
+        """Check every section's SHA-256 against the manifest (reads the whole file)."""
+        for i, entry in enumerate(self.manifest.layers):
+            for section in entry.sections:
+                raw = self.reader.read(section.offset, entry.neurons * section.bundle_bytes)
+                digest = hashlib.sha256(raw).hexdigest()
+                del raw
+                if digest != section.sha256:
+                    raise FlashError(
+                        f"layer {i}: checksum mismatch in bytes {section.offset}-"
+                        f"{section.offset + entry.neurons * section.bundle_bytes}: the file is corrupted",
+                        self.path / BUNDLES_NAME, "convert the model again",
+                    )
+            if progress:
+                progress(i)
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,156 @@
+"""`load`: mlx-lm's loader, with every layer's FFN replaced by a `FlashFFN` on the store."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+
+from .errors import FlashError
+from .sparse_ffn import FlashFFN
+from .store.convert import convert
+from .store.sources import download
+from .store.store import BundleStore, is_store
+
+
+def get_classes(config: dict):
+    """Model and ModelArgs classes: mlx-lm's, or ours where mlx-lm has none (OPT)."""
+    if config.get("model_type") == "opt":
+        from .models import opt
+
+        return opt.Model, opt.ModelArgs
+    return _get_classes(config)
+
+
+def flash_classes(store: BundleStore):
+    """A `get_model_classes` for mlx-lm's `load_model` that builds FlashFFN layers.
+
+    The FFN is replaced in the constructor, before any weight is loaded: mlx-lm's dense
+    FFN weights are created lazily and never evaluated, so they never take memory.
+    """
+
+    def get_model_classes(config: dict):
+        model_class, args_class = get_classes(config)
+
+        class FlashModel(model_class):
+            def __init__(self, args):
+                super().__init__(args)
+                for i, layer in enumerate(self.layers):
+                    layer.mlp = FlashFFN(store, i)
+
+        FlashModel.__name__ = FlashModel.__qualname__ = model_class.__name__
+        return FlashModel, args_class
+
+    return get_model_classes
+
+
+def default_compute_dtype(model: nn.Module) -> mx.Dtype:
+    """float32 on the CPU backend (its float16/bfloat16 kernels are pathologically slow);
+    on a GPU (Metal), the model's own float dtype. The one device-specific choice."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    for _, p in nn.utils.tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return p.dtype
+    return mx.float16
+
+
+def cache_root() -> Path:
+    if os.environ.get("MLX_FLASH_CACHE"):
+        return Path(os.environ["MLX_FLASH_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlx_flash"
+
+
+def resolve_store(
+    path_or_hf_repo: Union[str, Path], revision: Optional[str] = None, progress: bool = True
+) -> Path:
+    """A store path for a store, or for any source converted once into the cache."""
+    path = Path(path_or_hf_repo).expanduser()
+    if is_store(path):
+        return path
+    if not path.exists():
+        path = download(str(path_or_hf_repo), revision)  # FlashError if not a hub id
+    path = path.resolve()
+    stat = (path / "config.json").stat() if path.is_dir() else path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "stores" / f"{path.stem}-{key}"
+    if not is_store(target):
+        if progress:
+            print(f"[mlx_flash] converting {path} into {target} (once)", flush=True)
+        convert(path, target, overwrite=target.exists(), progress=progress)
+    return target
+
+
+def load(
+    path_or_hf_repo: str,
+    tokenizer_config: Optional[Dict[str, Any]] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    adapter_path: Optional[str] = None,
+    lazy: bool = False,
+    return_config: bool = False,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    *,
+    compute_dtype: Optional[mx.Dtype] = None,
+    threads: int = 4,
+    progress: bool = True,
+) -> Union[Tuple[nn.Module, TokenizerWrapper], Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]]]:
+    """Load a model whose FFN stays on the SSD, as `mlx_lm.load` loads a dense one.
+
+    Args:
+        path_or_hf_repo: a store, or a Hugging Face / MLX directory, hub id or .gguf
+            file (converted into the cache on first use).
+        tokenizer_config, model_config, adapter_path, lazy, return_config, revision,
+            trust_remote_code: as in `mlx_lm.load`.
+        compute_dtype: dtype of the computation (default: float32 on CPU, the model's
+            own dtype on a GPU).
+        threads: parallel reads in flight.
+        progress: show conversion progress.
+
+    Returns:
+        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
+    """
+    if (model_config or {}).get("quantize_activations"):
+        raise FlashError(
+            "activation quantization does not apply: the FFN is computed from bundles",
+            fix="drop --quantize-activations",
+        )
+    store_path = resolve_store(path_or_hf_repo, revision, progress)
+    config = json.loads((store_path / "config.json").read_text())
+    if "model_file" in config:
+        raise FlashError("stores never run custom model code", store_path / "config.json")
+    store = BundleStore(store_path, threads=threads)
+    model, config = load_model(
+        store_path, lazy, model_config=model_config, get_model_classes=flash_classes(store)
+    )
+    model.set_dtype(compute_dtype or default_compute_dtype(model))
+    if adapter_path is not None:
+        _load_adapters(model, adapter_path)
+    model.flash_store = store
+    tokenizer = load_tokenizer(
+        store_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
+    )
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _load_adapters(model: nn.Module, adapter_path: str) -> None:
+    from mlx_lm.tuner.utils import load_adapters
+
+    path = Path(adapter_path)
+    weights = path / "adapters.safetensors"
+    if not weights.is_file():
+        raise FlashError("no adapters.safetensors", path)
+    touched = [k for k in mx.load(str(weights)) if ".mlp." in k or ".fc1." in k or ".fc2." in k]
+    if touched:
+        raise FlashError(
+            f"the adapter changes the FFN ({touched[0]}, ...), which lives in the store",
+            path, "fuse the adapter into the model (mlx_lm.fuse) and convert that",
+        )
+    load_adapters(model, str(path))
+    model.eval()
