@@ -85,18 +85,26 @@ class BundleReader:
         pieces = [(a, min(a + CHUNK, end)) for a in range(start, end, CHUNK)]
         slices = [pieces[i :: self.threads] for i in range(self.threads)]
         futures = [self.pool.submit(self._read_pieces, s, start) for s in slices if s]
-        for f in futures:
-            f.result()
+        ends = [f.result() for f in futures]  # where each worker met the end of file
+        if min(ends) < offset + nbytes:
+            raise FlashError(
+                f"the bundles file ends at byte {min(ends)}, before byte {offset + nbytes}: "
+                "it was truncated", self.path, "convert the model again",
+            )
         self.stats.reads += len(pieces)
         self.stats.bytes += end - start
         self.stats.seconds += time.perf_counter() - tic
         return self.view[offset - start : offset - start + nbytes]
 
-    def _read_pieces(self, pieces: Sequence[Tuple[int, int]], base: int) -> None:
+    def _read_pieces(self, pieces: Sequence[Tuple[int, int]], base: int) -> int:
         for a, b in pieces:
-            self._read_into(a, b, base)
+            at = self._read_into(a, b, base)
+            if at < b:
+                return at
+        return sys.maxsize
 
-    def _read_into(self, a: int, b: int, base: int) -> None:
+    def _read_into(self, a: int, b: int, base: int) -> int:
+        """Read [a, b) into the buffer; returns where it stopped (b, or end of file)."""
         at = a
         while at < b:
             fd = self.fd
@@ -111,11 +119,9 @@ class BundleReader:
                     "check the disk; re-convert the store if the file is damaged",
                 ) from None
             if n == 0:
-                raise FlashError(
-                    f"the bundles file ends at byte {at}, before {b}: it was truncated",
-                    self.path, "convert the model again",
-                )
+                return at
             at += n
+        return at
 
     def _reopen_buffered(self, failed_fd: int) -> None:
         with self._lock:
