@@ -34,7 +34,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "sources, whose columns must be re-quantized per neuron)",
     )
     parser.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
-                        help="Quantization group size for q4/q8 (default 64)")
+                        help="Quantization group size for q4/q8 (default 64; 32 for quantized sources)")
     parser.add_argument("--layout", choices=LAYOUTS, default="bundled",
                         help="bundled (one read per neuron) or split (the ablation)")
     parser.add_argument("--dense-out", default=None,

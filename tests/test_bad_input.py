@@ -162,3 +162,22 @@ def test_missing_store_file(store):
 def test_inapplicable_options(store):
     with pytest.raises(FlashError, match="quantize-activations"):
         load(str(store), model_config={"quantize_activations": True})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["layers"][0]["sections"][0]["components"].remove("down_proj"), "expected"),
+        (lambda d: d.update(activation="swish9"), "unknown activation"),
+        (lambda d: d.update(layers=[]), "no layers"),
+        (lambda d: d["layers"][0]["sections"][0].update(offset="4096"), "integers"),
+        (lambda d: d["components"]["up_proj"]["encoding"].update(bits=4.0), "unsupported quantization"),
+        (lambda d: d["components"]["up_proj"].update(length=65), "length 65"),
+    ],
+)
+def test_inconsistent_manifest(store, edit, message):
+    d = json.loads((store / MANIFEST_NAME).read_text())
+    edit(d)
+    (store / MANIFEST_NAME).write_text(json.dumps(d))
+    with pytest.raises(FlashError, match=message):
+        load(str(store))

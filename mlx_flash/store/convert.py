@@ -187,6 +187,11 @@ def _take(weights: Dict[str, mx.array], name: str, dry: bool = False) -> Weight:
     if name + ".weight" not in weights:
         raise FlashError(f"the checkpoint has no tensor {name}.weight", fix="is it a complete checkpoint?")
     if name + ".scales" in weights:
+        if name + ".biases" not in weights:
+            raise FlashError(
+                f"{name} is quantized without biases (mxfp4/nvfp4?): only MLX affine "
+                "quantization is supported", fix="convert from the float or affine-quantized model",
+            )
         return get(name + ".weight"), get(name + ".scales"), get(name + ".biases")
     return get(name + ".weight")
 

@@ -53,7 +53,9 @@ class Encoding:
     def __post_init__(self):
         if self.dtype not in FLOAT_DTYPES:
             raise FlashError(f"unknown dtype {self.dtype!r}", fix="use " + ", ".join(FLOAT_DTYPES))
-        if self.bits not in (0, 4, 8) or (self.bits and self.group_size not in (32, 64, 128)):
+        ints = all(type(v) is int for v in (self.bits, self.group_size))
+        group_ok = self.group_size in (32, 64, 128) if self.bits else self.group_size == 0
+        if not ints or self.bits not in (0, 4, 8) or not group_ok:
             raise FlashError(
                 f"unsupported quantization: {self.bits} bits, group size {self.group_size}",
                 fix="use 4 or 8 bits with a group size of 32, 64 or 128",
@@ -260,18 +262,34 @@ class Manifest:
 
     def validate(self, path: Path) -> None:
         """Reject a manifest whose layout cannot be right, before any byte is read."""
+        from ..sparse_ffn import ACTIVATIONS  # the activations the runtime computes
+
+        def bad(why):
+            return FlashError(f"the manifest is inconsistent: {why}", path, _RECONVERT)
+
+        if self.activation not in ACTIVATIONS:
+            raise bad(f"unknown activation {self.activation!r}")
+        if not self.layers:
+            raise bad("no layers")
+        for name, c in self.components.items():
+            expected = 1 if name.endswith(".bias") else self.hidden_size
+            if c.length != expected or (expected == 1 and c.encoding.quantized):
+                raise bad(f"component {name} has length {c.length}, expected {expected}")
+        needed = sorted(self.rows + [self.column] + [n for n in self.components if n.endswith(".bias")])
         end = HEADER_BYTES
         for i, layer in enumerate(self.layers):
-            if layer.neurons <= 0 or not layer.sections:
-                raise FlashError(f"layer {i} has no neurons", path, _RECONVERT)
+            if not isinstance(layer.neurons, int) or layer.neurons <= 0:
+                raise bad(f"layer {i} has no neurons")
+            named = sorted(n for s in layer.sections for n in s.components)
+            if named != needed:
+                raise bad(f"layer {i} stores {named}, expected {needed} once each")
             for s in layer.sections:
-                unknown = [c for c in s.components if c not in self.components]
-                if unknown:
-                    raise FlashError(f"layer {i} names unknown components {unknown}", path, _RECONVERT)
+                if not all(isinstance(v, int) for v in (s.offset, s.bundle_bytes)):
+                    raise bad(f"layer {i}: offsets and sizes must be integers")
                 if s.bundle_bytes != sum(c.nbytes for c in self.section_components(s)):
-                    raise FlashError(f"layer {i}: bundle size disagrees with its components", path, _RECONVERT)
+                    raise bad(f"layer {i}: bundle size disagrees with its components")
                 if s.offset % ALIGN or s.offset < end:
-                    raise FlashError(f"layer {i}: section offset {s.offset} is misplaced", path, _RECONVERT)
+                    raise bad(f"layer {i}: section offset {s.offset} is misplaced")
                 end = s.offset + layer.neurons * s.bundle_bytes
         if end > self.file_bytes:
             raise FlashError("the manifest points past the end of the bundles file", path, _RECONVERT)

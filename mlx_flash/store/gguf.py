@@ -1,0 +1,436 @@
+"""Read a GGUF file into Hugging Face form for MLX: config, weights and tokenizer.
+
+Quantized tensors come out in MLX's affine layout (``weight``/``scales``/``biases``,
+group size 32) so that ``mlx_lm.utils.load_model`` builds ``QuantizedLinear`` and
+``QuantizedEmbedding`` from them. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K map onto that
+layout exactly; other types are dequantized and re-quantized to 8 bits.
+"""
+
+import mmap
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from ..errors import FlashError
+from .gguf_tokenizer import eos_token_ids, tokenizer_files
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+GROUP_SIZE = 32
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+_SCALARS.update({10: "<Q", 11: "<q", 12: "<d"})
+_STRING, _ARRAY = 8, 9
+
+Q = GGMLQuantizationType
+_FLOATS = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
+_NATIVE = {Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0}  # what mx.load reads itself
+_EXACT_BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q4_K: 4}
+
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GEMMA3_NORMS = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_BLOCK_NAMES = {
+    "llama": _BLOCK_NAMES,
+    "qwen2": _BLOCK_NAMES,
+    "qwen3": {**_BLOCK_NAMES, **_QK_NORMS},
+    "gemma3": {**_BLOCK_NAMES, **_QK_NORMS, **_GEMMA3_NORMS},
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_HF_TYPES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+}
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF checkpoint in Hugging Face form.
+
+    Attributes:
+        config: the ``config.json`` dict.
+        weights: Hugging Face tensor names to arrays, quantized ones in MLX's
+            affine layout.
+        tokenizer_files: file name to text, e.g. ``"tokenizer.json"``.
+    """
+
+    config: dict
+    weights: Dict[str, mx.array]
+    tokenizer_files: Dict[str, str]
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: Tuple[int, ...]  # numpy order: the row length is last
+    qtype: GGMLQuantizationType
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+class _Cursor:
+    """Reads little-endian GGUF values from a buffer, front to back."""
+
+    def __init__(self, buf, pos: int = 0):
+        self.buf, self.pos = buf, pos
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        self.pos += n
+        return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", "replace")
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, n = self.scalar("<I"), self.scalar("<Q")
+            if item_type in _SCALARS and item_type != 7:
+                dtype = np.dtype(_SCALARS[item_type])
+                items = np.frombuffer(self.buf, dtype, n, self.pos)
+                self.pos += n * dtype.itemsize
+                return items.tolist()
+            return [self.value(item_type) for _ in range(n)]
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        value = self.scalar(_SCALARS[vtype])
+        return float(str(np.float32(value))) if vtype == 6 else value  # 1e-05, not 9.99e-06
+
+
+def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
+    """Parse a GGUF header: its metadata and where each tensor lies.
+
+    Args:
+        buf: the whole file as a buffer (e.g. an ``mmap``).
+        path: the file, for error messages.
+
+    Returns:
+        The metadata dict and the tensors in file order.
+    """
+    if bytes(buf[:4]) != _MAGIC:
+        raise FlashError("not a GGUF file (bad magic)", path=path)
+    try:
+        cur = _Cursor(buf, 4)
+        version = cur.scalar("<I")
+        if version not in _VERSIONS:
+            raise FlashError(f"unsupported GGUF version {version}", path=path)
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.scalar("<I"))
+        raw = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            raw.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
+        align = meta.get("general.alignment", 32)
+        start = -(-cur.pos // align) * align
+        tensors = [_tensor_info(n, s, t, start + o) for n, s, t, o in raw]
+    except (struct.error, ValueError, KeyError) as e:
+        raise FlashError(f"corrupt GGUF header: {e}", path=path) from e
+    if any(t.offset + t.nbytes > len(buf) for t in tensors):
+        raise FlashError("truncated GGUF: tensor data runs past the end", path=path)
+    return meta, tensors
+
+
+def _tensor_info(name: str, shape: tuple, qtype: int, offset: int) -> TensorInfo:
+    qtype = GGMLQuantizationType(qtype)
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    if n % block:
+        raise ValueError(f"{name}: {n} values is not a whole number of blocks")
+    return TensorInfo(name, shape, qtype, offset, n // block * block_bytes)
+
+
+def hf_name(name: str, arch: str) -> str:
+    """Map a GGUF tensor name to its Hugging Face name.
+
+    ``"blk.0.ffn_gate.weight"`` becomes ``"model.layers.0.mlp.gate_proj.weight"``; the
+    ``.scales``/``.biases`` of a quantized tensor follow the same rule.
+
+    Args:
+        name: the GGUF name.
+        arch: the GGUF ``general.architecture``.
+
+    Returns:
+        The Hugging Face name.
+    """
+    base, _, suffix = name.rpartition(".")
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{suffix}"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    module = m and _ARCH_BLOCK_NAMES[arch].get(m.group(2))
+    if not module or suffix not in ("weight", "bias", "scales", "biases"):
+        raise FlashError(
+            f"unknown tensor {name!r} for architecture {arch!r}",
+            fix="this GGUF holds weights mlx_flash cannot place; convert from HF",
+        )
+    return f"model.layers.{m.group(1)}.{module}.{suffix}"
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def unpack_legacy(blocks: np.ndarray, qtype: GGMLQuantizationType):
+    """Split Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks into codes, scales and biases.
+
+    A block of 32 values decodes as ``d * q + m`` (``m = -d * 2**(bits-1)`` for the
+    types without a stored minimum), which is MLX's affine ``scale * q + bias``.
+
+    Args:
+        blocks: ``(rows, n_blocks, block_bytes)`` uint8.
+        qtype: the block type.
+
+    Returns:
+        ``codes`` ``(rows, n_blocks * 32)`` uint8, ``scales`` and ``biases``
+        ``(rows, n_blocks)`` float32.
+    """
+    rows = blocks.shape[0]
+    d = _f16(blocks[..., 0:2])
+    if qtype == Q.Q8_0:
+        codes = blocks[..., 2:] ^ np.uint8(0x80)  # int8 q + 128 as uint8
+        return codes.reshape(rows, -1), d, -128 * d
+    has_min = qtype in (Q.Q4_1, Q.Q5_1)
+    five = qtype in (Q.Q5_0, Q.Q5_1)
+    start = 4 if has_min else 2
+    qs = blocks[..., start + 4 * five :]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # values j and j + 16
+    if five:  # bit i of the 32-bit qh is bit 4 of value i
+        qh = np.unpackbits(blocks[..., start : start + 4], axis=-1, bitorder="little")
+        codes |= qh << 4
+    biases = _f16(blocks[..., 2:4]) if has_min else -(16 if five else 8) * d
+    return codes.reshape(rows, -1), d, biases
+
+
+def unpack_q4_k(blocks: np.ndarray):
+    """Split Q4_K super-blocks into codes, scales and biases, exactly.
+
+    A 256-value super-block holds eight groups of 32: value = d * sc * q - dmin * m,
+    with 6-bit ``sc`` and ``m`` per group. Each 32-byte chunk of ``qs`` holds two
+    groups: the low nibbles the first, the high nibbles the second.
+
+    Args:
+        blocks: ``(rows, n_blocks, 144)`` uint8.
+
+    Returns:
+        ``codes`` ``(rows, n_blocks * 256)`` uint8, ``scales`` and ``biases``
+        ``(rows, n_blocks * 8)`` float32.
+    """
+    rows = blocks.shape[0]
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    s = blocks[..., 4:16]
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:] & 15) | (s[..., 0:4] >> 6 << 4)], -1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:] >> 4) | (s[..., 4:8] >> 6 << 4)], -1)
+    qs = blocks[..., 16:].reshape(*blocks.shape[:2], 4, 1, 32)
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-2)  # (rows, n, chunk, lo/hi, 32)
+    scales, biases = d[..., None] * sc, -dmin[..., None] * m
+    return codes.reshape(rows, -1), scales.reshape(rows, -1), biases.reshape(rows, -1)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``bits``-wide codes into MLX's uint32 words (a little-endian bit stream).
+
+    Args:
+        codes: ``(rows, cols)`` uint8, each below ``2**bits``; ``cols % 32 == 0``.
+        bits: the code width.
+
+    Returns:
+        ``(rows, cols * bits // 32)`` uint32.
+    """
+    if bits == 8:
+        return np.ascontiguousarray(codes).view(np.uint32)
+    if bits == 4:
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.uint32)
+    shifts = np.arange(0, 8 * bits, bits, dtype=np.uint64)
+    out = []
+    for chunk in np.array_split(codes, max(1, codes.size >> 22)):  # bound the memory
+        eights = chunk.reshape(len(chunk), -1, 8).astype(np.uint64) << shifts
+        words = np.bitwise_or.reduce(eights, axis=-1)  # 8 codes in `bits` bytes
+        out.append(words.view(np.uint8).reshape(len(chunk), -1, 8)[..., :bits])
+    return np.concatenate(out).reshape(len(codes), -1).view(np.uint32)
+
+
+def _convert(info: TensorInfo, buf) -> Dict[str, mx.array]:
+    """One GGUF tensor as MLX arrays, keyed by suffix (weight, scales, biases)."""
+    raw = np.frombuffer(buf, np.uint8, info.nbytes, info.offset)
+    if info.qtype in _FLOATS:
+        w = mx.array(raw.view(_FLOATS[info.qtype]).reshape(info.shape))
+        return {"weight": w.view(mx.bfloat16) if info.qtype == Q.BF16 else w}
+    rows = raw.reshape(-1, info.nbytes // int(np.prod(info.shape[:-1])))
+    if info.qtype in _EXACT_BITS and len(info.shape) == 2:
+        blocks = rows.reshape(rows.shape[0], -1, GGML_QUANT_SIZES[info.qtype][1])
+        if info.qtype == Q.Q4_K:
+            codes, scales, biases = unpack_q4_k(blocks)
+        else:
+            codes, scales, biases = unpack_legacy(blocks, info.qtype)
+        packed = pack_codes(codes, _EXACT_BITS[info.qtype])
+        return dict(weight=mx.array(packed), scales=mx.array(scales), biases=mx.array(biases))
+    try:
+        w = quants.dequantize(rows, info.qtype).reshape(info.shape)
+    except (NotImplementedError, KeyError, ValueError) as e:
+        raise FlashError(
+            f"tensor {info.name!r} has unsupported type {info.qtype.name}",
+            fix="use a GGUF quantized as Q4_0/Q4_1/Q8_0/K-quants, or F16/F32",
+        ) from e
+    if len(info.shape) != 2:
+        return {"weight": mx.array(w)}
+    return dict(zip(("weight", "scales", "biases"), mx.quantize(mx.array(w), GROUP_SIZE, 8)))
+
+
+def _read_tensors(path: Path, buf, tensors: List[TensorInfo]) -> Dict[str, mx.array]:
+    """All tensors, GGUF base names with ``.weight``/``.scales``/``.biases`` suffixes."""
+    if all(t.qtype in _NATIVE for t in tensors):
+        return mx.load(str(path))
+    out = {}
+    for t in tensors:
+        base = t.name.rpartition(".")[0] if t.name.endswith(".weight") else t.name
+        for suffix, a in _convert(t, buf).items():
+            out[t.name if suffix == "weight" else f"{base}.{suffix}"] = a
+    return out
+
+
+def quant_bits(weights: Dict[str, mx.array]) -> Counter:
+    """How many quantized tensors use each bit width (from the packed shapes)."""
+    return Counter(
+        weights[k].shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
+        for k, s in ((k[: -len("scales")] + "weight", s) for k, s in weights.items()
+                     if k.endswith(".scales"))
+    )
+
+
+def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
+    """A Hugging Face ``config.json`` dict from GGUF metadata and the mapped weights.
+
+    Args:
+        meta: the GGUF metadata.
+        weights: the weights under their Hugging Face names.
+
+    Returns:
+        The config, with no ``None`` values.
+    """
+    arch = meta["general.architecture"]
+    get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    model_type, architecture = _HF_TYPES[arch]
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    eos = eos_token_ids(meta)
+    config = {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0 if arch == "llama" else 1e6),
+        "max_position_embeddings": get("context_length", 4096),
+        "vocab_size": weights["model.embed_tokens.weight"].shape[0],
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+        "rope_traditional": arch == "llama",  # GGUF llama Q/K are pair-interleaved
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+        "torch_dtype": "float16",
+    }
+    if arch == "gemma3":
+        config.update(
+            sliding_window=get("attention.sliding_window", 512),
+            sliding_window_pattern=6,  # llama.cpp hard-codes it for gemma3
+            rope_local_base_freq=10000.0,
+            # llama.cpp: only Gemma-3-27B (62 layers) scales by hidden / heads
+            query_pre_attn_scalar=hidden // heads
+            if config["num_hidden_layers"] == 62
+            else config["head_dim"],
+            hidden_activation="gelu_pytorch_tanh",
+        )
+    else:
+        config["hidden_act"] = "silu"
+    if get("rope.scaling.type") in ("linear", "yarn"):
+        config["rope_scaling"] = {
+            "type": get("rope.scaling.type"),
+            "factor": get("rope.scaling.factor", 1.0),
+            "original_max_position_embeddings": get(
+                "rope.scaling.original_context_length", config["max_position_embeddings"]
+            ),
+        }
+    if bits := quant_bits(weights):
+        config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits.most_common(1)[0][0]}
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def to_hf(weights: Dict[str, mx.array], arch: str) -> Dict[str, mx.array]:
+    """Rename GGUF tensors to Hugging Face names; undo Gemma's stored ``1 + w`` norms."""
+    out = {hf_name(k, arch): v for k, v in weights.items()}
+    if arch == "gemma3":  # every gemma3_text RMSNorm multiplies by (1 + weight)
+        for k in [k for k in out if k.endswith("norm.weight")]:
+            out[k] = out[k].astype(mx.float32) - 1.0
+    return out
+
+
+def read_gguf(path: Union[str, Path]) -> GGUFModel:
+    """Read a GGUF file into a Hugging Face config, MLX weights and tokenizer files.
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Returns:
+        The model as a :class:`GGUFModel`.
+
+    Raises:
+        FlashError: if the file is missing, corrupt, of an unsupported architecture
+            or holds an unsupported tensor type or name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FlashError("no such GGUF file", path=path)
+    if path.stat().st_size < 24:
+        raise FlashError("not a GGUF file (too short)", path=path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    meta, tensors = read_header(buf, path)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise FlashError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}",
+            path=path,
+        )
+    try:
+        weights = to_hf(_read_tensors(path, buf, tensors), arch)
+    except FlashError as e:
+        raise FlashError(e.message, path=path, fix=e.fix) from e
+    config = build_config(meta, weights)
+    return GGUFModel(config, weights, tokenizer_files(meta))
