@@ -33,6 +33,7 @@ _STRING, _ARRAY = 8, 9
 Q = GGMLQuantizationType
 _FLOATS = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
 _NATIVE = {Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0}  # what mx.load reads itself
+_PARTS = ("weight", "scales", "biases")  # MLX's affine quantized layout
 _EXACT_BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q4_K: 4}
 
 _BLOCK_NAMES = {
@@ -63,6 +64,8 @@ _TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+_REQUIRED = ("block_count", "embedding_length", "feed_forward_length")
+_REQUIRED += ("attention.head_count",)
 _HF_TYPES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
@@ -88,6 +91,8 @@ class GGUFModel:
 
 
 class TensorInfo(NamedTuple):
+    """Where one tensor's bytes lie in a GGUF file, and how they are stored."""
+
     name: str
     shape: Tuple[int, ...]  # numpy order: the row length is last
     qtype: GGMLQuantizationType
@@ -125,7 +130,9 @@ class _Cursor:
         if vtype not in _SCALARS:
             raise ValueError(f"unknown metadata value type {vtype}")
         value = self.scalar(_SCALARS[vtype])
-        return float(str(np.float32(value))) if vtype == 6 else value  # 1e-05, not 9.99e-06
+        if vtype == 6:  # 1e-05, not 9.999999747378752e-06
+            value = float(str(np.float32(value)))
+        return value
 
 
 def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
@@ -154,9 +161,10 @@ def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
         for _ in range(n_tensors):
             name = cur.string()
             dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
-            raw.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
+            qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
+            raw.append((name, tuple(reversed(dims)), qtype, offset))
         align = meta.get("general.alignment", 32)
-        start = -(-cur.pos // align) * align
+        start = -(-cur.pos // align) * align  # the data section is aligned
         tensors = [_tensor_info(n, s, t, start + o) for n, s, t, o in raw]
     except (struct.error, ValueError, KeyError) as e:
         raise FlashError(f"corrupt GGUF header: {e}", path=path) from e
@@ -205,10 +213,10 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 
 def unpack_legacy(blocks: np.ndarray, qtype: GGMLQuantizationType):
-    """Split Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks into codes, scales and biases.
+    """Split Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks into codes, scales and biases, exactly.
 
-    A block of 32 values decodes as ``d * q + m`` (``m = -d * 2**(bits-1)`` for the
-    types without a stored minimum), which is MLX's affine ``scale * q + bias``.
+    A block of 32 values is ``d * q + m`` (``m = -d * 2**(bits-1)`` where the type
+    stores no minimum): MLX's affine ``scale * q + bias``.
 
     Args:
         blocks: ``(rows, n_blocks, block_bytes)`` uint8.
@@ -251,9 +259,9 @@ def unpack_q4_k(blocks: np.ndarray):
     """
     rows = blocks.shape[0]
     d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
-    s = blocks[..., 4:16]
-    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:] & 15) | (s[..., 0:4] >> 6 << 4)], -1)
-    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:] >> 4) | (s[..., 4:8] >> 6 << 4)], -1)
+    lo, mid, hi = blocks[..., 4:8], blocks[..., 8:12], blocks[..., 12:16]
+    sc = np.concatenate([lo & 63, (hi & 15) | (lo >> 6 << 4)], -1)  # (rows, n, 8)
+    m = np.concatenate([mid & 63, (hi >> 4) | (mid >> 6 << 4)], -1)
     qs = blocks[..., 16:].reshape(*blocks.shape[:2], 4, 1, 32)
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=-2)  # (rows, n, chunk, lo/hi, 32)
     scales, biases = d[..., None] * sc, -dmin[..., None] * m
@@ -274,13 +282,12 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
         return np.ascontiguousarray(codes).view(np.uint32)
     if bits == 4:
         return (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.uint32)
-    shifts = np.arange(0, 8 * bits, bits, dtype=np.uint64)
-    out = []
-    for chunk in np.array_split(codes, max(1, codes.size >> 22)):  # bound the memory
-        eights = chunk.reshape(len(chunk), -1, 8).astype(np.uint64) << shifts
-        words = np.bitwise_or.reduce(eights, axis=-1)  # 8 codes in `bits` bytes
-        out.append(words.view(np.uint8).reshape(len(chunk), -1, 8)[..., :bits])
-    return np.concatenate(out).reshape(len(codes), -1).view(np.uint32)
+    eights = codes.reshape(len(codes), -1, 8)
+    words = np.zeros(eights.shape[:2], np.uint64)  # 8 codes fill `bits` bytes
+    for i in range(8):
+        words |= eights[..., i].astype(np.uint64) << np.uint64(i * bits)
+    packed = words[..., None].view(np.uint8)[..., :bits]
+    return np.ascontiguousarray(packed).reshape(len(codes), -1).view(np.uint32)
 
 
 def _convert(info: TensorInfo, buf) -> Dict[str, mx.array]:
@@ -296,8 +303,8 @@ def _convert(info: TensorInfo, buf) -> Dict[str, mx.array]:
             codes, scales, biases = unpack_q4_k(blocks)
         else:
             codes, scales, biases = unpack_legacy(blocks, info.qtype)
-        packed = pack_codes(codes, _EXACT_BITS[info.qtype])
-        return dict(weight=mx.array(packed), scales=mx.array(scales), biases=mx.array(biases))
+        arrays = pack_codes(codes, _EXACT_BITS[info.qtype]), scales, biases
+        return dict(zip(_PARTS, map(mx.array, arrays), strict=True))
     try:
         w = quants.dequantize(rows, info.qtype).reshape(info.shape)
     except (NotImplementedError, KeyError, ValueError) as e:
@@ -307,11 +314,11 @@ def _convert(info: TensorInfo, buf) -> Dict[str, mx.array]:
         ) from e
     if len(info.shape) != 2:
         return {"weight": mx.array(w)}
-    return dict(zip(("weight", "scales", "biases"), mx.quantize(mx.array(w), GROUP_SIZE, 8)))
+    return dict(zip(_PARTS, mx.quantize(mx.array(w), GROUP_SIZE, bits=8), strict=True))
 
 
 def _read_tensors(path: Path, buf, tensors: List[TensorInfo]) -> Dict[str, mx.array]:
-    """All tensors, GGUF base names with ``.weight``/``.scales``/``.biases`` suffixes."""
+    """All tensors under GGUF names, ``.scales``/``.biases`` beside quantized ones."""
     if all(t.qtype in _NATIVE for t in tensors):
         return mx.load(str(path))
     out = {}
@@ -324,10 +331,12 @@ def _read_tensors(path: Path, buf, tensors: List[TensorInfo]) -> Dict[str, mx.ar
 
 def quant_bits(weights: Dict[str, mx.array]) -> Counter:
     """How many quantized tensors use each bit width (from the packed shapes)."""
+    scales = {
+        k[: -len(".scales")]: v for k, v in weights.items() if k.endswith("scales")
+    }
     return Counter(
-        weights[k].shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
-        for k, s in ((k[: -len("scales")] + "weight", s) for k, s in weights.items()
-                     if k.endswith(".scales"))
+        weights[f"{k}.weight"].shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
+        for k, s in scales.items()
     )
 
 
@@ -343,6 +352,11 @@ def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
     """
     arch = meta["general.architecture"]
     get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    missing = [f"{arch}.{k}" for k in _REQUIRED if get(k) is None]
+    if "model.embed_tokens.weight" not in weights:
+        missing.append("token_embd.weight")
+    if missing:
+        raise FlashError(f"the GGUF lacks {', '.join(missing)}")
     model_type, architecture = _HF_TYPES[arch]
     heads = get("attention.head_count")
     hidden = get("embedding_length")
@@ -364,13 +378,12 @@ def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
         "rope_traditional": arch == "llama",  # GGUF llama Q/K are pair-interleaved
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
-        "torch_dtype": "float16",
     }
     if arch == "gemma3":
         config.update(
             sliding_window=get("attention.sliding_window", 512),
             sliding_window_pattern=6,  # llama.cpp hard-codes it for gemma3
-            rope_local_base_freq=10000.0,
+            rope_local_base_freq=get("rope.freq_base_swa", 10000.0),
             # llama.cpp: only Gemma-3-27B (62 layers) scales by hidden / heads
             query_pre_attn_scalar=hidden // heads
             if config["num_hidden_layers"] == 62
@@ -384,16 +397,18 @@ def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
             "type": get("rope.scaling.type"),
             "factor": get("rope.scaling.factor", 1.0),
             "original_max_position_embeddings": get(
-                "rope.scaling.original_context_length", config["max_position_embeddings"]
+                "rope.scaling.original_context_length",
+                config["max_position_embeddings"],
             ),
         }
     if bits := quant_bits(weights):
-        config["quantization"] = {"group_size": GROUP_SIZE, "bits": bits.most_common(1)[0][0]}
+        quantization = {"group_size": GROUP_SIZE, "bits": bits.most_common(1)[0][0]}
+        config["quantization"] = quantization
     return {k: v for k, v in config.items() if v is not None}
 
 
 def to_hf(weights: Dict[str, mx.array], arch: str) -> Dict[str, mx.array]:
-    """Rename GGUF tensors to Hugging Face names; undo Gemma's stored ``1 + w`` norms."""
+    """Rename GGUF tensors to Hugging Face names; undo Gemma's stored ``1 + w``."""
     out = {hf_name(k, arch): v for k, v in weights.items()}
     if arch == "gemma3":  # every gemma3_text RMSNorm multiplies by (1 + weight)
         for k in [k for k in out if k.endswith("norm.weight")]:
@@ -425,12 +440,14 @@ def read_gguf(path: Union[str, Path]) -> GGUFModel:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise FlashError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}",
+            f"unsupported architecture {arch!r}",
+            fix=f"use a GGUF of one of: {', '.join(SUPPORTED_ARCHS)}",
             path=path,
         )
     try:
         weights = to_hf(_read_tensors(path, buf, tensors), arch)
+        config = build_config(meta, weights)
+        files = tokenizer_files(meta)
     except FlashError as e:
         raise FlashError(e.message, path=path, fix=e.fix) from e
-    config = build_config(meta, weights)
-    return GGUFModel(config, weights, tokenizer_files(meta))
+    return GGUFModel(config, weights, files)

