@@ -44,7 +44,9 @@ def worker(engine: str, path: str, tokens: int) -> dict:
     load_s = time.perf_counter() - tic
     prompt = mx.array(tokenizer.encode(PROMPT))
     times, tic = [], time.perf_counter()
-    for _ in generate_step(prompt, model, max_tokens=tokens, sampler=lambda l: mx.argmax(l, -1)):
+    for _ in generate_step(
+        prompt, model, max_tokens=tokens, sampler=lambda l: mx.argmax(l, -1)
+    ):
         times.append(time.perf_counter() - tic)
         tic = time.perf_counter()
     decode = times[2:]  # the first is prefill; one more warm-up step
@@ -84,7 +86,13 @@ def main():
             continue
         tic = time.perf_counter()
         dense = work / "dense" if not paths else None
-        store = convert(gguf, work / f"store{len(paths)}", dense_out=dense, progress=False, **options)
+        store = convert(
+            gguf,
+            work / f"store{len(paths)}",
+            dense_out=dense,
+            progress=False,
+            **options,
+        )
         conversions[name] = {
             "seconds": time.perf_counter() - tic,
             "store_mb": sum(f.stat().st_size for f in store.iterdir()) / 1e6,
@@ -96,27 +104,48 @@ def main():
     runs = {name: [] for name in CONFIGS}
     for r in range(args.rounds):
         for name, (engine, _) in CONFIGS.items():
-            cmd = [sys.executable, __file__, "--worker", engine, paths[name], str(args.tokens)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                engine,
+                paths[name],
+                str(args.tokens),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"round {r} {name}: {runs[name][-1]['ms_per_token']:.1f} ms/token", flush=True)
+            print(
+                f"round {r} {name}: {runs[name][-1]['ms_per_token']:.1f} ms/token",
+                flush=True,
+            )
 
     rows = []
     base = statistics.median(x["ms_per_token"] for x in runs["mlx-lm dense (fp32)"])
     for name, rs in runs.items():
-        med = lambda k: statistics.median(x[k] for x in rs) if k in rs[0] else None
+        def med(k):
+            return statistics.median(x[k] for x in rs) if k in rs[0] else None
         ms = med("ms_per_token")
-        rows.append({
-            "config": name, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
-            "vs_mlx_lm": base / ms, "mb_read_per_token": (med("bytes_per_token") or 0) / 1e6,
-            "read_ms_per_token": 1e3 * (med("read_s_per_token") or 0),
-            "load_s": med("load_s"), "first_token_s": med("first_token_s"),
-            **{f"convert_{k}": v for k, v in conversions.get(name, {}).items()},
-        })
+        rows.append(
+            {
+                "config": name,
+                "ms_per_token": ms,
+                "tokens_per_s": 1e3 / ms,
+                "vs_mlx_lm": base / ms,
+                "mb_read_per_token": (med("bytes_per_token") or 0) / 1e6,
+                "read_ms_per_token": 1e3 * (med("read_s_per_token") or 0),
+                "load_s": med("load_s"),
+                "first_token_s": med("first_token_s"),
+                **{f"convert_{k}": v for k, v in conversions.get(name, {}).items()},
+            }
+        )
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
-        "processor": platform.processor(), "rounds": args.rounds, "tokens": args.tokens,
-        "model": str(gguf), "rows": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "rounds": args.rounds,
+        "tokens": args.tokens,
+        "model": str(gguf),
+        "rows": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

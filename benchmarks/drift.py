@@ -52,7 +52,11 @@ def main():
     results = {}
     for i, (name, options) in enumerate(STORES.items()):
         store = mlx_flash.convert(
-            gguf, work / f"s{i}", dense_out=None if i else dense_dir, progress=False, **options
+            gguf,
+            work / f"s{i}",
+            dense_out=None if i else dense_dir,
+            progress=False,
+            **options,
         )
         model, tokenizer = mlx_flash.load(str(store))
         tokens = tokenizer.encode(text)[: args.tokens]
@@ -61,10 +65,14 @@ def main():
     dense, _ = mlx_lm.load(str(dense_dir))
     dense.set_dtype(mx.float32)
     results["mlx-lm dense (the GGUF's weights)"] = perplexity(dense, tokens)
-    print(f"dense: ppl {results['mlx-lm dense (the GGUF' + chr(39) + 's weights)']:.3f}")
+    print(
+        f"dense: ppl {results['mlx-lm dense (the GGUF' + chr(39) + 's weights)']:.3f}"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "drift.json").write_text(json.dumps({"tokens": len(tokens), "ppl": results}, indent=1))
+    (out / "drift.json").write_text(
+        json.dumps({"tokens": len(tokens), "ppl": results}, indent=1)
+    )
 
 
 if __name__ == "__main__":

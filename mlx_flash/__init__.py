@@ -14,8 +14,17 @@ from .utils import load
 # `python -m mlx_flash.convert` runs a module this package already imported (for the
 # `convert` function, as mlx-lm does); runpy's warning about that is noise for users.
 warnings.filterwarnings(
-    "ignore", message=r".*'mlx_flash\.\w+' found in sys.modules", category=RuntimeWarning
+    "ignore",
+    message=r".*'mlx_flash\.\w+' found in sys.modules",
+    category=RuntimeWarning,
 )
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "stream_generate", "batch_generate", "convert", "FlashError"]
+__all__ = [
+    "load",
+    "generate",
+    "stream_generate",
+    "batch_generate",
+    "convert",
+    "FlashError",
+]

@@ -37,9 +37,13 @@ def setup_arg_parser():
         default=None,
         help="Dtype of the computation (default: float32 on CPU, the model's on GPU)",
     )
-    flash.add_argument("--threads", type=int, default=4, help="Parallel reads in flight")
     flash.add_argument(
-        "--stats", action="store_true", help="Print bytes and time spent reading bundles"
+        "--threads", type=int, default=4, help="Parallel reads in flight"
+    )
+    flash.add_argument(
+        "--stats",
+        action="store_true",
+        help="Print bytes and time spent reading bundles",
     )
     return parser
 
@@ -76,7 +80,9 @@ def run(args) -> None:
             None,
             prompt_cache[0].bits,
         ):
-            raise FlashError("--kv-bits does not match the prompt cache", args.prompt_cache_file)
+            raise FlashError(
+                "--kv-bits does not match the prompt cache", args.prompt_cache_file
+            )
         tokenizer_config = json.loads(metadata["tokenizer_config"])
         model_path = model_path or metadata["model"]
     tokenizer_config["trust_remote_code"] = args.trust_remote_code

@@ -16,8 +16,10 @@ def describe(store: BundleStore) -> str:
         f"FFN {m.intermediate_size}, {len(m.layers)} layers",
         f"source       {m.source.get('kind')} {m.source.get('path')}",
         f"bundles      {m.file_bytes / 2**20:.1f} MiB",
-        "components   " + ", ".join(
-            f"{c.name} [{c.encoding.describe()}, {c.nbytes} B]" for c in m.components.values()
+        "components   "
+        + ", ".join(
+            f"{c.name} [{c.encoding.describe()}, {c.nbytes} B]"
+            for c in m.components.values()
         ),
         "",
         f"{'layer':>5} {'neurons':>8} {'section':<28} {'offset':>12} {'bundle B':>9} "
@@ -36,15 +38,20 @@ def describe(store: BundleStore) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Show and verify an mlx_flash store.")
     parser.add_argument("store", help="The store directory")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="Skip reading the bundles to check their checksums")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="Skip reading the bundles to check their checksums",
+    )
     args = parser.parse_args(argv)
     try:
         store = BundleStore(args.store)
         print(describe(store))
         if not args.no_verify:
             store.verify()
-            print(f"\nverified: every checksum of {len(store.manifest.layers)} layers matches")
+            print(
+                f"\nverified: every checksum of {len(store.manifest.layers)} layers matches"
+            )
     except FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -70,7 +70,12 @@ def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:
     if enc.quantized:
         packed, scales, biases = w
         return mx.quantized_matmul(
-            x, packed, scales, biases, transpose=transpose,
-            group_size=enc.group_size, bits=enc.bits,
+            x,
+            packed,
+            scales,
+            biases,
+            transpose=transpose,
+            group_size=enc.group_size,
+            bits=enc.bits,
         )
     return x @ (w.T if transpose else w)

@@ -68,7 +68,9 @@ def cache_root() -> Path:
 
 
 def resolve_store(
-    path_or_hf_repo: Union[str, Path], revision: Optional[str] = None, progress: bool = True
+    path_or_hf_repo: Union[str, Path],
+    revision: Optional[str] = None,
+    progress: bool = True,
 ) -> Path:
     """A store path for a store, or for any source converted once into the cache."""
     path = Path(path_or_hf_repo).expanduser()
@@ -78,7 +80,9 @@ def resolve_store(
         path = download(str(path_or_hf_repo), revision)  # FlashError if not a hub id
     path = path.resolve()
     stat = (path / "config.json").stat() if path.is_dir() else path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:12]
     target = cache_root() / "stores" / f"{path.stem}-{key}"
     if not is_store(target):
         if progress:
@@ -100,7 +104,10 @@ def load(
     compute_dtype: Optional[mx.Dtype] = None,
     threads: int = 4,
     progress: bool = True,
-) -> Union[Tuple[nn.Module, TokenizerWrapper], Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]]]:
+) -> Union[
+    Tuple[nn.Module, TokenizerWrapper],
+    Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]],
+]:
     """Load a model whose FFN stays on the SSD, as `mlx_lm.load` loads a dense one.
 
     Args:
@@ -124,10 +131,15 @@ def load(
     store_path = resolve_store(path_or_hf_repo, revision, progress)
     config = json.loads((store_path / "config.json").read_text())
     if "model_file" in config:
-        raise FlashError("stores never run custom model code", store_path / "config.json")
+        raise FlashError(
+            "stores never run custom model code", store_path / "config.json"
+        )
     store = BundleStore(store_path, threads=threads)
     model, config = load_model(
-        store_path, lazy, model_config=model_config, get_model_classes=flash_classes(store)
+        store_path,
+        lazy,
+        model_config=model_config,
+        get_model_classes=flash_classes(store),
     )
     model.set_dtype(compute_dtype or default_compute_dtype(model))
     if adapter_path is not None:
@@ -146,11 +158,14 @@ def _load_adapters(model: nn.Module, adapter_path: str) -> None:
     weights = path / "adapters.safetensors"
     if not weights.is_file():
         raise FlashError("no adapters.safetensors", path)
-    touched = [k for k in mx.load(str(weights)) if ".mlp." in k or ".fc1." in k or ".fc2." in k]
+    touched = [
+        k for k in mx.load(str(weights)) if ".mlp." in k or ".fc1." in k or ".fc2." in k
+    ]
     if touched:
         raise FlashError(
             f"the adapter changes the FFN ({touched[0]}, ...), which lives in the store",
-            path, "fuse the adapter into the model (mlx_lm.fuse) and convert that",
+            path,
+            "fuse the adapter into the model (mlx_lm.fuse) and convert that",
         )
     load_adapters(model, str(path))
     model.eval()

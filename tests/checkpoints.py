@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_flash.utils import get_classes
@@ -29,9 +28,21 @@ BASE = {
 
 CONFIGS = {
     "llama": {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu"},
-    "mistral": {"architectures": ["MistralForCausalLM"], "hidden_act": "silu", "head_dim": 16},
-    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "tie_word_embeddings": True},
-    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "hidden_act": "silu", "head_dim": 16},
+    "mistral": {
+        "architectures": ["MistralForCausalLM"],
+        "hidden_act": "silu",
+        "head_dim": 16,
+    },
+    "qwen2": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+    },
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_act": "silu",
+        "head_dim": 16,
+    },
     "gemma3_text": {
         "architectures": ["Gemma3ForCausalLM"],
         "hidden_activation": "gelu_pytorch_tanh",
@@ -47,7 +58,7 @@ CONFIGS = {
 
 def write_tokenizer(path: Path, vocab_size: int = 64) -> None:
     """A word-level fast tokenizer with <unk>, <s>, </s> and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for w in WORDS:
@@ -58,14 +69,22 @@ def write_tokenizer(path: Path, vocab_size: int = 64) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+            }
+        )
+    )
 
 
-def write_tiny(path: Path, model_type: str = "llama", dtype=mx.float32, seed: int = 0, **overrides) -> dict:
+def write_tiny(
+    path: Path, model_type: str = "llama", dtype=mx.float32, seed: int = 0, **overrides
+) -> dict:
     """Write config.json, model.safetensors and a tokenizer for a random tiny model."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -76,12 +95,16 @@ def write_tiny(path: Path, model_type: str = "llama", dtype=mx.float32, seed: in
     params = tree_map(lambda p: mx.random.normal(p.shape) * 0.3, model.parameters())
     model.update(params)
     weights = dict(tree_flatten(model.parameters()))
-    if model_type == "gemma3_text":  # it scales embeddings by sqrt(hidden): keep them from drowning the layers
+    if (
+        model_type == "gemma3_text"
+    ):  # it scales embeddings by sqrt(hidden): keep them from drowning the layers
         weights["model.embed_tokens.weight"] *= 4 / config["hidden_size"]
     if config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
     weights = {k: v.astype(dtype) for k, v in weights.items()}
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    mx.save_safetensors(
+        str(path / "model.safetensors"), weights, metadata={"format": "pt"}
+    )
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(path, config["vocab_size"])
     return config

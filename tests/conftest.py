@@ -1,7 +1,5 @@
-import os
 
 import pytest
-
 from checkpoints import write_tiny, write_tokenizer
 from opt_reference import write_tiny_opt
 

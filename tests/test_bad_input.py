@@ -59,7 +59,9 @@ def test_unsupported_architecture(tmp_path):
 
 def test_pickle_checkpoints_refused(tmp_path):
     make_checkpoint(tmp_path / "hf", "llama")
-    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    (tmp_path / "hf" / "model.safetensors").rename(
+        tmp_path / "hf" / "pytorch_model.bin"
+    )
     with pytest.raises(FlashError, match="pickle"):
         convert(tmp_path / "hf", tmp_path / "out", progress=False)
 
@@ -148,7 +150,9 @@ def test_malformed_manifest(store):
     (store / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(FlashError, match="not valid JSON"):
         load(str(store))
-    (store / MANIFEST_NAME).write_text(json.dumps({"magic": "mlx-flash-store", "format_version": 1}))
+    (store / MANIFEST_NAME).write_text(
+        json.dumps({"magic": "mlx-flash-store", "format_version": 1})
+    )
     with pytest.raises(FlashError, match="malformed"):
         load(str(store))
 
@@ -167,11 +171,17 @@ def test_inapplicable_options(store):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d["layers"][0]["sections"][0]["components"].remove("down_proj"), "expected"),
+        (
+            lambda d: d["layers"][0]["sections"][0]["components"].remove("down_proj"),
+            "expected",
+        ),
         (lambda d: d.update(activation="swish9"), "unknown activation"),
         (lambda d: d.update(layers=[]), "no layers"),
         (lambda d: d["layers"][0]["sections"][0].update(offset="4096"), "integers"),
-        (lambda d: d["components"]["up_proj"]["encoding"].update(bits=4.0), "unsupported quantization"),
+        (
+            lambda d: d["components"]["up_proj"]["encoding"].update(bits=4.0),
+            "unsupported quantization",
+        ),
         (lambda d: d["components"]["up_proj"].update(length=65), "length 65"),
     ],
 )

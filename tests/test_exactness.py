@@ -24,7 +24,9 @@ def reference_logits(path, arch):
 
 
 def greedy(model, n=32):
-    steps = generate_step(mx.array(PROMPT), model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1))
+    steps = generate_step(
+        mx.array(PROMPT), model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1)
+    )
     return [int(t) for t, _ in steps]
 
 
@@ -41,7 +43,9 @@ def test_store_matches_dense(tmp_path, arch, fmt):
         ref_dir = export_dense(tmp_path / "store", tmp_path / "dense")
     ours = model(mx.array([PROMPT]))[0]
     ref = reference_logits(ref_dir, arch)
-    assert np.allclose(np.array(ours), np.array(ref), atol=1e-4 * float(mx.abs(ref).max()))
+    assert np.allclose(
+        np.array(ours), np.array(ref), atol=1e-4 * float(mx.abs(ref).max())
+    )
     if arch != "opt":
         dense, _ = mlx_lm.load(str(ref_dir))
         dense.set_dtype(mx.float32)
@@ -75,7 +79,13 @@ def test_float16_source_against_original(tmp_path):
 @pytest.mark.parametrize("layout", ["split"])
 def test_split_layout_matches(tmp_path, layout):
     make_checkpoint(tmp_path / "hf", "llama")
-    convert(tmp_path / "hf", tmp_path / "store", ffn_format="q4", layout=layout, progress=False)
+    convert(
+        tmp_path / "hf",
+        tmp_path / "store",
+        ffn_format="q4",
+        layout=layout,
+        progress=False,
+    )
     convert(tmp_path / "hf", tmp_path / "bundled", ffn_format="q4", progress=False)
     a, _ = load(str(tmp_path / "store"))
     b, _ = load(str(tmp_path / "bundled"))

@@ -8,9 +8,9 @@ import mlx_lm
 import pytest
 from conftest import make_checkpoint
 
-from mlx_flash import FlashError, convert, generate, load, stream_generate
-from mlx_flash.generate import main as generate_main
+from mlx_flash import FlashError, generate, load, stream_generate
 from mlx_flash.convert import main as convert_main
+from mlx_flash.generate import main as generate_main
 from mlx_flash.inspect import main as inspect_main
 from mlx_flash.store.format import BUNDLES_NAME
 from mlx_flash.store.reader import BundleReader
@@ -41,7 +41,9 @@ def test_hub_id_from_a_prefilled_offline_cache(tmp_path, monkeypatch):
     # What HF_HUB_CACHE=... HF_HUB_OFFLINE=1 set before start-up would do.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    model, tokenizer, config = load("tiny-org/tiny-llama", return_config=True, progress=False)
+    model, tokenizer, config = load(
+        "tiny-org/tiny-llama", return_config=True, progress=False
+    )
     assert config["model_type"] == "llama"
     assert len(generate(model, tokenizer, PROMPT, max_tokens=4)) > 0
     with pytest.raises(FlashError, match="cannot get 'tiny-org/absent'"):
@@ -62,10 +64,28 @@ def test_stream_generate_is_mlx_lms(tmp_path):
 
 def test_generate_command(tmp_path, capsys):
     make_checkpoint(tmp_path / "hf", "llama")
-    convert_main([str(tmp_path / "hf"), "-o", str(tmp_path / "store"), "--ffn-format", "q8", "--quiet"])
+    convert_main(
+        [
+            str(tmp_path / "hf"),
+            "-o",
+            str(tmp_path / "store"),
+            "--ffn-format",
+            "q8",
+            "--quiet",
+        ]
+    )
     inspect_main([str(tmp_path / "store")])
     assert "verified: every checksum" in capsys.readouterr().out
-    argv = ["--model", str(tmp_path / "store"), "--prompt", PROMPT, "-m", "5", "--temp", "0"]
+    argv = [
+        "--model",
+        str(tmp_path / "store"),
+        "--prompt",
+        PROMPT,
+        "-m",
+        "5",
+        "--temp",
+        "0",
+    ]
     generate_main(argv + ["--stats", "--ignore-chat-template"])
     out = capsys.readouterr().out
     assert "Generation:" in out and "[mlx_flash] read" in out and "direct I/O" in out
@@ -113,7 +133,13 @@ def test_reader_returns_exact_bytes_at_any_offset(tmp_path, where):
     path = base / BUNDLES_NAME
     path.write_bytes(data)
     reader = BundleReader(path, capacity=len(data), threads=3)
-    for offset, n in [(0, 10), (4095, 2), (5000, 3 << 20 // 3), (len(data) - 4, 4), (123, len(data) - 123)]:
+    for offset, n in [
+        (0, 10),
+        (4095, 2),
+        (5000, 3 << 20 // 3),
+        (len(data) - 4, 4),
+        (123, len(data) - 123),
+    ]:
         assert bytes(reader.read(offset, n)) == data[offset : offset + n]
     reader.close()
     if where == "shm":

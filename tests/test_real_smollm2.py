@@ -23,7 +23,9 @@ def smollm2(tmp_path_factory):
 
 
 def greedy(model, prompt, n):
-    steps = generate_step(prompt, model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1))
+    steps = generate_step(
+        prompt, model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1)
+    )
     return [int(t) for t, _ in steps]
 
 
@@ -33,7 +35,9 @@ def test_greedy_ids_equal_mlx_lm_on_the_dense_directory(smollm2):
     dense, _ = mlx_lm.load(str(dense_dir))
     dense.set_dtype(mx.float32)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = mx.array(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    prompt = mx.array(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    )
     ours, theirs = greedy(model, prompt, 40), greedy(dense, prompt, 40)
     assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
     assert "Paris" in tokenizer.decode(ours)
@@ -47,5 +51,7 @@ def test_store_keeps_the_gguf_rows_exactly(smollm2):
     source = mx.load(str(dense_dir / "model.safetensors"))
     name = "model.layers.3.mlp.gate_proj"
     assert mx.array_equal(rows["gate_proj"][0], source[name + ".weight"])
-    assert mx.array_equal(rows["gate_proj"][1], source[name + ".scales"].astype(mx.float32))
+    assert mx.array_equal(
+        rows["gate_proj"][1], source[name + ".scales"].astype(mx.float32)
+    )
     assert model.flash_store.manifest.components["down_proj"].encoding.bits == 8

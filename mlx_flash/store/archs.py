@@ -37,8 +37,13 @@ class FFNArch:
         return self.activations[value]
 
 
-_GATED_SILU = FFNArch("model.layers.{}.mlp.", ("gate_proj", "up_proj"), "down_proj",
-                      "hidden_act", {"silu": "silu"})
+_GATED_SILU = FFNArch(
+    "model.layers.{}.mlp.",
+    ("gate_proj", "up_proj"),
+    "down_proj",
+    "hidden_act",
+    {"silu": "silu"},
+)
 
 ARCHS: Dict[str, FFNArch] = {
     "llama": _GATED_SILU,
@@ -46,11 +51,17 @@ ARCHS: Dict[str, FFNArch] = {
     "qwen2": _GATED_SILU,
     "qwen3": _GATED_SILU,
     "gemma3_text": FFNArch(
-        "model.layers.{}.mlp.", ("gate_proj", "up_proj"), "down_proj", "hidden_activation",
+        "model.layers.{}.mlp.",
+        ("gate_proj", "up_proj"),
+        "down_proj",
+        "hidden_activation",
         {"gelu_pytorch_tanh": "gelu_approx", "gelu_approx": "gelu_approx"},
     ),
     "opt": FFNArch(
-        "model.decoder.layers.{}.", ("fc1",), "fc2", "activation_function",
+        "model.decoder.layers.{}.",
+        ("fc1",),
+        "fc2",
+        "activation_function",
         {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_approx"},
     ),
 }

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from ..errors import FlashError
 from .archs import FFNArch, ffn_arch
 from .format import (
-    ALIGN,
     BUNDLES_NAME,
     DENSE_NAME,
     HEADER_BYTES,
@@ -33,8 +32,8 @@ from .format import (
     align_up,
     dequantize,
     encode_rows,
-    quant_params,
     pack_header,
+    quant_params,
 )
 from .sources import Source, open_source
 
@@ -80,57 +79,95 @@ def convert(
     targets = [out] + ([Path(dense_out).expanduser()] if dense_out else [])
     for t in targets:
         if t.exists() and not overwrite:
-            raise FlashError("the output already exists", t, "pass --overwrite or choose another path")
+            raise FlashError(
+                "the output already exists",
+                t,
+                "pass --overwrite or choose another path",
+            )
     if layout not in LAYOUTS:
-        raise FlashError(f"unknown layout {layout!r}", fix="use " + " or ".join(LAYOUTS))
+        raise FlashError(
+            f"unknown layout {layout!r}", fix="use " + " or ".join(LAYOUTS)
+        )
     src = open_source(source, revision)
     arch = ffn_arch(src.config, src.path)
     if dense_out:
         with _staged(Path(dense_out).expanduser(), overwrite) as tmp:
             _write_model_dir(tmp, src.config, src.weights, src.tokenizer_files)
     with _staged(out, overwrite) as tmp:
-        write_store(tmp, src, arch, ffn_format, down_format, group_size, layout, progress)
+        write_store(
+            tmp, src, arch, ffn_format, down_format, group_size, layout, progress
+        )
     return out
 
 
 def write_store(
-    path: Path, src: Source, arch: FFNArch, ffn_format: str, down_format: str,
-    group_size: Optional[int], layout: str, progress: bool,
+    path: Path,
+    src: Source,
+    arch: FFNArch,
+    ffn_format: str,
+    down_format: str,
+    group_size: Optional[int],
+    layout: str,
+    progress: bool,
 ) -> None:
     """Write every file of a store into the (empty) directory `path`."""
     config, dense = src.config, dict(src.weights)
     n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
-    first = {name: _take(dense, arch.name(0, name), dry=True) for name in arch.rows + (arch.column,)}
+    first = {
+        name: _take(dense, arch.name(0, name), dry=True)
+        for name in arch.rows + (arch.column,)
+    }
     n_ff = int(config.get("intermediate_size") or config.get("ffn_dim"))
-    row_enc, col_enc = choose_encodings(first[arch.rows[0]], hidden, ffn_format, down_format, group_size)
+    row_enc, col_enc = choose_encodings(
+        first[arch.rows[0]], hidden, ffn_format, down_format, group_size
+    )
     components = {name: Component(name, hidden, row_enc) for name in arch.rows}
     components[arch.column] = Component(arch.column, hidden, col_enc)
     for name in arch.rows:
         if arch.name(0, name) + ".bias" in dense:
-            components[name + ".bias"] = Component(name + ".bias", 1, Encoding("float32"))
+            components[name + ".bias"] = Component(
+                name + ".bias", 1, Encoding("float32")
+            )
     order = list(components)
     groups = [order] if layout == "bundled" else [[n] for n in order]
 
     manifest = Manifest(
-        architecture=config["model_type"], activation=arch.activation(config),
-        rows=list(arch.rows), column=arch.column, hidden_size=hidden,
+        architecture=config["model_type"],
+        activation=arch.activation(config),
+        rows=list(arch.rows),
+        column=arch.column,
+        hidden_size=hidden,
         intermediate_size=n_ff,
-        layout=layout, components=components, layers=[],
+        layout=layout,
+        components=components,
+        layers=[],
         out_bias=arch.name(0, arch.column) + ".bias" in dense,
         source={"path": str(src.path), "kind": src.kind},
     )
     at = HEADER_BYTES
     with open(path / BUNDLES_NAME, "wb") as f:
         f.write(b"\0" * HEADER_BYTES)
-        for i in tqdm(range(n_layers), desc="converting FFN", unit="layer", disable=not progress):
+        for i in tqdm(
+            range(n_layers), desc="converting FFN", unit="layer", disable=not progress
+        ):
             rows = layer_rows(dense, arch, i, hidden, n_ff)
             sections = []
             for group in groups:
-                data = np.concatenate([encode_rows(rows[n], components[n].encoding, components[n].length) for n in group], axis=1)
+                data = np.concatenate(
+                    [
+                        encode_rows(
+                            rows[n], components[n].encoding, components[n].length
+                        )
+                        for n in group
+                    ],
+                    axis=1,
+                )
                 at = align_up(at)
                 f.seek(at)
                 f.write(data.tobytes())
-                sections.append(Section(group, at, data.shape[1], hashlib.sha256(data).hexdigest()))
+                sections.append(
+                    Section(group, at, data.shape[1], hashlib.sha256(data).hexdigest())
+                )
                 at += data.nbytes
             manifest.layers.append(LayerEntry(data.shape[0], sections))
             del rows
@@ -144,7 +181,11 @@ def write_store(
 
 
 def choose_encodings(
-    sample: Weight, hidden: int, ffn_format: str, down_format: str, group_size: Optional[int]
+    sample: Weight,
+    hidden: int,
+    ffn_format: str,
+    down_format: str,
+    group_size: Optional[int],
 ) -> Tuple[Encoding, Encoding]:
     """The row and column encodings for a source whose first row weight is `sample`."""
     quantized = isinstance(sample, tuple)
@@ -154,14 +195,25 @@ def choose_encodings(
             scales = sample[1]
             scale_dtype = DTYPE_NAMES.get(scales.dtype, "float16")
             row = Encoding(scale_dtype, bits, gs)
-            col = Encoding(scale_dtype, 8, gs) if down_format == "auto" else Encoding.parse(down_format, gs, scale_dtype)
+            col = (
+                Encoding(scale_dtype, 8, gs)
+                if down_format == "auto"
+                else Encoding.parse(down_format, gs, scale_dtype)
+            )
             return row, col
         if sample.dtype not in DTYPE_NAMES:
-            raise FlashError(f"unsupported weight dtype {sample.dtype}", fix="use float16, bfloat16 or float32 weights")
+            raise FlashError(
+                f"unsupported weight dtype {sample.dtype}",
+                fix="use float16, bfloat16 or float32 weights",
+            )
         row = Encoding(DTYPE_NAMES[sample.dtype])
     else:
         row = Encoding.parse(ffn_format, group_size or (32 if quantized else 64))
-    col = row if down_format == "auto" else Encoding.parse(down_format, row.group_size or group_size or 64)
+    col = (
+        row
+        if down_format == "auto"
+        else Encoding.parse(down_format, row.group_size or group_size or 64)
+    )
     return row, col
 
 
@@ -185,12 +237,16 @@ def layer_rows(
 def _take(weights: Dict[str, mx.array], name: str, dry: bool = False) -> Weight:
     get = weights.get if dry else weights.pop
     if name + ".weight" not in weights:
-        raise FlashError(f"the checkpoint has no tensor {name}.weight", fix="is it a complete checkpoint?")
+        raise FlashError(
+            f"the checkpoint has no tensor {name}.weight",
+            fix="is it a complete checkpoint?",
+        )
     if name + ".scales" in weights:
         if name + ".biases" not in weights:
             raise FlashError(
                 f"{name} is quantized without biases (mxfp4/nvfp4?): only MLX affine "
-                "quantization is supported", fix="convert from the float or affine-quantized model",
+                "quantization is supported",
+                fix="convert from the float or affine-quantized model",
             )
         return get(name + ".weight"), get(name + ".scales"), get(name + ".biases")
     return get(name + ".weight")
@@ -202,7 +258,8 @@ def _store_config(config: dict, arch: FFNArch) -> dict:
     if isinstance(config.get("quantization"), dict):
         ffn = arch.rows + (arch.column,)
         config["quantization"] = {
-            k: v for k, v in config["quantization"].items()
+            k: v
+            for k, v in config["quantization"].items()
             if not (isinstance(v, dict) and k.rsplit(".", 1)[-1] in ffn)
         }
     return config
@@ -217,7 +274,9 @@ def drop_none(obj):
     return obj
 
 
-def _write_model_dir(path: Path, config: dict, weights: Dict[str, mx.array], tokenizer: Dict[str, bytes]) -> None:
+def _write_model_dir(
+    path: Path, config: dict, weights: Dict[str, mx.array], tokenizer: Dict[str, bytes]
+) -> None:
     mx.save_safetensors(str(path / DENSE_NAME), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(drop_none(config), indent=2))
     for name, data in tokenizer.items():

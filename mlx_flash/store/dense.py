@@ -19,7 +19,9 @@ from .sources import TOKENIZER_FILES
 from .store import BundleStore
 
 
-def export_dense(store_path: Union[str, Path], out: Union[str, Path], dtype=mx.float32) -> Path:
+def export_dense(
+    store_path: Union[str, Path], out: Union[str, Path], dtype=mx.float32
+) -> Path:
     """Write `out`, an mlx-lm model directory with the store's weights, FFN in `dtype`."""
     store_path, out = Path(store_path), Path(out)
     store = BundleStore(store_path)

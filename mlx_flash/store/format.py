@@ -12,7 +12,7 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -28,10 +28,15 @@ MANIFEST_NAME = "flash_config.json"
 BUNDLES_NAME = "ffn.bundles"
 DENSE_NAME = "model.safetensors"
 
+ACTIVATIONS = ("silu", "gelu", "gelu_approx", "relu")  # what FlashFFN computes
 FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-_HEADER = struct.Struct("<8sIIQI32s")  # magic, version, header bytes, file bytes, layers, layout digest
+_HEADER = struct.Struct(
+    "<8sIIQI32s"
+)  # magic, version, header bytes, file bytes, layers, layout digest
 
-Weight = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]  # float, or (packed, scales, biases)
+Weight = Union[
+    mx.array, Tuple[mx.array, mx.array, mx.array]
+]  # float, or (packed, scales, biases)
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -52,9 +57,13 @@ class Encoding:
 
     def __post_init__(self):
         if self.dtype not in FLOAT_DTYPES:
-            raise FlashError(f"unknown dtype {self.dtype!r}", fix="use " + ", ".join(FLOAT_DTYPES))
+            raise FlashError(
+                f"unknown dtype {self.dtype!r}", fix="use " + ", ".join(FLOAT_DTYPES)
+            )
         ints = all(type(v) is int for v in (self.bits, self.group_size))
-        group_ok = self.group_size in (32, 64, 128) if self.bits else self.group_size == 0
+        group_ok = (
+            self.group_size in (32, 64, 128) if self.bits else self.group_size == 0
+        )
         if not ints or self.bits not in (0, 4, 8) or not group_ok:
             raise FlashError(
                 f"unsupported quantization: {self.bits} bits, group size {self.group_size}",
@@ -79,7 +88,11 @@ class Encoding:
                 fix="choose a group size that divides the model's hidden size",
             )
         groups = length // self.group_size * self.itemsize
-        return [("packed", length * self.bits // 8), ("scales", groups), ("biases", groups)]
+        return [
+            ("packed", length * self.bits // 8),
+            ("scales", groups),
+            ("biases", groups),
+        ]
 
     def nbytes(self, length: int) -> int:
         return sum(n for _, n in self.parts(length))
@@ -97,7 +110,8 @@ class Encoding:
         if text in ("q4", "q8"):
             return cls(dtype=scale_dtype, bits=int(text[1]), group_size=group_size)
         raise FlashError(
-            f"unknown FFN format {text!r}", fix="use float16, bfloat16, float32, q4 or q8"
+            f"unknown FFN format {text!r}",
+            fix="use float16, bfloat16, float32, q4 or q8",
         )
 
 
@@ -137,7 +151,9 @@ def encode_rows(w: Weight, enc: Encoding, length: int) -> np.ndarray:
         w = dequantize(w, length)
     w = w.astype(mx.float32)
     if enc.quantized:
-        packed, scales, biases = mx.quantize(w, group_size=enc.group_size, bits=enc.bits)
+        packed, scales, biases = mx.quantize(
+            w, group_size=enc.group_size, bits=enc.bits
+        )
         dtype = FLOAT_DTYPES[enc.dtype]
         return _concat_bytes([packed, scales.astype(dtype), biases.astype(dtype)])
     return _concat_bytes([w.astype(FLOAT_DTYPES[enc.dtype])])
@@ -153,17 +169,27 @@ def decode_rows(raw: np.ndarray, component: Component, dtype: mx.Dtype) -> Weigh
         return out[0].view(FLOAT_DTYPES[enc.dtype]).astype(dtype)
     packed, scales, biases = out
     stored = FLOAT_DTYPES[enc.dtype]
-    return packed.view(mx.uint32), scales.view(stored).astype(dtype), biases.view(stored).astype(dtype)
+    return (
+        packed.view(mx.uint32),
+        scales.view(stored).astype(dtype),
+        biases.view(stored).astype(dtype),
+    )
 
 
-def quant_params(w: Tuple[mx.array, mx.array, mx.array], length: int) -> Tuple[int, int]:
+def quant_params(
+    w: Tuple[mx.array, mx.array, mx.array], length: int
+) -> Tuple[int, int]:
     """(bits, group_size) of an MLX affine-quantized triple holding rows of `length`."""
     packed, scales, _ = w
     bits, group_size = packed.shape[-1] * 32 // length, length // scales.shape[-1]
-    if packed.shape[-1] * 32 != bits * length or group_size * scales.shape[-1] != length:
+    if (
+        packed.shape[-1] * 32 != bits * length
+        or group_size * scales.shape[-1] != length
+    ):
         raise FlashError(
             f"a quantized tensor {packed.shape} with scales {scales.shape} cannot hold rows "
-            f"of {length} values", fix="is the checkpoint complete and its config right?",
+            f"of {length} values",
+            fix="is the checkpoint complete and its config right?",
         )
     return bits, group_size
 
@@ -228,7 +254,8 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d["components"] = {
-            k: {"length": c.length, "encoding": asdict(c.encoding)} for k, c in self.components.items()
+            k: {"length": c.length, "encoding": asdict(c.encoding)}
+            for k, c in self.components.items()
         }
         return json.dumps(d, indent=1)
 
@@ -237,7 +264,9 @@ class Manifest:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise FlashError(f"the manifest is not valid JSON ({e})", path, _RECONVERT) from None
+            raise FlashError(
+                f"the manifest is not valid JSON ({e})", path, _RECONVERT
+            ) from None
         if not isinstance(d, dict) or d.get("magic") != MANIFEST_MAGIC:
             raise FlashError("not an mlx_flash manifest (bad magic)", path, _RECONVERT)
         if d.get("format_version") != FORMAT_VERSION:
@@ -258,12 +287,12 @@ class Manifest:
             ]
             return cls(**d)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise FlashError(f"the manifest is malformed ({e!r})", path, _RECONVERT) from None
+            raise FlashError(
+                f"the manifest is malformed ({e!r})", path, _RECONVERT
+            ) from None
 
     def validate(self, path: Path) -> None:
         """Reject a manifest whose layout cannot be right, before any byte is read."""
-        from ..sparse_ffn import ACTIVATIONS  # the activations the runtime computes
-
         def bad(why):
             return FlashError(f"the manifest is inconsistent: {why}", path, _RECONVERT)
 
@@ -274,8 +303,14 @@ class Manifest:
         for name, c in self.components.items():
             expected = 1 if name.endswith(".bias") else self.hidden_size
             if c.length != expected or (expected == 1 and c.encoding.quantized):
-                raise bad(f"component {name} has length {c.length}, expected {expected}")
-        needed = sorted(self.rows + [self.column] + [n for n in self.components if n.endswith(".bias")])
+                raise bad(
+                    f"component {name} has length {c.length}, expected {expected}"
+                )
+        needed = sorted(
+            self.rows
+            + [self.column]
+            + [n for n in self.components if n.endswith(".bias")]
+        )
         end = HEADER_BYTES
         for i, layer in enumerate(self.layers):
             if not isinstance(layer.neurons, int) or layer.neurons <= 0:
@@ -292,7 +327,9 @@ class Manifest:
                     raise bad(f"layer {i}: section offset {s.offset} is misplaced")
                 end = s.offset + layer.neurons * s.bundle_bytes
         if end > self.file_bytes:
-            raise FlashError("the manifest points past the end of the bundles file", path, _RECONVERT)
+            raise FlashError(
+                "the manifest points past the end of the bundles file", path, _RECONVERT
+            )
 
     def section_components(self, section: Section) -> List[Component]:
         return [self.components[name] for name in section.components]
@@ -303,7 +340,10 @@ class Manifest:
             [l.neurons, [[s.components, s.offset, s.bundle_bytes] for s in l.sections]]
             for l in self.layers
         ]
-        comps = {k: [c.length, asdict(c.encoding)] for k, c in sorted(self.components.items())}
+        comps = {
+            k: [c.length, asdict(c.encoding)]
+            for k, c in sorted(self.components.items())
+        }
         blob = json.dumps([layout, comps, self.file_bytes], sort_keys=True).encode()
         return hashlib.sha256(blob).digest()
 
@@ -313,7 +353,11 @@ _RECONVERT = "convert the model again with `python -m mlx_flash.convert`"
 
 def pack_header(manifest: Manifest) -> bytes:
     head = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, HEADER_BYTES, manifest.file_bytes, len(manifest.layers),
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER_BYTES,
+        manifest.file_bytes,
+        len(manifest.layers),
         manifest.layout_digest(),
     )
     return head.ljust(HEADER_BYTES, b"\0")
@@ -322,15 +366,27 @@ def pack_header(manifest: Manifest) -> bytes:
 def check_header(head: bytes, manifest: Manifest, path: Path) -> None:
     """The cheap check run at every load: magic, version, sizes and layout digest."""
     if len(head) < _HEADER.size:
-        raise FlashError("the bundles file is shorter than its header", path, _RECONVERT)
+        raise FlashError(
+            "the bundles file is shorter than its header", path, _RECONVERT
+        )
     magic, version, header_bytes, file_bytes, layers, digest = _HEADER.unpack_from(head)
     if magic != MAGIC:
         raise FlashError("not an mlx_flash bundles file (bad magic)", path, _RECONVERT)
     if version != FORMAT_VERSION:
         raise FlashError(
-            f"bundles format version {version}, expected {FORMAT_VERSION}", path, _RECONVERT
+            f"bundles format version {version}, expected {FORMAT_VERSION}",
+            path,
+            _RECONVERT,
         )
-    if (header_bytes, file_bytes, layers) != (HEADER_BYTES, manifest.file_bytes, len(manifest.layers)):
-        raise FlashError("the bundles file and flash_config.json disagree on sizes", path, _RECONVERT)
+    if (header_bytes, file_bytes, layers) != (
+        HEADER_BYTES,
+        manifest.file_bytes,
+        len(manifest.layers),
+    ):
+        raise FlashError(
+            "the bundles file and flash_config.json disagree on sizes", path, _RECONVERT
+        )
     if digest != manifest.layout_digest():
-        raise FlashError("the bundles file was written for another manifest", path, _RECONVERT)
+        raise FlashError(
+            "the bundles file was written for another manifest", path, _RECONVERT
+        )

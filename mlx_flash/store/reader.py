@@ -36,7 +36,9 @@ def open_unbuffered(path: Path) -> Tuple[int, bool]:
         fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
         return fd, True
     try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), hasattr(os, "O_DIRECT")
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), hasattr(
+            os, "O_DIRECT"
+        )
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
@@ -66,12 +68,16 @@ class BundleReader:
         try:
             self.fd, self.direct = open_unbuffered(self.path)
         except OSError as e:
-            raise FlashError(f"cannot open the bundles file ({e.strerror})", path) from None
+            raise FlashError(
+                f"cannot open the bundles file ({e.strerror})", path
+            ) from None
         self.size = os.fstat(self.fd).st_size
         self.buffer = mmap.mmap(-1, align_up(capacity) + 2 * ALIGN)  # page-aligned
         self.view = memoryview(self.buffer)
         self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-read")
+        self.pool = ThreadPoolExecutor(
+            self.threads, thread_name_prefix="mlx_flash-read"
+        )
         self.stats = ReadStats()
         self._lock = threading.Lock()
         self._retired = []
@@ -80,7 +86,9 @@ class BundleReader:
         """Bytes [offset, offset + nbytes) of the file, valid until the next read."""
         start, end = offset - offset % ALIGN, align_up(offset + nbytes)
         if end - start > len(self.buffer):
-            raise FlashError(f"read of {nbytes} bytes exceeds the staging buffer", self.path)
+            raise FlashError(
+                f"read of {nbytes} bytes exceeds the staging buffer", self.path
+            )
         tic = time.perf_counter()
         pieces = [(a, min(a + CHUNK, end)) for a in range(start, end, CHUNK)]
         slices = [pieces[i :: self.threads] for i in range(self.threads)]
@@ -89,7 +97,9 @@ class BundleReader:
         if min(ends) < offset + nbytes:
             raise FlashError(
                 f"the bundles file ends at byte {min(ends)}, before byte {offset + nbytes}: "
-                "it was truncated", self.path, "convert the model again",
+                "it was truncated",
+                self.path,
+                "convert the model again",
             )
         self.stats.reads += len(pieces)
         self.stats.bytes += end - start
@@ -115,7 +125,8 @@ class BundleReader:
                     self._reopen_buffered(fd)  # the filesystem refused direct I/O
                     continue
                 raise FlashError(
-                    f"reading bytes {at}-{b} failed ({e.strerror})", self.path,
+                    f"reading bytes {at}-{b} failed ({e.strerror})",
+                    self.path,
                     "check the disk; re-convert the store if the file is damaged",
                 ) from None
             if n == 0:
@@ -128,7 +139,9 @@ class BundleReader:
             if failed_fd != self.fd:
                 return  # another thread already reopened
             if not self.direct:
-                raise FlashError("reads fail with EINVAL even without direct I/O", self.path)
+                raise FlashError(
+                    "reads fail with EINVAL even without direct I/O", self.path
+                )
             self._retired.append(self.fd)  # other threads may still be reading from it
             self.fd, self.direct = os.open(self.path, os.O_RDONLY), False
 
@@ -138,8 +151,11 @@ class BundleReader:
             for fd in [self.fd, *self._retired]:
                 os.close(fd)
             self.fd = -1
-            self.view.release()
-            self.buffer.close()
+            try:
+                self.view.release()
+                self.buffer.close()
+            except BufferError:
+                pass  # a caller still holds a view of the last read: freed with it
 
     def __del__(self):
         try:

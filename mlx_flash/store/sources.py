@@ -39,7 +39,9 @@ class Source:
     tokenizer_files: Dict[str, bytes] = field(default_factory=dict)
 
 
-def open_source(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Source:
+def open_source(
+    path_or_repo: Union[str, Path], revision: Optional[str] = None
+) -> Source:
     """Read a model from a local directory, a GGUF file or a Hugging Face hub id."""
     path = Path(path_or_repo).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -53,7 +55,9 @@ def open_source(path_or_repo: Union[str, Path], revision: Optional[str] = None) 
         )
     if _looks_like_repo(str(path_or_repo)):
         return _open_dir(download(str(path_or_repo), revision))
-    raise FlashError("no such file or directory", path, "check the path or give a hub id (org/name)")
+    raise FlashError(
+        "no such file or directory", path, "check the path or give a hub id (org/name)"
+    )
 
 
 def download(repo: str, revision: Optional[str] = None) -> Path:
@@ -61,7 +65,9 @@ def download(repo: str, revision: Optional[str] = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(
+            snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+        )
     except Exception as e:  # offline, unknown repo, gated repo: all the same to a user
         raise FlashError(
             f"cannot get {repo!r} from the Hugging Face hub ({type(e).__name__}: {e})",
@@ -102,7 +108,9 @@ def _open_dir(path: Path) -> Source:
             raise FlashError(f"cannot read the safetensors file ({e})", f) from None
     weights = normalize_names(config, weights)
     kind = "mlx" if "quantization" in config else "hf"
-    tokenizer = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
+    tokenizer = {
+        n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()
+    }
     return Source(path, kind, config, weights, tokenizer)
 
 
@@ -110,7 +118,9 @@ def _open_gguf(path: Path) -> Source:
     from .gguf import read_gguf
 
     g = read_gguf(path)
-    files = {k: v.encode() if isinstance(v, str) else v for k, v in g.tokenizer_files.items()}
+    files = {
+        k: v.encode() if isinstance(v, str) else v for k, v in g.tokenizer_files.items()
+    }
     return Source(path, "gguf", g.config, normalize_names(g.config, g.weights), files)
 
 

@@ -33,7 +33,8 @@ def read_manifest(path: Path) -> Manifest:
     for name in (MANIFEST_NAME, "config.json", DENSE_NAME, BUNDLES_NAME):
         if not (path / name).is_file():
             raise FlashError(
-                f"the store has no {name}", path,
+                f"the store has no {name}",
+                path,
                 "convert the model with `python -m mlx_flash.convert` (a store is a directory)",
             )
     manifest = Manifest.from_json(manifest_path.read_text(), manifest_path)
@@ -41,7 +42,9 @@ def read_manifest(path: Path) -> Manifest:
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise FlashError(f"config.json is not valid JSON ({e})", path / "config.json") from None
+        raise FlashError(
+            f"config.json is not valid JSON ({e})", path / "config.json"
+        ) from None
     checks = {
         "model_type": manifest.architecture,
         "num_hidden_layers": len(manifest.layers),
@@ -75,7 +78,8 @@ class BundleStore:
             raise FlashError(
                 f"the bundles file has {size} bytes, the manifest expects "
                 f"{self.manifest.file_bytes}: it is truncated or was replaced",
-                bundles, "convert the model again",
+                bundles,
+                "convert the model again",
             )
         largest = max(
             l.neurons * s.bundle_bytes for l in self.manifest.layers for s in l.sections
@@ -92,10 +96,14 @@ class BundleStore:
         entry, weights = self.manifest.layers[layer], {}
         for section in entry.sections:
             raw = self.reader.read(section.offset, entry.neurons * section.bundle_bytes)
-            rows = np.frombuffer(raw, dtype=np.uint8).reshape(entry.neurons, section.bundle_bytes)
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(
+                entry.neurons, section.bundle_bytes
+            )
             at = 0
             for comp in self.manifest.section_components(section):
-                weights[comp.name] = decode_rows(rows[:, at : at + comp.nbytes], comp, dtype)
+                weights[comp.name] = decode_rows(
+                    rows[:, at : at + comp.nbytes], comp, dtype
+                )
                 at += comp.nbytes
             del rows, raw  # views into the staging buffer; decode_rows copied out
         return weights
@@ -104,14 +112,17 @@ class BundleStore:
         """Check every section's SHA-256 against the manifest (reads the whole file)."""
         for i, entry in enumerate(self.manifest.layers):
             for section in entry.sections:
-                raw = self.reader.read(section.offset, entry.neurons * section.bundle_bytes)
+                raw = self.reader.read(
+                    section.offset, entry.neurons * section.bundle_bytes
+                )
                 digest = hashlib.sha256(raw).hexdigest()
                 del raw
                 if digest != section.sha256:
                     raise FlashError(
                         f"layer {i}: checksum mismatch in bytes {section.offset}-"
                         f"{section.offset + entry.neurons * section.bundle_bytes}: the file is corrupted",
-                        self.path / BUNDLES_NAME, "convert the model again",
+                        self.path / BUNDLES_NAME,
+                        "convert the model again",
                     )
             if progress:
                 progress(i)
