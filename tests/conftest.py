@@ -1,4 +1,3 @@
-
 import pytest
 from checkpoints import write_tiny, write_tokenizer
 from opt_reference import write_tiny_opt

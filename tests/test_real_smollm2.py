@@ -55,3 +55,24 @@ def test_store_keeps_the_gguf_rows_exactly(smollm2):
         rows["gate_proj"][1], source[name + ".scales"].astype(mx.float32)
     )
     assert model.flash_store.manifest.components["down_proj"].encoding.bits == 8
+
+
+def test_the_main_job_on_the_embedded_default(smollm2, capsys):
+    """`python -m mlx_flash.generate --prompt ...`: the default GGUF converted on first use."""
+    from mlx_flash.generate import main
+    from mlx_flash.utils import cache_root
+
+    main(
+        [
+            "--prompt",
+            "What is the capital of France?",
+            "-m",
+            "12",
+            "--temp",
+            "0",
+            "--stats",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "Paris" in out and "[mlx_flash] read" in out
+    assert len(list((cache_root() / "stores").iterdir())) == 1
