@@ -79,10 +79,9 @@ def resolve_store(
     if not path.exists():
         path = download(str(path_or_hf_repo), revision)  # FlashError if not a hub id
     path = path.resolve()
-    stat = (path / "config.json").stat() if path.is_dir() else path.stat()
-    key = hashlib.sha256(
-        f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()
-    ).hexdigest()[:12]
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(f"{path}|{stamp}".encode()).hexdigest()[:12]
     target = cache_root() / "stores" / f"{path.stem}-{key}"
     if not is_store(target):
         if progress:

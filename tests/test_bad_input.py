@@ -191,3 +191,20 @@ def test_inconsistent_manifest(store, edit, message):
     (store / MANIFEST_NAME).write_text(json.dumps(d))
     with pytest.raises(FlashError, match=message):
         load(str(store))
+
+
+def test_failed_store_write_removes_the_dense_output_too(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "hf", "llama")
+
+    def failing(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(convert_module, "encode_rows", failing)
+    with pytest.raises(RuntimeError):
+        convert(
+            tmp_path / "hf",
+            tmp_path / "out",
+            dense_out=tmp_path / "dense",
+            progress=False,
+        )
+    assert listing(tmp_path) == ["hf"]

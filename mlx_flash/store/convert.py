@@ -90,10 +90,11 @@ def convert(
         )
     src = open_source(source, revision)
     arch = ffn_arch(src.config, src.path)
-    if dense_out:
-        with _staged(Path(dense_out).expanduser(), overwrite) as tmp:
-            _write_model_dir(tmp, src.config, src.weights, src.tokenizer_files)
-    with _staged(out, overwrite) as tmp:
+    with contextlib.ExitStack() as stack:  # both written, or neither
+        tmp = stack.enter_context(_staged(out, overwrite))
+        if dense_out:
+            dense_tmp = stack.enter_context(_staged(targets[1], overwrite))
+            _write_model_dir(dense_tmp, src.config, src.weights, src.tokenizer_files)
         write_store(
             tmp, src, arch, ffn_format, down_format, group_size, layout, progress
         )
@@ -113,13 +114,10 @@ def write_store(
     """Write every file of a store into the (empty) directory `path`."""
     config, dense = src.config, dict(src.weights)
     n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
-    first = {
-        name: _take(dense, arch.name(0, name), dry=True)
-        for name in arch.rows + (arch.column,)
-    }
     n_ff = int(config.get("intermediate_size") or config.get("ffn_dim"))
+    sample = _take(dense, arch.name(0, arch.rows[0]), dry=True)
     row_enc, col_enc = choose_encodings(
-        first[arch.rows[0]], hidden, ffn_format, down_format, group_size
+        sample, hidden, ffn_format, down_format, group_size
     )
     components = {name: Component(name, hidden, row_enc) for name in arch.rows}
     components[arch.column] = Component(arch.column, hidden, col_enc)

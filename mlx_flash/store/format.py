@@ -293,6 +293,7 @@ class Manifest:
 
     def validate(self, path: Path) -> None:
         """Reject a manifest whose layout cannot be right, before any byte is read."""
+
         def bad(why):
             return FlashError(f"the manifest is inconsistent: {why}", path, _RECONVERT)
 
