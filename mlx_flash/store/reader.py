@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from ..errors import FlashError
 from .format import ALIGN, align_up
@@ -84,42 +84,59 @@ class BundleReader:
 
     def read(self, offset: int, nbytes: int) -> memoryview:
         """Bytes [offset, offset + nbytes) of the file, valid until the next read."""
-        start, end = offset - offset % ALIGN, align_up(offset + nbytes)
-        if end - start > len(self.buffer):
-            raise FlashError(
-                f"read of {nbytes} bytes exceeds the staging buffer", self.path
-            )
+        return self.read_ranges([(offset, nbytes)])[0]
+
+    def read_ranges(self, ranges: Sequence[Tuple[int, int]]) -> List[memoryview]:
+        """Each (offset, nbytes) range of the file, read in parallel; the views stay
+        valid until the next read. Ranges must be sorted and must not overlap."""
+        extents = aligned_extents(ranges)
+        if sum(e - s for s, e in extents) > len(self.buffer):
+            raise FlashError("a read exceeds the staging buffer", self.path)
         tic = time.perf_counter()
-        pieces = [(a, min(a + CHUNK, end)) for a in range(start, end, CHUNK)]
+        pieces, at, where = [], 0, []  # (file start, file end, buffer position)
+        for s_, e_ in extents:
+            where.append((s_, e_, at))
+            pieces += [
+                (a, min(a + CHUNK, e_), at + a - s_) for a in range(s_, e_, CHUNK)
+            ]
+            at += e_ - s_
         slices = [pieces[i :: self.threads] for i in range(self.threads)]
-        futures = [self.pool.submit(self._read_pieces, s, start) for s in slices if s]
-        ends = [f.result() for f in futures]  # where each worker met the end of file
-        if min(ends) < offset + nbytes:
+        futures = [self.pool.submit(self._read_pieces, s) for s in slices if s]
+        stop = min(f.result() for f in futures)  # where a worker met the end of file
+        last = max(o + n for o, n in ranges)
+        if stop < last:
             raise FlashError(
-                f"the bundles file ends at byte {min(ends)}, before byte {offset + nbytes}: "
+                f"the bundles file ends at byte {stop}, before byte {last}: "
                 "it was truncated",
                 self.path,
                 "convert the model again",
             )
         self.stats.reads += len(pieces)
-        self.stats.bytes += end - start
+        self.stats.bytes += at
         self.stats.seconds += time.perf_counter() - tic
-        return self.view[offset - start : offset - start + nbytes]
+        views, e = [], 0
+        for offset, nbytes in ranges:
+            while not where[e][0] <= offset < where[e][1]:
+                e += 1
+            pos = where[e][2] + offset - where[e][0]
+            views.append(self.view[pos : pos + nbytes])
+        return views
 
-    def _read_pieces(self, pieces: Sequence[Tuple[int, int]], base: int) -> int:
-        for a, b in pieces:
-            at = self._read_into(a, b, base)
+    def _read_pieces(self, pieces: Sequence[Tuple[int, int, int]]) -> int:
+        for a, b, pos in pieces:
+            at = self._read_into(a, b, pos - a)
             if at < b:
                 return at
         return sys.maxsize
 
-    def _read_into(self, a: int, b: int, base: int) -> int:
-        """Read [a, b) into the buffer; returns where it stopped (b, or end of file)."""
+    def _read_into(self, a: int, b: int, shift: int) -> int:
+        """Read [a, b) into the buffer at [a + shift, b + shift); returns where it
+        stopped (b, or the end of the file)."""
         at = a
         while at < b:
             fd = self.fd
             try:
-                n = os.preadv(fd, [self.view[at - base : b - base]], at)
+                n = os.preadv(fd, [self.view[at + shift : b + shift]], at)
             except OSError as e:
                 if e.errno == errno.EINVAL:
                     self._reopen_buffered(fd)  # the filesystem refused direct I/O
@@ -162,3 +179,15 @@ class BundleReader:
             self.close()
         except Exception:
             pass
+
+
+def aligned_extents(ranges: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Sorted byte ranges widened to 4 KiB boundaries, touching ones merged."""
+    extents = []
+    for offset, nbytes in ranges:
+        start, end = offset - offset % ALIGN, align_up(offset + nbytes)
+        if extents and start <= extents[-1][1]:
+            extents[-1] = (extents[-1][0], max(end, extents[-1][1]))
+        else:
+            extents.append((start, end))
+    return extents

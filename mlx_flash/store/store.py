@@ -3,7 +3,7 @@
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +20,17 @@ from .format import (
     decode_rows,
 )
 from .reader import BundleReader
+
+
+def neuron_runs(ids: np.ndarray, max_gap: int = 0) -> List[Tuple[int, int]]:
+    """Sorted, unique neuron ids -> [first, stop) runs covering them; runs separated by
+    at most `max_gap` unneeded neurons are merged into one."""
+    if len(ids) == 0:
+        return []
+    breaks = np.nonzero(np.diff(ids) > max_gap + 1)[0]
+    starts = np.concatenate([ids[:1], ids[breaks + 1]])
+    stops = np.concatenate([ids[breaks] + 1, ids[-1:] + 1])
+    return list(zip(starts.tolist(), stops.tolist()))
 
 
 def is_store(path: Path) -> bool:
@@ -107,6 +118,39 @@ class BundleStore:
                 at += comp.nbytes
             del rows, raw  # views into the staging buffer; decode_rows copied out
         return weights
+
+    def read_neurons(
+        self, layer: int, ids: np.ndarray, sections: Sequence[int], max_gap: int = 0
+    ) -> List[np.ndarray]:
+        """The bundles of neurons `ids` of `layer`, one (len(ids), bundle_bytes) uint8
+        array per section asked for, rows in the order of `ids`.
+
+        Neighbouring ids are read together: runs closer than `max_gap` unneeded
+        neurons merge into one read (a bigger read is cheaper than another request).
+        """
+        entry, order = self.manifest.layers[layer], np.argsort(ids, kind="stable")
+        runs = neuron_runs(ids[order], max_gap)
+        ranges = [
+            (
+                entry.sections[k].offset + a * entry.sections[k].bundle_bytes,
+                (b - a) * entry.sections[k].bundle_bytes,
+            )
+            for k in sections
+            for a, b in runs
+        ]
+        views = self.reader.read_ranges(ranges)
+        sorted_ids = ids[order]
+        ends = np.searchsorted(sorted_ids, [b for _, b in runs])
+        out = []
+        for i, k in enumerate(sections):
+            size = entry.sections[k].bundle_bytes
+            rows, start = np.empty((len(ids), size), np.uint8), 0
+            for (a, b), end, view in zip(runs, ends, views[i * len(runs) :]):
+                run = np.frombuffer(view, np.uint8).reshape(b - a, size)
+                rows[order[start:end]] = run[sorted_ids[start:end] - a]
+                start = end
+            out.append(rows)
+        return out
 
     def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
         """Check every section's SHA-256 against the manifest (reads the whole file)."""
