@@ -52,7 +52,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--layout",
         choices=LAYOUTS,
         default="bundled",
-        help="bundled (one read per neuron) or split (the ablation)",
+        help="bundled (one read per neuron), split (no bundling: the ablation) or gate (gate rows apart, for --selector gate)",
     )
     parser.add_argument(
         "--dense-out",

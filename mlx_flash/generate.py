@@ -16,6 +16,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import FlashError
+from .selectors import SELECTORS
 from .utils import load
 
 
@@ -41,9 +42,41 @@ def setup_arg_parser():
         "--threads", type=int, default=4, help="Parallel reads in flight"
     )
     flash.add_argument(
-        "--stats",
-        action="store_true",
-        help="Print bytes and time spent reading bundles",
+        "--selector",
+        choices=SELECTORS,
+        default="all",
+        help="How each token's neurons are chosen: all (naive), oracle (true top "
+        "activations, a reference) or gate (resident gate rows; needs --layout gate)",
+    )
+    flash.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="Share of FFN neurons used per token (gated models; default 0.5)",
+    )
+    flash.add_argument(
+        "--threshold", type=float, default=None, help="Select |activation| > this"
+    )
+    flash.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="Keep exactly the neurons of the last K tokens (paper's windowing); "
+        "default: as many recent neurons as the cache holds",
+    )
+    flash.add_argument(
+        "--dram-budget",
+        default=None,
+        help="DRAM for the model: bytes (8GiB, 500MB) or a fraction of the store (0.5)",
+    )
+    flash.add_argument(
+        "--gap",
+        type=int,
+        default=0,
+        help="Read up to N unneeded neurons to merge reads",
+    )
+    flash.add_argument(
+        "--stats", action="store_true", help="Print per-token I/O, memory and compute"
     )
     return parser
 
@@ -95,6 +128,12 @@ def run(args) -> None:
         trust_remote_code=args.trust_remote_code,
         compute_dtype=getattr(mx, args.compute_dtype) if args.compute_dtype else None,
         threads=args.threads,
+        selector=args.selector,
+        fraction=args.fraction,
+        threshold=args.threshold,
+        window=args.window,
+        dram_budget=args.dram_budget,
+        gap=args.gap,
     )
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)
@@ -169,13 +208,13 @@ def run(args) -> None:
 def print_stats(model) -> None:
     store = model.flash_store
     s = store.reader.stats
-    mb = s.bytes / 1e6
-    rate = mb / 1e3 / s.seconds if s.seconds else 0.0
+    rate = s.bytes / 1e9 / s.seconds if s.seconds else 0.0
     mode = "direct I/O" if store.reader.direct else "buffered I/O (direct refused)"
     print(
-        f"[mlx_flash] read {mb:.1f} MB of bundles in {s.reads} reads, "
+        f"[mlx_flash] read {s.bytes / 1e6:.1f} MB of bundles in {s.reads} reads, "
         f"{s.seconds:.3f} s ({rate:.2f} GB/s, {mode}, {store.reader.threads} threads)"
     )
+    print(model.flash_stats.summary(store.reader))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
 """The module swapped into each layer in place of the FFN: its neurons come from the store.
 
-This is the paper's "naive" configuration: every token reads every neuron of the layer.
+Decode (one token): select -> ensure the selected neurons are in the neuron cache (read
+the missing ones) -> compute on their cached rows. Without a cache (the paper's naive
+configuration), and for every multi-token call (prefill, batches), the layer is streamed
+whole: a dense pass is exact and holds one layer's FFN at a time, where the union of a
+prefill chunk's selections would be nearly dense anyway (see README, "Prefill").
 """
 
-from typing import Dict
+import contextlib
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from .neuron_cache import NeuronCache
+from .stats import FlashStats
 from .store.format import Encoding, Weight
 from .store.store import BundleStore
 
@@ -33,36 +41,107 @@ class FlashFFN(nn.Module):
     Args:
         store: the opened store.
         layer: this layer's index.
+        stats: the model's shared counters.
 
     Bundles are decoded to the dtype of the layer's input, the compute dtype.
     """
 
-    def __init__(self, store: BundleStore, layer: int):
+    def __init__(self, store: BundleStore, layer: int, stats: FlashStats):
         super().__init__()
         m = store.manifest
-        self._store, self._layer = store, layer
-        self._rows, self._column = m.rows, m.column
+        self._store, self._layer, self._stats = store, layer, stats
+        self.rows, self.column, self.gated = m.rows, m.column, len(m.rows) == 2
         self._encodings = {n: c.encoding for n, c in m.components.items()}
-        self._activation = ACTIVATIONS[m.activation]
+        self.activation = ACTIVATIONS[m.activation]
+        self._selector, self._cache, self._sections, self._gap = None, None, [], 0
         if m.out_bias:
-            setattr(self, self._column, OutBias(m.hidden_size))
+            setattr(self, self.column, OutBias(m.hidden_size))
+
+    def configure(
+        self, selector, cache: Optional[NeuronCache], sections: List[int], gap: int
+    ):
+        """Sparse decoding: `selector` picks ids, `cache` holds the bundle `sections`."""
+        self._selector, self._cache, self._sections, self._gap = (
+            selector,
+            cache,
+            sections,
+            gap,
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self._store.read_layer(self._layer, x.dtype)
-        h = [self._project(x, w, name) for name in self._rows]  # each (B, L, n_ff)
-        a = self._activation(h[0]) * h[1] if len(h) == 2 else self._activation(h[0])
-        y = matmul(a, w[self._column], self._encodings[self._column], transpose=False)
-        if self._column in self:
-            y = y + self[self._column].bias
+        B, L, _ = x.shape
+        if B * L > 1:  # prefill or a batch: accounted apart from decoding
+            with self._stats.timed("prefill"):
+                return self._evaluated(self._dense(x))
+        if self._layer == 0:
+            self._stats.tokens += 1
+        y = self._dense(x) if self._cache is None else self._sparse(x)
+        with self._stats.timed("compute"):
+            return self._evaluated(y)
+
+    @staticmethod
+    def _evaluated(y: mx.array) -> mx.array:
         # Evaluate now: the layer's decoded neurons are freed before the next layer
         # reads its own, so DRAM holds one layer's FFN at a time, never the model's.
+        # (This also evaluates the attention before it: "compute" includes it.)
         mx.eval(y)
         return y  # (B, L, D)
 
-    def _project(self, x: mx.array, w: Dict[str, Weight], name: str) -> mx.array:
-        h = matmul(x, w[name], self._encodings[name], transpose=True)
+    def _dense(self, x: mx.array) -> mx.array:
+        self._stats.dense_layers += 1
+        decoding = x.shape[0] * x.shape[1] == 1
+        with self._stats.timed("io") if decoding else contextlib.nullcontext():
+            w = self.read_all(x.dtype)
+        h = [self.project(x, w, name) for name in self.rows]
+        return self._output(x, h, w)
+
+    def _sparse(self, x: mx.array) -> mx.array:
+        stats = self._stats
+        with stats.timed("compute"):
+            selection = self._selector(x)  # one host sync: the decision
+        stats.syncs += 1
+        ids = selection.ids[: self._cache.capacity]  # cap to the cache, by score
+        with stats.timed("memory"):
+            slots, load_ids, load_slots = self._cache.admit(ids)
+        if len(load_ids):
+            with stats.timed("io"):
+                parts = self._store.read_neurons(
+                    self._layer, load_ids, self._sections, self._gap
+                )
+            with stats.timed("memory"):
+                self._cache.fill(load_slots, np.concatenate(parts, axis=1))
+        stats.selected += len(ids)
+        stats.loaded += len(load_ids)
+        stats.hits += len(ids) - len(load_ids)
+        if len(ids) == 0:
+            y = mx.zeros_like(x)
+            return y + self[self.column].bias if self.column in self else y
+        with stats.timed("compute"):
+            w = self._cache.gather(slots)
+            if selection.pre is not None:  # the selector already computed row 0
+                h = [selection.pre[: len(ids)].reshape(1, 1, -1)]
+                h += [self.project(x, w, name) for name in self.rows[1:]]
+            else:
+                h = [self.project(x, w, name) for name in self.rows]
+            return self._output(x, h, w)
+
+    def _output(self, x, h: List[mx.array], w: Dict[str, Weight]) -> mx.array:
+        a = self.activation(h[0]) * h[1] if self.gated else self.activation(h[0])
+        y = matmul(a, w[self.column], self._encodings[self.column], transpose=False)
+        if self.column in self:
+            y = y + self[self.column].bias
+        return y
+
+    def read_all(self, dtype: mx.Dtype) -> Dict[str, Weight]:
+        return self._store.read_layer(self._layer, dtype)
+
+    def project(self, x: mx.array, w: Dict[str, Weight], name: str) -> mx.array:
+        h = self.matmul_rows(x, w[name], name)  # (B, L, n)
         bias = w.get(name + ".bias")
         return h if bias is None else h + bias.reshape(-1)
+
+    def matmul_rows(self, x: mx.array, rows: Weight, name: str) -> mx.array:
+        return matmul(x, rows, self._encodings[name], transpose=True)
 
 
 def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:

@@ -8,12 +8,18 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from .budget import Plan, parse_budget, plan
 from .errors import FlashError
+from .neuron_cache import NeuronCache
+from .selectors import SELECTORS, AllSelector, GateSelector, OracleSelector
 from .sparse_ffn import FlashFFN
+from .stats import FlashStats
 from .store.convert import convert
+from .store.format import decode_rows
 from .store.sources import download
 from .store.store import BundleStore, is_store
 
@@ -27,7 +33,7 @@ def get_classes(config: dict):
     return _get_classes(config)
 
 
-def flash_classes(store: BundleStore):
+def flash_classes(store: BundleStore, stats: FlashStats):
     """A `get_model_classes` for mlx-lm's `load_model` that builds FlashFFN layers.
 
     The FFN is replaced in the constructor, before any weight is loaded: mlx-lm's dense
@@ -41,7 +47,7 @@ def flash_classes(store: BundleStore):
             def __init__(self, args):
                 super().__init__(args)
                 for i, layer in enumerate(self.layers):
-                    layer.mlp = FlashFFN(store, i)
+                    layer.mlp = FlashFFN(store, i, stats)
 
         FlashModel.__name__ = FlashModel.__qualname__ = model_class.__name__
         return FlashModel, args_class
@@ -103,6 +109,12 @@ def load(
     compute_dtype: Optional[mx.Dtype] = None,
     threads: int = 4,
     progress: bool = True,
+    selector: str = "all",
+    fraction: Optional[float] = None,
+    threshold: Optional[float] = None,
+    window: Optional[int] = None,
+    dram_budget: Union[str, int, float, None] = None,
+    gap: int = 0,
 ) -> Union[
     Tuple[nn.Module, TokenizerWrapper],
     Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]],
@@ -117,7 +129,16 @@ def load(
         compute_dtype: dtype of the computation (default: float32 on CPU, the model's
             own dtype on a GPU).
         threads: parallel reads in flight.
-        progress: show conversion progress.
+        progress: show conversion progress (and the DRAM plan).
+        selector: ``all`` (every neuron), ``oracle`` or ``gate`` (needs a store
+            converted with ``--layout gate``).
+        fraction: share of neurons selected per token (gated models; default 0.5).
+        threshold: select neurons whose |activation| exceeds this instead.
+        window: keep exactly the last `window` tokens' neurons (the paper's strict
+            windowing); default: keep as many recent neurons as the cache holds.
+        dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
+            caches are sized to fit. Default: caches hold a whole layer.
+        gap: read up to this many unneeded neurons to merge two reads into one.
 
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
@@ -133,14 +154,26 @@ def load(
         raise FlashError(
             "stores never run custom model code", store_path / "config.json"
         )
-    store = BundleStore(store_path, threads=threads)
+    if selector not in SELECTORS:
+        raise FlashError(
+            f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
+        )
+    store, stats = BundleStore(store_path, threads=threads), FlashStats()
     model, config = load_model(
         store_path,
         lazy,
         model_config=model_config,
-        get_model_classes=flash_classes(store),
+        get_model_classes=flash_classes(store, stats),
     )
-    model.set_dtype(compute_dtype or default_compute_dtype(model))
+    dtype = compute_dtype or default_compute_dtype(model)
+    model.set_dtype(dtype)
+    budget = parse_budget(dram_budget, store_bytes(store_path))
+    model.flash_plan = setup_sparse(
+        model, store, dtype, selector, fraction, threshold, window, budget, gap
+    )
+    if progress and (budget is not None or selector != "all"):
+        print(model.flash_plan.describe(), flush=True)
+    model.flash_stats = stats
     if adapter_path is not None:
         _load_adapters(model, adapter_path)
     model.flash_store = store
@@ -148,6 +181,70 @@ def load(
         store_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )
     return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def setup_sparse(
+    model: nn.Module,
+    store: BundleStore,
+    dtype: mx.Dtype,
+    selector: str,
+    fraction: Optional[float],
+    threshold: Optional[float],
+    window: Optional[int],
+    budget: Optional[int],
+    gap: int,
+) -> Plan:
+    """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
+    m = store.manifest
+    sections = m.layers[0].sections
+    cached_sections = list(range(len(sections)))
+    resident = []
+    if selector == "gate":
+        head = sections[0].components
+        if len(sections) != 2 or head[0] != m.rows[0]:
+            raise FlashError(
+                "the gate selector keeps gate/fc1 rows resident and reads the rest: "
+                "it needs a store whose gate rows are stored apart",
+                store.path,
+                "convert the model with `python -m mlx_flash.convert ... --layout gate`",
+            )
+        resident, cached_sections = m.section_components(sections[0]), [1]
+    cached = [c for k in cached_sections for c in m.section_components(sections[k])]
+    dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
+    p = plan(store, budget, dense, cached, resident, dtype)
+    use_cache = selector != "all" or window is not None or budget is not None
+    if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
+        use_cache = False  # every neuron cannot fit: stream layers whole (naive)
+    if fraction is None and threshold is None and len(m.rows) == 2:
+        fraction = 0.5  # gated models have no exact zeros
+    cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
+    for i, layer in enumerate(model.layers):
+        ffn, n = layer.mlp, m.layers[i].neurons
+        if selector == "all":
+            select = AllSelector(n)
+        elif selector == "oracle":
+            select = OracleSelector(ffn, fraction, threshold)
+        else:
+            rows = store.read_neurons(i, np.arange(n), [0])[0]
+            decoded, at = {}, 0
+            for c in resident:
+                decoded[c.name] = decode_rows(rows[:, at : at + c.nbytes], c, dtype)
+                at += c.nbytes
+            bias = decoded.get(m.rows[0] + ".bias")
+            bias = None if bias is None else bias.reshape(-1)
+            select = GateSelector(ffn, decoded[m.rows[0]], bias, fraction, threshold)
+        cache = None
+        if use_cache:
+            strict = window is not None
+            cache = NeuronCache(
+                cached, n, min(p.capacity, n), window or 1, cache_dtype, strict
+            )
+        ffn.configure(select, cache, cached_sections, gap)
+    return p
 
 
 def _load_adapters(model: nn.Module, adapter_path: str) -> None:

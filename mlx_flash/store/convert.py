@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -38,7 +38,7 @@ from .format import (
 from .sources import Source, open_source
 
 DTYPE_NAMES = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}
-LAYOUTS = ("bundled", "split")
+LAYOUTS = ("bundled", "split", "gate")
 
 
 def convert(
@@ -65,8 +65,9 @@ def convert(
             ``q8`` for a quantized source (its columns must be re-quantized per neuron).
         group_size: quantization group size for ``q4``/``q8`` (default 64; 32 for
             quantized sources).
-        layout: ``bundled`` (one read brings a neuron's every component) or ``split``
-            (each component in its own run: the no-bundling ablation).
+        layout: ``bundled`` (one read brings a neuron's every component), ``split``
+            (each component in its own run: the no-bundling ablation) or ``gate``
+            (gate/fc1 rows apart, for the ``gate`` selector).
         dense_out: also write a plain mlx-lm directory of the same weights here.
         overwrite: replace an existing ``out``.
         revision: hub revision, for a hub id.
@@ -127,7 +128,7 @@ def write_store(
                 name + ".bias", 1, Encoding("float32")
             )
     order = list(components)
-    groups = [order] if layout == "bundled" else [[n] for n in order]
+    groups = layout_sections(order, arch.rows[0], layout)
 
     manifest = Manifest(
         architecture=config["model_type"],
@@ -176,6 +177,18 @@ def write_store(
     manifest.validate(path / MANIFEST_NAME)
     (path / MANIFEST_NAME).write_text(manifest.to_json())
     _write_model_dir(path, _store_config(config, arch), dense, src.tokenizer_files)
+
+
+def layout_sections(order: List[str], first: str, layout: str) -> List[List[str]]:
+    """Components per section: ``bundled`` one section; ``split`` one per component
+    (the no-bundling ablation); ``gate`` the first row (gate/fc1, with its bias) apart,
+    so it can stay resident while the rest of each bundle is read on demand."""
+    if layout == "bundled":
+        return [order]
+    if layout == "split":
+        return [[n] for n in order]
+    head = [n for n in order if n in (first, first + ".bias")]
+    return [head, [n for n in order if n not in head]]
 
 
 def choose_encodings(

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import FlashError
 from .format import (
+    ALIGN,
     BUNDLES_NAME,
     DENSE_NAME,
     HEADER_BYTES,
@@ -92,8 +93,10 @@ class BundleStore:
                 bundles,
                 "convert the model again",
             )
+        # Any read of one layer, however sparse, lies within its sections' aligned spans.
         largest = max(
-            l.neurons * s.bundle_bytes for l in self.manifest.layers for s in l.sections
+            sum(l.neurons * s.bundle_bytes + 2 * ALIGN for s in l.sections)
+            for l in self.manifest.layers
         )
         self.reader = BundleReader(bundles, max(largest, HEADER_BYTES), threads)
         check_header(bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles)

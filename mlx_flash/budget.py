@@ -1,0 +1,121 @@
+"""DRAM budget planning: dense part + resident gate rows + staging + neuron caches ≤ budget."""
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import mlx.core as mx
+
+from .errors import FlashError
+from .store.format import Component
+from .store.store import BundleStore
+
+# Resident memory stays within the budget plus this documented constant: the Python
+# interpreter, MLX and numpy libraries and allocator slack, which no plan controls.
+SLACK = 160 << 20
+
+
+@dataclass
+class Plan:
+    budget: Optional[int]
+    dense: int
+    staging: int
+    resident: int  # gate/fc1 rows kept for the `gate` selector
+    neuron_bytes: int  # one cached neuron, decoded
+    capacity: int  # cache slots per layer
+    layers: int
+
+    @property
+    def caches(self) -> int:
+        return self.neuron_bytes * self.capacity * self.layers
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.staging + self.resident + self.caches
+
+    def describe(self) -> str:
+        mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+        budget = "no budget" if self.budget is None else f"budget {mb(self.budget)}"
+        return (
+            f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
+            f"{mb(self.staging)} + resident gate rows {mb(self.resident)} + neuron caches "
+            f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
+            f"{mb(self.total)}"
+        )
+
+
+def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
+    """Bytes of one neuron's components once decoded (packed words kept, floats in
+    the compute dtype)."""
+    total = 0
+    for c in components:
+        for part, size in c.encoding.parts(c.length):
+            total += (
+                size if part == "packed" else size // c.encoding.itemsize * dtype.size
+            )
+    return total
+
+
+def parse_budget(text: Union[str, int, float, None], store_bytes: int) -> Optional[int]:
+    """`8GiB`, `500MB`, `123456` (bytes) or `0.5` (a fraction of the store's size)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text * store_bytes) if 0 < text <= 1 else int(text)
+    t = str(text).strip().upper().removesuffix("B")
+    units = {
+        "K": 2**10,
+        "M": 2**20,
+        "G": 2**30,
+        "T": 2**40,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * units[suffix])
+    try:
+        value = float(t)
+    except ValueError:
+        raise FlashError(
+            f"cannot read the DRAM budget {text!r}",
+            fix="give bytes (8GiB, 500MB, 123456) or a fraction of the model (0.5)",
+        ) from None
+    return int(value * store_bytes) if 0 < value <= 1 else int(value)
+
+
+def plan(
+    store: BundleStore,
+    budget: Optional[int],
+    dense: int,
+    cached: List[Component],
+    resident: List[Component],
+    dtype: mx.Dtype,
+) -> Plan:
+    """Size the neuron caches so that everything fits `budget` (bytes, or None)."""
+    m = store.manifest
+    n_ff = max(layer.neurons for layer in m.layers)
+    p = Plan(
+        budget=budget,
+        dense=dense,
+        staging=len(store.reader.buffer),
+        resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
+        neuron_bytes=decoded_bytes(cached, dtype),
+        capacity=n_ff,
+        layers=len(m.layers),
+    )
+    if budget is None:
+        return p
+    room = budget - p.dense - p.staging - p.resident
+    p.capacity = min(n_ff, max(0, room) // (p.neuron_bytes * p.layers))
+    if p.capacity < 1:
+        minimum = p.dense + p.staging + p.resident + p.neuron_bytes * p.layers
+        raise FlashError(
+            f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
+            f"buffers and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
+            store.path,
+            f"give --dram-budget of at least {minimum / 2**20:.0f} MiB (one neuron per "
+            "layer), or use a store with a smaller dense part",
+        )
+    return p

@@ -1,0 +1,100 @@
+"""Selectors: a layer's input x -> the neuron ids to use for this token.
+
+- ``all``: every neuron (the exactness reference; the paper's naive baseline).
+- ``oracle``: the true activations, computed from every weight (reads the whole layer):
+  the ceiling any predictor can reach, for tests and measurements.
+- ``gate``: gate (or fc1) rows resident in DRAM give the true pre-activation; only the
+  up/down (fc2) part of the chosen neurons is read — exact selection, one matrix of DRAM.
+- ``lowrank``: the learned predictor (issue #4) plugs in here.
+
+ReLU models select where the activation is > 0; gated SiLU/GELU models have no exact
+zeros and select the top `fraction` by |activation| (or those above `threshold`).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .store.format import Weight
+
+SELECTORS = ("all", "oracle", "gate")
+
+
+@dataclass
+class Selection:
+    ids: np.ndarray  # neuron ids, most important first
+    pre: Optional[mx.array] = None  # their first-row pre-activations, when known
+
+
+def top_ids(scores: np.ndarray, fraction: Optional[float], threshold: Optional[float]):
+    """Ids by descending score: those above `threshold`, at most a `fraction` of all."""
+    n = len(scores)
+    if threshold is not None:
+        ids = np.nonzero(scores > threshold)[0]
+        ids = ids[np.argsort(-scores[ids], kind="stable")]
+        return ids if fraction is None else ids[: max(1, round(fraction * n))]
+    k = n if fraction is None else max(1, min(n, round(fraction * n)))
+    ids = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+    return ids[np.argsort(-scores[ids], kind="stable")]
+
+
+def relu_threshold(gated: bool, threshold: Optional[float]) -> Optional[float]:
+    """ReLU-style FFNs select where the activation is > 0 unless told otherwise."""
+    return threshold if gated or threshold is not None else 0.0
+
+
+def activation_scores(act, first: mx.array, second: Optional[mx.array]) -> mx.array:
+    """|act(first) * second| for gated FFNs, act(first) for ReLU-style ones."""
+    a = act(first)
+    return mx.abs(a * second) if second is not None else a
+
+
+class AllSelector:
+    def __init__(self, n_neurons: int):
+        self.ids = np.arange(n_neurons)
+
+    def __call__(self, x: mx.array) -> Selection:
+        return Selection(self.ids)
+
+
+class OracleSelector:
+    """The true top activations from the full layer (reads every neuron: a reference)."""
+
+    def __init__(self, ffn, fraction, threshold):
+        self.ffn, self.fraction, self.threshold = ffn, fraction, threshold
+
+    def __call__(self, x: mx.array) -> Selection:
+        w = self.ffn.read_all(x.dtype)
+        h = [self.ffn.project(x, w, name) for name in self.ffn.rows]
+        scores = activation_scores(
+            self.ffn.activation, h[0], h[1] if len(h) == 2 else None
+        )
+        scores = np.array(scores.reshape(-1))  # the host sync: the decision
+        threshold = relu_threshold(self.ffn.gated, self.threshold)
+        return Selection(top_ids(scores, self.fraction, threshold))
+
+
+class GateSelector:
+    """Exact pre-activations from resident gate/fc1 rows (paper's "gate" ablation).
+
+    Args:
+        rows: the layer's gate (fc1) rows, resident, and their per-neuron bias if any.
+    """
+
+    def __init__(self, ffn, rows: Weight, bias, fraction, threshold):
+        self.ffn, self.rows, self.bias = ffn, rows, bias
+        self.fraction, self.threshold = fraction, threshold
+
+    def __call__(self, x: mx.array) -> Selection:
+        pre = self.ffn.matmul_rows(x, self.rows, self.ffn.rows[0])
+        if self.bias is not None:
+            pre = pre + self.bias
+        pre = pre.reshape(-1)
+        scores = self.ffn.activation(pre)
+        scores = np.array(mx.abs(scores) if self.ffn.gated else scores)  # the host sync
+        ids = top_ids(
+            scores, self.fraction, relu_threshold(self.ffn.gated, self.threshold)
+        )
+        return Selection(ids, pre[mx.array(ids.astype(np.uint32))])

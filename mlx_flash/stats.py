@@ -1,0 +1,58 @@
+"""Per-token accounting: where each millisecond and byte of the FFN goes."""
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict
+
+
+@dataclass
+class FlashStats:
+    """Totals since load (or `reset`); `tokens` counts decode steps.
+
+    Decode phases (paper Table 3): ``io`` reading missing bundles, ``memory`` cache
+    bookkeeping and copies into slots, ``compute`` everything else of the token —
+    selection, the FFN math and the attention evaluated with it (the naive path's
+    decoding of whole layers too).
+    ``prefill`` is the time of multi-token calls (dense streamed passes).
+    """
+
+    tokens: int = 0
+    syncs: int = 0
+    selected: int = 0
+    loaded: int = 0
+    hits: int = 0
+    dense_layers: int = 0  # layer calls that streamed the whole layer (prefill, `all`)
+    seconds: Dict[str, float] = field(
+        default_factory=lambda: {
+            "io": 0.0,
+            "memory": 0.0,
+            "compute": 0.0,
+            "prefill": 0.0,
+        }
+    )
+
+    @contextmanager
+    def timed(self, phase: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - tic
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def summary(self, reader) -> str:
+        n = max(self.tokens, 1)
+        ms = {k: 1e3 * v / n for k, v in self.seconds.items()}
+        hit = self.hits / self.selected if self.selected else 0.0
+        return (
+            f"[mlx_flash] per token: io {ms['io']:.1f} ms, memory {ms['memory']:.1f} ms, "
+            f"compute {ms['compute']:.1f} ms; "
+            f"{reader.stats.bytes / n / 1e6:.2f} MB in {reader.stats.reads / n:.0f} reads, "
+            f"neurons selected {self.selected / n:.0f}, loaded {self.loaded / n:.0f}, "
+            f"cache hit rate {hit:.1%}, host syncs {self.syncs / n:.0f}; "
+            f"{self.tokens} tokens; prefill {self.seconds['prefill']:.2f} s, "
+            f"{self.dense_layers} dense layer passes"
+        )

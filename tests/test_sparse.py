@@ -1,0 +1,132 @@
+"""Sparse decoding: selectors, the neuron cache in the model, the DRAM budget."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_checkpoint
+from mlx_lm.generate import generate_step
+
+from mlx_flash import FlashError, convert, load
+from mlx_flash.budget import parse_budget
+from mlx_flash.selectors import top_ids
+
+PROMPT = [1, 5, 6, 7, 8, 9, 10, 3]
+
+
+def greedy(model, n=24):
+    steps = generate_step(
+        mx.array(PROMPT), model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1)
+    )
+    return [int(t) for t, _ in steps]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sparse")
+    out = {}
+    for arch in ("llama", "opt"):
+        make_checkpoint(tmp / arch, arch, **({"seed": 1} if arch == "opt" else {}))
+        for layout in ("bundled", "split", "gate"):
+            out[arch, layout] = convert(
+                tmp / arch,
+                tmp / f"{arch}-{layout}",
+                ffn_format="q8",
+                layout=layout,
+                progress=False,
+            )
+    return out
+
+
+def dense_tokens(store):
+    model, _ = load(str(store), progress=False)
+    return greedy(model)
+
+
+def test_all_neurons_cached_reads_each_neuron_once(stores):
+    store = stores["llama", "bundled"]
+    model, _ = load(str(store), dram_budget=10**9, progress=False)
+    assert greedy(model) == dense_tokens(store)
+    s = model.flash_stats
+    assert s.loaded == model.flash_store.manifest.intermediate_size * 2  # 2 layers
+    assert s.hits == s.selected - s.loaded and s.syncs == 2 * s.tokens
+
+
+@pytest.mark.parametrize("layout", ["split", "gate"])
+def test_layouts_compute_the_same(stores, layout):
+    model, _ = load(str(stores["llama", layout]), dram_budget=10**9, progress=False)
+    assert greedy(model) == dense_tokens(stores["llama", "bundled"])
+
+
+@pytest.mark.parametrize("selector", ["oracle", "gate"])
+def test_relu_selection_is_exact(stores, selector):
+    """OPT's ReLU: neurons with activation <= 0 contribute nothing; skipping is exact."""
+    model, _ = load(str(stores["opt", "gate"]), selector=selector, progress=False)
+    assert greedy(model) == dense_tokens(stores["opt", "bundled"])
+    s = model.flash_stats
+    assert 0 < s.selected < s.tokens * 2 * 256  # really sparse
+
+
+@pytest.mark.parametrize("selector", ["oracle", "gate"])
+def test_gated_selection_of_every_neuron_is_exact(stores, selector):
+    model, _ = load(
+        str(stores["llama", "gate"]), selector=selector, fraction=1.0, progress=False
+    )
+    assert greedy(model) == dense_tokens(stores["llama", "bundled"])
+
+
+def test_gate_selector_needs_the_gate_layout(stores):
+    with pytest.raises(FlashError, match="--layout gate"):
+        load(str(stores["llama", "bundled"]), selector="gate", progress=False)
+
+
+def test_selection_larger_than_the_cache_is_capped_by_score(stores):
+    store = stores["llama", "bundled"]
+    full, _ = load(
+        str(store), selector="oracle", fraction=0.5, dram_budget=10**9, progress=False
+    )
+    plan = full.flash_plan
+    budget = plan.dense + plan.staging + plan.neuron_bytes * 2 * 20  # 20 slots a layer
+    model, _ = load(
+        str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
+    )
+    assert model.flash_plan.capacity == 20 and model.flash_plan.total <= budget
+    tokens = greedy(model)
+    assert len(tokens) == 24
+    assert model.flash_stats.selected == 20 * 2 * model.flash_stats.tokens
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_strict_window(stores, window):
+    model, _ = load(
+        str(stores["llama", "bundled"]),
+        selector="oracle",
+        fraction=0.25,
+        window=window,
+        progress=False,
+    )
+    greedy(model)
+    for layer in model.layers:
+        cache = layer.mlp._cache
+        assert cache.strict and len(cache.cached_ids()) <= 32 * window
+
+
+def test_budget_too_small_names_the_minimum(stores):
+    with pytest.raises(FlashError, match="at least .* MiB"):
+        load(str(stores["llama", "bundled"]), dram_budget=1000, progress=False)
+
+
+def test_parse_budget():
+    assert parse_budget("2GiB", 0) == 2 << 30
+    assert parse_budget("500MB", 0) == 500 << 20
+    assert parse_budget("0.5", 1000) == 500
+    assert parse_budget(123456, 0) == 123456
+    with pytest.raises(FlashError, match="cannot read"):
+        parse_budget("lots", 0)
+
+
+def test_top_ids():
+    scores = np.array([0.1, 5.0, -1.0, 3.0, 0.0])
+    assert top_ids(scores, 0.4, None).tolist() == [1, 3]
+    assert top_ids(scores, None, 0.0).tolist() == [1, 3, 0]
+    assert top_ids(scores, 0.2, 0.0).tolist() == [1]
+    assert top_ids(scores, None, None).tolist() == [1, 3, 0, 4, 2]
