@@ -203,16 +203,18 @@ def setup_sparse(
     sections = m.layers[0].sections
     cached_sections = list(range(len(sections)))
     resident = []
-    if selector == "gate":
-        head = sections[0].components
-        if len(sections) != 2 or head[0] != m.rows[0]:
+    if selector == "gate":  # sections holding only gate/fc1 rows stay resident
+        first = {m.rows[0], m.rows[0] + ".bias"}
+        apart = [k for k, s in enumerate(sections) if set(s.components) <= first]
+        if m.rows[0] not in [c for k in apart for c in sections[k].components]:
             raise FlashError(
                 "the gate selector keeps gate/fc1 rows resident and reads the rest: "
                 "it needs a store whose gate rows are stored apart",
                 store.path,
                 "convert the model with `python -m mlx_flash.convert ... --layout gate`",
             )
-        resident, cached_sections = m.section_components(sections[0]), [1]
+        resident = [c for k in apart for c in m.section_components(sections[k])]
+        cached_sections = [k for k in cached_sections if k not in apart]
     cached = [c for k in cached_sections for c in m.section_components(sections[k])]
     dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
     p = plan(store, budget, dense, cached, resident, dtype)
@@ -229,7 +231,7 @@ def setup_sparse(
         elif selector == "oracle":
             select = OracleSelector(ffn, fraction, threshold)
         else:
-            rows = store.read_neurons(i, np.arange(n), [0])[0]
+            rows = np.concatenate(store.read_neurons(i, np.arange(n), apart), axis=1)
             decoded, at = {}, 0
             for c in resident:
                 decoded[c.name] = decode_rows(rows[:, at : at + c.nbytes], c, dtype)

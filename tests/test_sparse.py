@@ -130,3 +130,29 @@ def test_top_ids():
     assert top_ids(scores, None, 0.0).tolist() == [1, 3, 0]
     assert top_ids(scores, 0.2, 0.0).tolist() == [1]
     assert top_ids(scores, None, None).tolist() == [1, 3, 0, 4, 2]
+
+
+def test_gate_selector_without_bundling(stores):
+    """The split layout also keeps gate rows apart: gate selection without bundling."""
+    model, _ = load(str(stores["opt", "split"]), selector="gate", progress=False)
+    assert greedy(model) == dense_tokens(stores["opt", "bundled"])
+    assert model.layers[0].mlp._sections == [1]  # fc2; fc1 and fc1.bias stay resident
+
+
+def test_bytes_read_are_the_missing_bundles_plus_alignment(stores):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    store = stores["llama", "gate"]
+    model, _ = load(str(store), selector="gate", fraction=0.25, progress=False)
+    reader, s = model.flash_store.reader, model.flash_stats
+    cache = make_prompt_cache(model)
+    model(mx.array([PROMPT]), cache=cache)  # prefill: dense passes
+    bundle = model.flash_store.manifest.layers[0].sections[1].bundle_bytes
+    for token in (11, 12, 13):
+        before, loaded = reader.stats.bytes, s.loaded
+        model(mx.array([[token]]), cache=cache)
+        needed = (s.loaded - loaded) * bundle
+        read = reader.stats.bytes - before
+        # each run of neighbouring neurons widens to pages: at most 2 pages per run
+        assert needed <= read <= needed + 2 * 4096 * (s.loaded - loaded)
+        assert read % 4096 == 0
