@@ -122,8 +122,10 @@ def main():
     rows = []
     base = statistics.median(x["ms_per_token"] for x in runs["mlx-lm dense (fp32)"])
     for name, rs in runs.items():
+
         def med(k):
             return statistics.median(x[k] for x in rs) if k in rs[0] else None
+
         ms = med("ms_per_token")
         rows.append(
             {

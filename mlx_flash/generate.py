@@ -72,8 +72,8 @@ def setup_arg_parser():
     flash.add_argument(
         "--gap",
         type=int,
-        default=0,
-        help="Read up to N unneeded neurons to merge reads",
+        default=None,
+        help="Read up to N unneeded neurons to merge reads (default: ~24 KiB worth)",
     )
     flash.add_argument(
         "--stats", action="store_true", help="Print per-token I/O, memory and compute"

@@ -24,6 +24,12 @@ from .store.sources import download
 from .store.store import BundleStore, is_store
 
 
+# Reading unneeded neurons is cheaper than another request up to about this many bytes
+# (SmolLM2, gate 25%, window 4 on this machine's virtio disk: io 74 ms/token with no gap,
+# 31 ms with 23 KiB; issue #5's probe will tune it per disk).
+GAP_BYTES = 24 << 10
+
+
 def get_classes(config: dict):
     """Model and ModelArgs classes: mlx-lm's, or ours where mlx-lm has none (OPT)."""
     if config.get("model_type") == "opt":
@@ -114,7 +120,7 @@ def load(
     threshold: Optional[float] = None,
     window: Optional[int] = None,
     dram_budget: Union[str, int, float, None] = None,
-    gap: int = 0,
+    gap: Optional[int] = None,
 ) -> Union[
     Tuple[nn.Module, TokenizerWrapper],
     Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]],
@@ -138,7 +144,8 @@ def load(
             windowing); default: keep as many recent neurons as the cache holds.
         dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
             caches are sized to fit. Default: caches hold a whole layer.
-        gap: read up to this many unneeded neurons to merge two reads into one.
+        gap: read up to this many unneeded neurons to merge two reads into one
+            (default: as many as fit in GAP_BYTES; measured below).
 
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
@@ -196,7 +203,7 @@ def setup_sparse(
     threshold: Optional[float],
     window: Optional[int],
     budget: Optional[int],
-    gap: int,
+    gap: Optional[int],
 ) -> Plan:
     """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
     m = store.manifest
@@ -245,6 +252,8 @@ def setup_sparse(
             cache = NeuronCache(
                 cached, n, min(p.capacity, n), window or 1, cache_dtype, strict
             )
+        if gap is None:
+            gap = GAP_BYTES // sum(sections[k].bundle_bytes for k in cached_sections)
         ffn.configure(select, cache, cached_sections, gap)
     return p
 
