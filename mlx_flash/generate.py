@@ -76,6 +76,12 @@ def setup_arg_parser():
         help="Read up to N unneeded neurons to merge reads (default: ~24 KiB worth)",
     )
     flash.add_argument(
+        "--reader",
+        choices=["direct", "mmap"],
+        default="direct",
+        help="direct: preadv bypassing the page cache (default); mmap: the OS pages it",
+    )
+    flash.add_argument(
         "--stats", action="store_true", help="Print per-token I/O, memory and compute"
     )
     return parser
@@ -134,6 +140,7 @@ def run(args) -> None:
         window=args.window,
         dram_budget=args.dram_budget,
         gap=args.gap,
+        reader=args.reader,
     )
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)

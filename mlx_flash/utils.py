@@ -121,6 +121,7 @@ def load(
     window: Optional[int] = None,
     dram_budget: Union[str, int, float, None] = None,
     gap: Optional[int] = None,
+    reader: str = "direct",
 ) -> Union[
     Tuple[nn.Module, TokenizerWrapper],
     Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]],
@@ -146,6 +147,7 @@ def load(
             caches are sized to fit. Default: caches hold a whole layer.
         gap: read up to this many unneeded neurons to merge two reads into one
             (default: as many as fit in GAP_BYTES; measured below).
+        reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
 
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
@@ -165,7 +167,7 @@ def load(
         raise FlashError(
             f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
         )
-    store, stats = BundleStore(store_path, threads=threads), FlashStats()
+    store, stats = BundleStore(store_path, threads=threads, reader=reader), FlashStats()
     model, config = load_model(
         store_path,
         lazy,

@@ -13,7 +13,7 @@ from mlx_flash.convert import main as convert_main
 from mlx_flash.generate import main as generate_main
 from mlx_flash.inspect import main as inspect_main
 from mlx_flash.store.format import BUNDLES_NAME
-from mlx_flash.store.reader import BundleReader
+from mlx_flash.store.reader import BundleReader, MmapReader
 from mlx_flash.store.store import is_store
 from mlx_flash.utils import cache_root
 
@@ -120,9 +120,9 @@ def test_convert_command_reports_errors(tmp_path, capsys):
     assert e.value.code == 2 and "no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["disk", "shm"])
+@pytest.mark.parametrize("where", ["disk", "shm", "mmap"])
 def test_reader_returns_exact_bytes_at_any_offset(tmp_path, where):
-    base = tmp_path if where == "disk" else None
+    base = tmp_path if where != "shm" else None
     if base is None:
         if not shutil.os.path.isdir("/dev/shm"):
             pytest.skip("no /dev/shm")
@@ -132,7 +132,9 @@ def test_reader_returns_exact_bytes_at_any_offset(tmp_path, where):
     data = bytes(range(256)) * 4096 + b"tail"  # not a multiple of 4 KiB
     path = base / BUNDLES_NAME
     path.write_bytes(data)
-    reader = BundleReader(path, capacity=len(data), threads=3)
+    reader = (MmapReader if where == "mmap" else BundleReader)(
+        path, len(data) + 8192, 3
+    )
     for offset, n in [
         (0, 10),
         (4095, 2),
@@ -146,10 +148,11 @@ def test_reader_returns_exact_bytes_at_any_offset(tmp_path, where):
         shutil.rmtree(base)
 
 
-def test_reader_reports_truncation(tmp_path):
+@pytest.mark.parametrize("kind", [BundleReader, MmapReader])
+def test_reader_reports_truncation(tmp_path, kind):
     path = tmp_path / BUNDLES_NAME
     path.write_bytes(b"x" * 8192)
-    reader = BundleReader(path, capacity=1 << 16)
+    reader = kind(path, 1 << 16)
     with pytest.raises(FlashError, match="truncated"):
         reader.read(4096, 20000)
     reader.close()

@@ -156,3 +156,13 @@ def test_bytes_read_are_the_missing_bundles_plus_alignment(stores):
         # each run of neighbouring neurons widens to pages: at most 2 pages per run
         assert needed <= read <= needed + 2 * 4096 * (s.loaded - loaded)
         assert read % 4096 == 0
+
+
+def test_mmap_reader_computes_the_same(stores):
+    store = stores["llama", "gate"]
+    model, _ = load(
+        str(store), selector="gate", fraction=0.5, reader="mmap", progress=False
+    )
+    direct, _ = load(str(store), selector="gate", fraction=0.5, progress=False)
+    assert greedy(model) == greedy(direct)
+    assert model.flash_store.reader.stats.bytes > 0

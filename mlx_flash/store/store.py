@@ -20,7 +20,7 @@ from .format import (
     check_header,
     decode_rows,
 )
-from .reader import BundleReader
+from .reader import READERS
 
 
 def neuron_runs(ids: np.ndarray, max_gap: int = 0) -> List[Tuple[int, int]]:
@@ -79,9 +79,10 @@ class BundleStore:
     Args:
         path: the store directory.
         threads: parallel reads in flight.
+        reader: ``direct`` (O_DIRECT / F_NOCACHE preadv, the default) or ``mmap``.
     """
 
-    def __init__(self, path: Path, threads: int = 4):
+    def __init__(self, path: Path, threads: int = 4, reader: str = "direct"):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         bundles = self.path / BUNDLES_NAME
@@ -98,7 +99,9 @@ class BundleStore:
             sum(l.neurons * s.bundle_bytes + 2 * ALIGN for s in l.sections)
             for l in self.manifest.layers
         )
-        self.reader = BundleReader(bundles, max(largest, HEADER_BYTES), threads)
+        if reader not in READERS:
+            raise FlashError(f"unknown reader {reader!r}", fix="use direct or mmap")
+        self.reader = READERS[reader](bundles, max(largest, HEADER_BYTES), threads)
         check_header(bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles)
 
     @property
