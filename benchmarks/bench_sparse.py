@@ -33,6 +33,12 @@ CONFIGS = {
         {"selector": "gate", "fraction": 0.25, "window": 4},
     ),
     "q4 gate 25%, no bundling": ("q4-split", {"selector": "gate", "fraction": 0.25}),
+    "q4 gate 50%, budget 0.9": (
+        "q4-gate", {"selector": "gate", "fraction": 0.5, "dram_budget": 0.9}
+    ),
+    "q4 gate 25%, budget 0.9": (
+        "q4-gate", {"selector": "gate", "fraction": 0.25, "dram_budget": 0.9}
+    ),
     "fp16 naive (all)": ("fp16-bundled", {}),
     "fp16 gate 50%": ("fp16-gate", {"selector": "gate", "fraction": 0.5}),
     "fp16 gate 25% + window 4": (
@@ -49,10 +55,23 @@ STORES = {  # name: convert options
 }
 
 
+def rss_mb() -> float:
+    """Resident memory now (Linux /proc; ru_maxrss elsewhere, a peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(path: str, options, tokens: int) -> dict:
     import mlx.core as mx
+    import mlx_lm  # noqa: F401  (imports counted in the idle footprint)
     from mlx_lm.generate import generate_step
 
+    import mlx_flash  # noqa: F401
+
+    idle_mb = rss_mb()
     if options is None:
         import mlx_lm
 
@@ -63,13 +82,14 @@ def worker(path: str, options, tokens: int) -> dict:
 
         model, tokenizer = mlx_flash.load(path, progress=False, **options)
     prompt = mx.array(tokenizer.encode(PROMPT))
-    times, tic, snap = [], time.perf_counter(), None
+    times, tic, snap, peak_mb = [], time.perf_counter(), None, rss_mb()
     for i, _ in enumerate(
         generate_step(
             prompt, model, max_tokens=tokens, sampler=lambda x: mx.argmax(x, -1)
         )
     ):
         times.append(time.perf_counter() - tic)
+        peak_mb = max(peak_mb, rss_mb())
         if i == 0 and options is not None:  # the prefill is done: start counting
             s, r = model.flash_stats, model.flash_store.reader.stats
             snap = (
@@ -85,7 +105,8 @@ def worker(path: str, options, tokens: int) -> dict:
     out = {
         "ms_per_token": 1e3 * statistics.median(times[1:]),
         "p90_ms": 1e3 * statistics.quantiles(times[1:], n=10)[-1],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_mb,
+        "idle_rss_mb": idle_mb,
     }
     if options is not None:
         s, r = model.flash_stats, model.flash_store.reader.stats
@@ -101,6 +122,7 @@ def worker(path: str, options, tokens: int) -> dict:
             selected_per_token=(s.selected - snap[2]) / n,
             hit_rate=(s.hits - snap[4]) / max(1, s.selected - snap[2]),
             plan_mb=model.flash_plan.total / 2**20,
+            budget_mb=(model.flash_plan.budget or 0) / 2**20,
         )
     return out
 
@@ -136,6 +158,8 @@ def main():
     runs = {name: [] for name in CONFIGS}
     for r in range(args.rounds):
         for name, (store, options) in CONFIGS.items():
+            if name not in runs:
+                continue
             cmd = [
                 sys.executable,
                 __file__,
@@ -144,7 +168,11 @@ def main():
                 json.dumps(options),
                 str(args.tokens),
             ]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                print(f"{name} failed: {res.stderr.strip().splitlines()[-1]}", flush=True)
+                runs.pop(name)
+                continue
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"round {r} {name}: {runs[name][-1]}", flush=True)
     rows = []
@@ -162,7 +190,7 @@ def main():
     }
     (out / "sparse.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     table = [
-        "| config | ms/token | io | memory | compute | MB read/token | reads/token | neurons/token | hit rate | plan MiB | peak RSS MB |",
+        "| config | ms/token | io | memory | compute | MB read/token | reads/token | neurons/token | hit rate | plan MiB | RSS peak − idle MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -171,7 +199,7 @@ def main():
             f"| {r['config']} | {r['ms_per_token']:.1f} | {g('io_ms')} | {g('memory_ms')} | "
             f"{g('compute_ms')} | {g('mb_per_token', '{:.2f}')} | {g('reads_per_token', '{:.0f}')} | "
             f"{g('selected_per_token', '{:.0f}')} | {g('hit_rate', '{:.1%}')} | {g('plan_mb')} | "
-            f"{r['peak_rss_mb']:.0f} |"
+            f"{r['peak_rss_mb'] - r['idle_rss_mb']:.0f} |"
         )
     (out / "sparse.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

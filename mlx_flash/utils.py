@@ -230,6 +230,8 @@ def setup_sparse(
     use_cache = selector != "all" or window is not None or budget is not None
     if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
         use_cache = False  # every neuron cannot fit: stream layers whole (naive)
+    if not use_cache:
+        p.capacity = 0  # no caches: the plan holds the dense part and buffers only
     if fraction is None and threshold is None and len(m.rows) == 2:
         fraction = 0.5  # gated models have no exact zeros
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
