@@ -14,10 +14,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .budget import Plan, plan
+from .errors import FlashError
 from .neuron_cache import NeuronCache
+from .selectors import AllSelector, GateSelector, OracleSelector
 from .stats import FlashStats
-from .store.format import Encoding, Weight
+from .store.format import Encoding, Weight, decode_bundles
 from .store.store import BundleStore
+
+# Reading unneeded neurons is cheaper than another request up to about this many bytes
+# (SmolLM2, gate 25%, window 4 on this machine's virtio disk: io 74 ms/token with no gap,
+# 31 ms with 23 KiB; issue #5's probe will tune it per disk).
+GAP_BYTES = 24 << 10
+
 
 ACTIVATIONS = {
     "silu": nn.silu,
@@ -158,3 +167,66 @@ def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:
             bits=enc.bits,
         )
     return x @ (w.T if transpose else w)
+
+
+def configure_flash(
+    model: nn.Module,
+    store: BundleStore,
+    dtype: mx.Dtype,
+    selector: str,
+    fraction: Optional[float],
+    threshold: Optional[float],
+    window: Optional[int],
+    budget: Optional[int],
+    gap: Optional[int],
+) -> Plan:
+    """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
+    m = store.manifest
+    sections = m.layers[0].sections
+    cached_sections = list(range(len(sections)))
+    resident = []
+    if selector == "gate":  # sections holding only gate/fc1 rows stay resident
+        first = {m.rows[0], m.rows[0] + ".bias"}
+        apart = [k for k, s in enumerate(sections) if set(s.components) <= first]
+        if m.rows[0] not in [c for k in apart for c in sections[k].components]:
+            raise FlashError(
+                "the gate selector keeps gate/fc1 rows resident and reads the rest: "
+                "it needs a store whose gate rows are stored apart",
+                store.path,
+                "convert the model with `python -m mlx_flash.convert ... --layout gate`",
+            )
+        resident = [c for k in apart for c in m.section_components(sections[k])]
+        cached_sections = [k for k in cached_sections if k not in apart]
+    cached = [c for k in cached_sections for c in m.section_components(sections[k])]
+    dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
+    p = plan(store, budget, dense, cached, resident, dtype)
+    use_cache = selector != "all" or window is not None or budget is not None
+    if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
+        use_cache = False  # every neuron cannot fit: stream layers whole (naive)
+    if not use_cache:
+        p.capacity = 0  # no caches: the plan holds the dense part and buffers only
+    if fraction is None and threshold is None and len(m.rows) == 2:
+        fraction = 0.5  # gated models have no exact zeros
+    cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
+    for i, layer in enumerate(model.layers):
+        ffn, n = layer.mlp, m.layers[i].neurons
+        if selector == "all":
+            select = AllSelector(n)
+        elif selector == "oracle":
+            select = OracleSelector(ffn, fraction, threshold)
+        else:
+            rows = np.concatenate(store.read_neurons(i, np.arange(n), apart), axis=1)
+            decoded = decode_bundles(rows, resident, dtype)
+            bias = decoded.get(m.rows[0] + ".bias")
+            bias = None if bias is None else bias.reshape(-1)
+            select = GateSelector(ffn, decoded[m.rows[0]], bias, fraction, threshold)
+        cache = None
+        if use_cache:
+            strict = window is not None
+            cache = NeuronCache(
+                cached, n, min(p.capacity, n), window or 1, cache_dtype, strict
+            )
+        if gap is None:
+            gap = GAP_BYTES // sum(sections[k].bundle_bytes for k in cached_sections)
+        ffn.configure(select, cache, cached_sections, gap)
+    return p

@@ -8,26 +8,17 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .budget import Plan, parse_budget, plan
+from .budget import parse_budget
 from .errors import FlashError
-from .neuron_cache import NeuronCache
-from .selectors import SELECTORS, AllSelector, GateSelector, OracleSelector
-from .sparse_ffn import FlashFFN
+from .selectors import SELECTORS
+from .sparse_ffn import FlashFFN, configure_flash
 from .stats import FlashStats
 from .store.convert import convert
-from .store.format import decode_rows
 from .store.sources import download
 from .store.store import BundleStore, is_store
-
-
-# Reading unneeded neurons is cheaper than another request up to about this many bytes
-# (SmolLM2, gate 25%, window 4 on this machine's virtio disk: io 74 ms/token with no gap,
-# 31 ms with 23 KiB; issue #5's probe will tune it per disk).
-GAP_BYTES = 24 << 10
 
 
 def get_classes(config: dict):
@@ -146,7 +137,7 @@ def load(
         dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
             caches are sized to fit. Default: caches hold a whole layer.
         gap: read up to this many unneeded neurons to merge two reads into one
-            (default: as many as fit in GAP_BYTES; measured below).
+            (default: ~24 KiB worth, `sparse_ffn.GAP_BYTES`).
         reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
 
     Returns:
@@ -177,7 +168,7 @@ def load(
     dtype = compute_dtype or default_compute_dtype(model)
     model.set_dtype(dtype)
     budget = parse_budget(dram_budget, store_bytes(store_path))
-    model.flash_plan = setup_sparse(
+    model.flash_plan = configure_flash(
         model, store, dtype, selector, fraction, threshold, window, budget, gap
     )
     if progress and (budget is not None or selector != "all"):
@@ -194,72 +185,6 @@ def load(
 
 def store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-
-
-def setup_sparse(
-    model: nn.Module,
-    store: BundleStore,
-    dtype: mx.Dtype,
-    selector: str,
-    fraction: Optional[float],
-    threshold: Optional[float],
-    window: Optional[int],
-    budget: Optional[int],
-    gap: Optional[int],
-) -> Plan:
-    """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
-    m = store.manifest
-    sections = m.layers[0].sections
-    cached_sections = list(range(len(sections)))
-    resident = []
-    if selector == "gate":  # sections holding only gate/fc1 rows stay resident
-        first = {m.rows[0], m.rows[0] + ".bias"}
-        apart = [k for k, s in enumerate(sections) if set(s.components) <= first]
-        if m.rows[0] not in [c for k in apart for c in sections[k].components]:
-            raise FlashError(
-                "the gate selector keeps gate/fc1 rows resident and reads the rest: "
-                "it needs a store whose gate rows are stored apart",
-                store.path,
-                "convert the model with `python -m mlx_flash.convert ... --layout gate`",
-            )
-        resident = [c for k in apart for c in m.section_components(sections[k])]
-        cached_sections = [k for k in cached_sections if k not in apart]
-    cached = [c for k in cached_sections for c in m.section_components(sections[k])]
-    dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-    p = plan(store, budget, dense, cached, resident, dtype)
-    use_cache = selector != "all" or window is not None or budget is not None
-    if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
-        use_cache = False  # every neuron cannot fit: stream layers whole (naive)
-    if not use_cache:
-        p.capacity = 0  # no caches: the plan holds the dense part and buffers only
-    if fraction is None and threshold is None and len(m.rows) == 2:
-        fraction = 0.5  # gated models have no exact zeros
-    cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
-    for i, layer in enumerate(model.layers):
-        ffn, n = layer.mlp, m.layers[i].neurons
-        if selector == "all":
-            select = AllSelector(n)
-        elif selector == "oracle":
-            select = OracleSelector(ffn, fraction, threshold)
-        else:
-            rows = np.concatenate(store.read_neurons(i, np.arange(n), apart), axis=1)
-            decoded, at = {}, 0
-            for c in resident:
-                decoded[c.name] = decode_rows(rows[:, at : at + c.nbytes], c, dtype)
-                at += c.nbytes
-            bias = decoded.get(m.rows[0] + ".bias")
-            bias = None if bias is None else bias.reshape(-1)
-            select = GateSelector(ffn, decoded[m.rows[0]], bias, fraction, threshold)
-        cache = None
-        if use_cache:
-            strict = window is not None
-            cache = NeuronCache(
-                cached, n, min(p.capacity, n), window or 1, cache_dtype, strict
-            )
-        if gap is None:
-            gap = GAP_BYTES // sum(sections[k].bundle_bytes for k in cached_sections)
-        ffn.configure(select, cache, cached_sections, gap)
-    return p
 
 
 def _load_adapters(model: nn.Module, adapter_path: str) -> None:

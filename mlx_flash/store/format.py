@@ -194,6 +194,17 @@ def quant_params(
     return bits, group_size
 
 
+def decode_bundles(
+    rows: np.ndarray, components: List[Component], dtype: mx.Dtype
+) -> Dict[str, Weight]:
+    """Bundles (n, bytes) uint8 holding `components` in order -> name -> MLX weight."""
+    weights, at = {}, 0
+    for c in components:
+        weights[c.name] = decode_rows(rows[:, at : at + c.nbytes], c, dtype)
+        at += c.nbytes
+    return weights
+
+
 def dequantize(w: Weight, length: int) -> mx.array:
     if not isinstance(w, tuple):
         return w

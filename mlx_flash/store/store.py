@@ -18,7 +18,7 @@ from .format import (
     Manifest,
     Weight,
     check_header,
-    decode_rows,
+    decode_bundles,
 )
 from .reader import READERS
 
@@ -116,13 +116,9 @@ class BundleStore:
             rows = np.frombuffer(raw, dtype=np.uint8).reshape(
                 entry.neurons, section.bundle_bytes
             )
-            at = 0
-            for comp in self.manifest.section_components(section):
-                weights[comp.name] = decode_rows(
-                    rows[:, at : at + comp.nbytes], comp, dtype
-                )
-                at += comp.nbytes
-            del rows, raw  # views into the staging buffer; decode_rows copied out
+            components = self.manifest.section_components(section)
+            weights.update(decode_bundles(rows, components, dtype))
+            del rows, raw  # views into the staging buffer; decoding copied out
         return weights
 
     def read_neurons(
