@@ -221,7 +221,7 @@ def print_stats(model) -> None:
         f"[mlx_flash] read {s.bytes / 1e6:.1f} MB of bundles in {s.reads} reads, "
         f"{s.seconds:.3f} s ({rate:.2f} GB/s, {mode}, {store.reader.threads} threads)"
     )
-    print(model.flash_stats.summary(store.reader))
+    print(model.flash_stats.summary())
 
 
 if __name__ == "__main__":

@@ -84,7 +84,11 @@ class FlashFFN(nn.Module):
                 return self._evaluated(self._dense(x))
         if self._layer == 0:
             self._stats.tokens += 1
+        reads = self._store.reader.stats
+        bytes_before, reads_before = reads.bytes, reads.reads
         y = self._dense(x) if self._cache is None else self._sparse(x)
+        self._stats.bytes += reads.bytes - bytes_before
+        self._stats.reads += reads.reads - reads_before
         with self._stats.timed("compute"):
             return self._evaluated(y)
 

@@ -18,6 +18,8 @@ class FlashStats:
     """
 
     tokens: int = 0
+    bytes: int = 0  # read from the store while decoding
+    reads: int = 0
     syncs: int = 0
     selected: int = 0
     loaded: int = 0
@@ -43,14 +45,14 @@ class FlashStats:
     def reset(self) -> None:
         self.__init__()
 
-    def summary(self, reader) -> str:
+    def summary(self) -> str:
         n = max(self.tokens, 1)
         ms = {k: 1e3 * v / n for k, v in self.seconds.items()}
         hit = self.hits / self.selected if self.selected else 0.0
         return (
             f"[mlx_flash] per token: io {ms['io']:.1f} ms, memory {ms['memory']:.1f} ms, "
             f"compute {ms['compute']:.1f} ms; "
-            f"{reader.stats.bytes / n / 1e6:.2f} MB in {reader.stats.reads / n:.0f} reads, "
+            f"{self.bytes / n / 1e6:.2f} MB in {self.reads / n:.0f} reads, "
             f"neurons selected {self.selected / n:.0f}, loaded {self.loaded / n:.0f}, "
             f"cache hit rate {hit:.1%}, host syncs {self.syncs / n:.0f}; "
             f"{self.tokens} tokens; prefill {self.seconds['prefill']:.2f} s, "
