@@ -105,45 +105,59 @@ class FlashFFN(nn.Module):
         decoding = x.shape[0] * x.shape[1] == 1
         with self._stats.timed("io") if decoding else contextlib.nullcontext():
             w = self.read_all(x.dtype)
-        h = [self.project(x, w, name) for name in self.rows]
-        return self._output(x, h, w)
+        return self._with_bias(self._partial(x, w, None))
 
     def _sparse(self, x: mx.array) -> mx.array:
-        stats = self._stats
+        """Selected neurons: the first `capacity` (by score) through the cache; any
+        beyond it streamed through a scratch read, so a small budget costs I/O, never
+        quality."""
+        stats, cache = self._stats, self._cache
         with stats.timed("compute"):
             selection = self._selector(x)  # one host sync: the decision
         stats.syncs += 1
-        ids = selection.ids[: self._cache.capacity]  # cap to the cache, by score
+        ids, extra = selection.ids[: cache.capacity], selection.ids[cache.capacity :]
         with stats.timed("memory"):
-            slots, load_ids, load_slots = self._cache.admit(ids)
+            slots, load_ids, load_slots = cache.admit(ids)
         if len(load_ids):
-            with stats.timed("io"):
-                parts = self._store.read_neurons(
-                    self._layer, load_ids, self._sections, self._gap
-                )
+            rows = self._read(load_ids)
             with stats.timed("memory"):
-                self._cache.fill(load_slots, np.concatenate(parts, axis=1))
-        stats.selected += len(ids)
-        stats.loaded += len(load_ids)
+                cache.fill(load_slots, rows)
+        stats.selected += len(selection.ids)
+        stats.loaded += len(load_ids) + len(extra)
         stats.hits += len(ids) - len(load_ids)
-        if len(ids) == 0:
-            y = mx.zeros_like(x)
-            return y + self[self.column].bias if self.column in self else y
+        pre = selection.pre
+        y = mx.zeros_like(x)
         with stats.timed("compute"):
-            w = self._cache.gather(slots)
-            if selection.pre is not None:  # the selector already computed row 0
-                h = [selection.pre[: len(ids)].reshape(1, 1, -1)]
-                h += [self.project(x, w, name) for name in self.rows[1:]]
-            else:
-                h = [self.project(x, w, name) for name in self.rows]
-            return self._output(x, h, w)
+            if len(ids):
+                w = cache.gather(slots)
+                y = y + self._partial(x, w, None if pre is None else pre[: len(ids)])
+        if len(extra):
+            rows = self._read(extra)
+            with stats.timed("memory"):
+                w = decode_bundles(rows, cache.components, x.dtype)
+            with stats.timed("compute"):
+                y = y + self._partial(x, w, None if pre is None else pre[len(ids) :])
+        return self._with_bias(y)
 
-    def _output(self, x, h: List[mx.array], w: Dict[str, Weight]) -> mx.array:
+    def _read(self, ids: np.ndarray) -> np.ndarray:
+        with self._stats.timed("io"):
+            parts = self._store.read_neurons(
+                self._layer, ids, self._sections, self._gap
+            )
+        return np.concatenate(parts, axis=1)
+
+    def _partial(self, x: mx.array, w: Dict[str, Weight], pre) -> mx.array:
+        """The FFN output of the neurons in `w` (bias excluded); `pre` is their first
+        row's pre-activation when the selector already computed it."""
+        if pre is not None:
+            h = [pre.reshape(1, 1, -1)] + [self.project(x, w, n) for n in self.rows[1:]]
+        else:
+            h = [self.project(x, w, name) for name in self.rows]
         a = self.activation(h[0]) * h[1] if self.gated else self.activation(h[0])
-        y = matmul(a, w[self.column], self._encodings[self.column], transpose=False)
-        if self.column in self:
-            y = y + self[self.column].bias
-        return y
+        return matmul(a, w[self.column], self._encodings[self.column], transpose=False)
+
+    def _with_bias(self, y: mx.array) -> mx.array:
+        return y + self[self.column].bias if self.column in self else y
 
     def read_all(self, dtype: mx.Dtype) -> Dict[str, Weight]:
         return self._store.read_layer(self._layer, dtype)
