@@ -2,10 +2,10 @@
 
 Slots are rows of per-component MLX matrices allocated once; numpy views of those same
 buffers receive arriving bundles in place, so nothing is allocated while generating. An
-id<->slot map says who lives where. Between tokens, the neurons of the last `window`
-tokens are kept; when slots run out the least recently used neuron leaves
-(outside the window first, since it is older). `strict=True` is the paper's windowing:
-neurons leave as soon as they fall out of the window, even with slots to spare.
+id<->slot map says who lives where. By default the cache keeps as many recently used
+neurons as it holds, the least recently used leaving first. `strict=True` is the paper's
+windowing (§3.1): between tokens, exactly the neurons of the last `window` tokens stay,
+the others leave even with slots to spare.
 """
 
 from dataclasses import dataclass
