@@ -90,6 +90,11 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
         str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
     )
     assert model.flash_plan.capacity == 20 and model.flash_plan.total <= budget
+    # the plan counts exactly what the caches allocated
+    assert (
+        sum(layer.mlp._cache.nbytes for layer in model.layers)
+        == model.flash_plan.caches
+    )
     assert greedy(model) == expected
     s = model.flash_stats
     assert s.selected == 64 * 2 * s.tokens  # half of 128 neurons, 2 layers

@@ -20,10 +20,6 @@ class FFNArch:
     activation_key: str  # config key naming the activation
     activations: Dict[str, str]  # config value -> our activation name
 
-    @property
-    def gated(self) -> bool:
-        return len(self.rows) == 2
-
     def name(self, layer: int, component: str) -> str:
         return self.prefix.format(layer) + component
 

@@ -71,7 +71,6 @@ class BundleReader:
             raise FlashError(
                 f"cannot open the bundles file ({e.strerror})", path
             ) from None
-        self.size = os.fstat(self.fd).st_size
         self.buffer = mmap.mmap(-1, align_up(capacity) + 2 * ALIGN)  # page-aligned
         self.view = memoryview(self.buffer)
         self.threads = max(1, threads)
