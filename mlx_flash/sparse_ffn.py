@@ -118,10 +118,15 @@ class FlashFFN(nn.Module):
         ids, extra = selection.ids[: cache.capacity], selection.ids[cache.capacity :]
         with stats.timed("memory"):
             slots, load_ids, load_slots = cache.admit(ids)
+        # cache misses and the overflow in one coalesced read
+        rows = (
+            self._read(np.concatenate([load_ids, extra]))
+            if len(load_ids) + len(extra)
+            else None
+        )
         if len(load_ids):
-            rows = self._read(load_ids)
             with stats.timed("memory"):
-                cache.fill(load_slots, rows)
+                cache.fill(load_slots, rows[: len(load_ids)])
         stats.selected += len(selection.ids)
         stats.loaded += len(load_ids) + len(extra)
         stats.hits += len(ids) - len(load_ids)
@@ -132,9 +137,8 @@ class FlashFFN(nn.Module):
                 w = cache.gather(slots)
                 y = y + self._partial(x, w, None if pre is None else pre[: len(ids)])
         if len(extra):
-            rows = self._read(extra)
             with stats.timed("memory"):
-                w = decode_bundles(rows, cache.components, x.dtype)
+                w = decode_bundles(rows[len(load_ids) :], cache.components, x.dtype)
             with stats.timed("compute"):
                 y = y + self._partial(x, w, None if pre is None else pre[len(ids) :])
         return self._with_bias(y)
