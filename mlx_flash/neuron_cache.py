@@ -9,7 +9,7 @@ the others leave even with slots to spare.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -20,9 +20,7 @@ _NP = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass
-class CacheStats:
-    selected: int = 0
-    hits: int = 0
+class CacheStats:  # this layer's; the model-wide counters are in FlashStats
     loads: int = 0
     evictions: int = 0
 
@@ -34,9 +32,10 @@ class NeuronCache:
         components: the bundle components the cache holds (in one section's order).
         n_neurons: neurons in the layer.
         capacity: slots.
-        window: tokens a used neuron is kept for (at least, while slots allow).
         dtype: the compute dtype floats are stored in (float32 or float16).
-        strict: drop neurons that left the window even when slots are free.
+        window: if given, the paper's strict windowing: between tokens only the neurons
+            of the last `window` tokens stay, even with slots to spare. If None, the
+            cache keeps as many recently used neurons as it holds.
     """
 
     def __init__(
@@ -44,12 +43,10 @@ class NeuronCache:
         components: List[Component],
         n_neurons: int,
         capacity: int,
-        window: int,
         dtype: mx.Dtype,
-        strict: bool = False,
+        window: Optional[int] = None,
     ):
         self.components, self.capacity, self.window = components, capacity, window
-        self.strict, self.dtype = strict, dtype
         self.slot_of = np.full(n_neurons, -1, np.int64)
         self.id_of = np.full(capacity, -1, np.int64)
         self.last_used = np.full(capacity, -1, np.int64)
@@ -71,7 +68,10 @@ class NeuronCache:
                 self._fillers.append((np.array(arr, copy=False), at, at + size, stored))
                 at += size
             self.arrays[c.name] = tuple(parts) if c.encoding.quantized else parts[0]
-        self.bundle_bytes = at
+
+    @property
+    def strict(self) -> bool:
+        return self.window is not None
 
     @property
     def nbytes(self) -> int:
@@ -99,8 +99,6 @@ class NeuronCache:
         slots[~hit] = victims
         if self.strict:  # between tokens, hold only the last `window` tokens' neurons
             self._release(np.nonzero(self.last_used <= self.step - self.window)[0])
-        self.stats.selected += len(ids)
-        self.stats.hits += int(hit.sum())
         self.stats.loads += len(load_ids)
         return slots, load_ids, victims
 

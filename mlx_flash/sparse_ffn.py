@@ -145,10 +145,7 @@ class FlashFFN(nn.Module):
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
         with self._stats.timed("io"):
-            parts = self._store.read_neurons(
-                self._layer, ids, self._sections, self._gap
-            )
-        return np.concatenate(parts, axis=1)
+            return self._store.read_neurons(self._layer, ids, self._sections, self._gap)
 
     def _partial(self, x: mx.array, w: Dict[str, Weight], pre) -> mx.array:
         """The FFN output of the neurons in `w` (bias excluded); `pre` is their first
@@ -230,6 +227,8 @@ def configure_flash(
     if fraction is None and threshold is None and len(m.rows) == 2:
         fraction = 0.5  # gated models have no exact zeros
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
+    if gap is None:
+        gap = GAP_BYTES // sum(sections[k].bundle_bytes for k in cached_sections)
     for i, layer in enumerate(model.layers):
         ffn, n = layer.mlp, m.layers[i].neurons
         if selector == "all":
@@ -237,18 +236,13 @@ def configure_flash(
         elif selector == "oracle":
             select = OracleSelector(ffn, fraction, threshold)
         else:
-            rows = np.concatenate(store.read_neurons(i, np.arange(n), apart), axis=1)
+            rows = store.read_neurons(i, np.arange(n), apart)
             decoded = decode_bundles(rows, resident, dtype)
             bias = decoded.get(m.rows[0] + ".bias")
             bias = None if bias is None else bias.reshape(-1)
             select = GateSelector(ffn, decoded[m.rows[0]], bias, fraction, threshold)
         cache = None
         if use_cache:
-            strict = window is not None
-            cache = NeuronCache(
-                cached, n, min(p.capacity, n), window or 1, cache_dtype, strict
-            )
-        if gap is None:
-            gap = GAP_BYTES // sum(sections[k].bundle_bytes for k in cached_sections)
+            cache = NeuronCache(cached, n, min(p.capacity, n), cache_dtype, window)
         ffn.configure(select, cache, cached_sections, gap)
     return p

@@ -19,7 +19,7 @@ WEIGHTS = {c.name: mx.random.normal((N, D)) for c in COMPONENTS}
 BUNDLES = np.concatenate(
     [encode_rows(WEIGHTS[c.name], c.encoding, D) for c in COMPONENTS], axis=1
 )
-REFERENCE = NeuronCache(COMPONENTS, N, N, 1, mx.float32)
+REFERENCE = NeuronCache(COMPONENTS, N, N, mx.float32)
 REFERENCE.fill(np.arange(N), BUNDLES)
 
 
@@ -39,7 +39,7 @@ selections = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(selections, st.integers(4, 40), st.integers(1, 5), st.booleans())
 def test_cache_invariants(tokens, capacity, window, strict):
-    cache = NeuronCache(COMPONENTS, N, capacity, window, mx.float32, strict=strict)
+    cache = NeuronCache(COMPONENTS, N, capacity, mx.float32, window if strict else None)
     reads = 0
     history = []
     for ids in tokens:
@@ -70,7 +70,7 @@ def test_cache_invariants(tokens, capacity, window, strict):
 
 
 def test_lru_evicts_the_oldest_first():
-    cache = NeuronCache(COMPONENTS, N, 4, 1, mx.float32)
+    cache = NeuronCache(COMPONENTS, N, 4, mx.float32)
     for ids in ([0, 1], [2, 3], [0]):
         cache.admit(np.array(ids))
     _, loaded, _ = cache.admit(np.array([4, 5]))  # evicts 1 (used at step 1), then 2

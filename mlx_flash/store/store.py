@@ -123,36 +123,36 @@ class BundleStore:
 
     def read_neurons(
         self, layer: int, ids: np.ndarray, sections: Sequence[int], max_gap: int = 0
-    ) -> List[np.ndarray]:
-        """The bundles of neurons `ids` of `layer`, one (len(ids), bundle_bytes) uint8
-        array per section asked for, rows in the order of `ids`.
+    ) -> np.ndarray:
+        """The bundles of neurons `ids` of `layer` in `sections`: (len(ids), bytes)
+        uint8, rows in the order of `ids`, each row the sections' bundles side by side.
 
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
         """
         entry, order = self.manifest.layers[layer], np.argsort(ids, kind="stable")
-        runs = neuron_runs(ids[order], max_gap)
+        sorted_ids = ids[order]
+        runs = neuron_runs(sorted_ids, max_gap)
+        chosen = [entry.sections[k] for k in sections]
         ranges = [
-            (
-                entry.sections[k].offset + a * entry.sections[k].bundle_bytes,
-                (b - a) * entry.sections[k].bundle_bytes,
-            )
-            for k in sections
+            (s.offset + a * s.bundle_bytes, (b - a) * s.bundle_bytes)
+            for s in chosen
             for a, b in runs
         ]
-        views = self.reader.read_ranges(ranges)
-        sorted_ids = ids[order]
+        views = iter(self.reader.read_ranges(ranges))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
-        out = []
-        for i, k in enumerate(sections):
-            size = entry.sections[k].bundle_bytes
-            rows, start = np.empty((len(ids), size), np.uint8), 0
-            for (a, b), end, view in zip(runs, ends, views[i * len(runs) :]):
-                run = np.frombuffer(view, np.uint8).reshape(b - a, size)
-                rows[order[start:end]] = run[sorted_ids[start:end] - a]
+        rows = np.empty((len(ids), sum(s.bundle_bytes for s in chosen)), np.uint8)
+        col = 0
+        for s in chosen:
+            start = 0
+            for (a, b), end, view in zip(runs, ends, views):
+                run = np.frombuffer(view, np.uint8).reshape(b - a, s.bundle_bytes)
+                rows[order[start:end], col : col + s.bundle_bytes] = run[
+                    sorted_ids[start:end] - a
+                ]
                 start = end
-            out.append(rows)
-        return out
+            col += s.bundle_bytes
+        return rows
 
     def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
         """Check every section's SHA-256 against the manifest (reads the whole file)."""
