@@ -161,9 +161,9 @@ class BundleReader:
             self._retired.append(self.fd)  # other threads may still be reading from it
             self.fd, self.direct = os.open(self.path, os.O_RDONLY), False
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self.fd >= 0:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=wait)
             for fd in [self.fd, *self._retired]:
                 os.close(fd)
             self.fd = -1
@@ -174,8 +174,11 @@ class BundleReader:
                 pass  # a caller still holds a view of the last read: freed with it
 
     def __del__(self):
+        # Never wait here: the garbage collector may run this inside a thread that is
+        # starting up while another thread waits for it (seen: a deadlock in the test
+        # suite). Unreachable, the reader has no read in flight to wait for.
         try:
-            self.close()
+            self.close(wait=False)
         except Exception:
             pass
 
