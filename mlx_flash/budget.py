@@ -60,28 +60,20 @@ def parse_budget(text: Union[str, int, float, None], store_bytes: int) -> Option
     if text is None:
         return None
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text * store_bytes) if 0 < text <= 1 else int(text)
-    t = str(text).strip().upper().removesuffix("B")
-    units = {
-        "K": 2**10,
-        "M": 2**20,
-        "G": 2**30,
-        "T": 2**40,
-        "KI": 2**10,
-        "MI": 2**20,
-        "GI": 2**30,
-        "TI": 2**40,
-    }
-    for suffix in sorted(units, key=len, reverse=True):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * units[suffix])
-    try:
-        value = float(t)
-    except ValueError:
-        raise FlashError(
-            f"cannot read the DRAM budget {text!r}",
-            fix="give bytes (8GiB, 500MB, 123456) or a fraction of the model (0.5)",
-        ) from None
+        value = float(text)
+    else:
+        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+        units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        scale = next((u for k, u in units.items() if t.endswith(k)), None)
+        try:
+            if scale is not None:
+                return int(float(t[:-1]) * scale)
+            value = float(t)
+        except ValueError:
+            raise FlashError(
+                f"cannot read the DRAM budget {text!r}",
+                fix="give bytes (8GiB, 500MB, 123456) or a fraction of the model (0.5)",
+            ) from None
     return int(value * store_bytes) if 0 < value <= 1 else int(value)
 
 

@@ -45,12 +45,6 @@ def relu_threshold(gated: bool, threshold: Optional[float]) -> Optional[float]:
     return threshold if gated or threshold is not None else 0.0
 
 
-def activation_scores(act, first: mx.array, second: Optional[mx.array]) -> mx.array:
-    """|act(first) * second| for gated FFNs, act(first) for ReLU-style ones."""
-    a = act(first)
-    return mx.abs(a * second) if second is not None else a
-
-
 class AllSelector:
     def __init__(self, n_neurons: int):
         self.ids = np.arange(n_neurons)
@@ -68,10 +62,10 @@ class OracleSelector:
     def __call__(self, x: mx.array) -> Selection:
         w = self.ffn.read_all(x.dtype)
         h = [self.ffn.project(x, w, name) for name in self.ffn.rows]
-        scores = activation_scores(
-            self.ffn.activation, h[0], h[1] if len(h) == 2 else None
-        )
-        scores = np.array(scores.reshape(-1))  # the host sync: the decision
+        scores = mx.abs(self.ffn.activate(h)).reshape(
+            -1
+        )  # |act(gate) * up| or act(fc1)
+        scores = np.array(scores)  # the host sync: the decision
         threshold = relu_threshold(self.ffn.gated, self.threshold)
         return Selection(top_ids(scores, self.fraction, threshold))
 
@@ -92,8 +86,7 @@ class GateSelector:
         if self.bias is not None:
             pre = pre + self.bias
         pre = pre.reshape(-1)
-        scores = self.ffn.activation(pre)
-        scores = np.array(mx.abs(scores) if self.ffn.gated else scores)  # the host sync
+        scores = np.array(mx.abs(self.ffn.activation(pre)))  # the host sync
         ids = top_ids(
             scores, self.fraction, relu_threshold(self.ffn.gated, self.threshold)
         )

@@ -154,8 +154,12 @@ class FlashFFN(nn.Module):
             h = [pre.reshape(1, 1, -1)] + [self.project(x, w, n) for n in self.rows[1:]]
         else:
             h = [self.project(x, w, name) for name in self.rows]
-        a = self.activation(h[0]) * h[1] if self.gated else self.activation(h[0])
+        a = self.activate(h)
         return matmul(a, w[self.column], self._encodings[self.column], transpose=False)
+
+    def activate(self, h: List[mx.array]) -> mx.array:
+        """The input of the output projection: act(gate) * up, or act(fc1)."""
+        return self.activation(h[0]) * h[1] if self.gated else self.activation(h[0])
 
     def _with_bias(self, y: mx.array) -> mx.array:
         return y + self[self.column].bias if self.column in self else y

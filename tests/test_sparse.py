@@ -128,8 +128,10 @@ def test_parse_budget():
     assert parse_budget("500MB", 0) == 500 << 20
     assert parse_budget("0.5", 1000) == 500
     assert parse_budget(123456, 0) == 123456
-    with pytest.raises(FlashError, match="cannot read"):
-        parse_budget("lots", 0)
+    assert parse_budget("1.5 kib", 0) == 1536
+    for bad in ("lots", "abct", "GiB"):
+        with pytest.raises(FlashError, match="cannot read"):
+            parse_budget(bad, 0)
 
 
 def test_top_ids():
