@@ -18,7 +18,8 @@ SLACK = 160 << 20
 class Plan:
     budget: Optional[int]
     dense: int
-    staging: int
+    staging: int  # the reader's aligned buffer
+    scratch: int  # one layer's selected bundles, read rows before they are cached
     resident: int  # gate/fc1 rows kept for the `gate` selector
     neuron_bytes: int  # one cached neuron, decoded
     capacity: int  # cache slots per layer
@@ -30,14 +31,14 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.dense + self.staging + self.resident + self.caches
+        return self.dense + self.staging + self.scratch + self.resident + self.caches
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
         budget = "no budget" if self.budget is None else f"budget {mb(self.budget)}"
         return (
             f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
-            f"{mb(self.staging)} + resident gate rows {mb(self.resident)} + neuron caches "
+            f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + neuron caches "
             f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
             f"{mb(self.total)}"
         )
@@ -92,6 +93,7 @@ def plan(
         budget=budget,
         dense=dense,
         staging=len(store.reader.buffer),
+        scratch=n_ff * sum(c.nbytes for c in cached),
         resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
         neuron_bytes=decoded_bytes(cached, dtype),
         capacity=n_ff,
@@ -99,10 +101,10 @@ def plan(
     )
     if budget is None:
         return p
-    room = budget - p.dense - p.staging - p.resident
+    room = budget - p.dense - p.staging - p.scratch - p.resident
     p.capacity = min(n_ff, max(0, room) // (p.neuron_bytes * p.layers))
     if p.capacity < 1:
-        minimum = p.dense + p.staging + p.resident + p.neuron_bytes * p.layers
+        minimum = p.total - p.caches + p.neuron_bytes * p.layers
         raise FlashError(
             f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
             f"buffers and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",

@@ -62,20 +62,23 @@ class FlashFFN(nn.Module):
         self.rows, self.column, self.gated = m.rows, m.column, len(m.rows) == 2
         self._encodings = {n: c.encoding for n, c in m.components.items()}
         self.activation = ACTIVATIONS[m.activation]
-        self._selector, self._cache, self._sections, self._gap = None, None, [], 0
+        self._selector, self._cache, self._sections = None, None, []
+        self._gap, self._scratch = 0, None
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
 
     def configure(
-        self, selector, cache: Optional[NeuronCache], sections: List[int], gap: int
+        self,
+        selector,
+        cache: Optional[NeuronCache],
+        sections: List[int],
+        gap: int,
+        scratch: Optional[np.ndarray],
     ):
-        """Sparse decoding: `selector` picks ids, `cache` holds the bundle `sections`."""
-        self._selector, self._cache, self._sections, self._gap = (
-            selector,
-            cache,
-            sections,
-            gap,
-        )
+        """Sparse decoding: `selector` picks ids, `cache` holds the bundle `sections`,
+        read rows land in `scratch` (n_neurons, bytes of `sections`) before caching."""
+        self._selector, self._cache, self._sections = selector, cache, sections
+        self._gap, self._scratch = gap, scratch
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
@@ -145,7 +148,9 @@ class FlashFFN(nn.Module):
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
         with self._stats.timed("io"):
-            return self._store.read_neurons(self._layer, ids, self._sections, self._gap)
+            return self._store.read_neurons(
+                self._layer, ids, self._sections, self._gap, self._scratch
+            )
 
     def _partial(self, x: mx.array, w: Dict[str, Weight], pre) -> mx.array:
         """The FFN output of the neurons in `w` (bias excluded); `pre` is their first
@@ -227,7 +232,10 @@ def configure_flash(
     if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
         use_cache = False  # every neuron cannot fit: stream layers whole (naive)
     if not use_cache:
-        p.capacity = 0  # no caches: the plan holds the dense part and buffers only
+        p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
+    # the layers take turns: one scratch serves them all
+    n_ff = max(l.neurons for l in m.layers)
+    scratch = np.empty((n_ff, p.scratch // n_ff), np.uint8) if use_cache else None
     if fraction is None and threshold is None and len(m.rows) == 2:
         fraction = 0.5  # gated models have no exact zeros
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
@@ -248,5 +256,5 @@ def configure_flash(
         cache = None
         if use_cache:
             cache = NeuronCache(cached, n, min(p.capacity, n), cache_dtype, window)
-        ffn.configure(select, cache, cached_sections, gap)
+        ffn.configure(select, cache, cached_sections, gap, scratch)
     return p

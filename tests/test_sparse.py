@@ -85,7 +85,9 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
     roomy, _ = load(str(store), selector="oracle", fraction=0.5, progress=False)
     expected = greedy(roomy)
     plan = roomy.flash_plan
-    budget = plan.dense + plan.staging + plan.neuron_bytes * 2 * 20  # 20 slots a layer
+    budget = (
+        plan.dense + plan.staging + plan.scratch + plan.neuron_bytes * 2 * 20
+    )  # 20 slots
     model, _ = load(
         str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
     )
@@ -95,6 +97,7 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
         sum(layer.mlp._cache.nbytes for layer in model.layers)
         == model.flash_plan.caches
     )
+    assert model.layers[0].mlp._scratch.nbytes == model.flash_plan.scratch
     assert greedy(model) == expected
     s = model.flash_stats
     assert s.selected == 64 * 2 * s.tokens  # half of 128 neurons, 2 layers

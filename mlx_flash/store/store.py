@@ -122,13 +122,20 @@ class BundleStore:
         return weights
 
     def read_neurons(
-        self, layer: int, ids: np.ndarray, sections: Sequence[int], max_gap: int = 0
+        self,
+        layer: int,
+        ids: np.ndarray,
+        sections: Sequence[int],
+        max_gap: int = 0,
+        out: Optional[np.ndarray] = None,
     ) -> np.ndarray:
         """The bundles of neurons `ids` of `layer` in `sections`: (len(ids), bytes)
         uint8, rows in the order of `ids`, each row the sections' bundles side by side.
 
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
+        `out`, a preallocated (>= len(ids), bytes) uint8 array, receives the rows
+        (decoding generates nothing new per token); without it they are allocated.
         """
         entry, order = self.manifest.layers[layer], np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -141,7 +148,12 @@ class BundleStore:
         ]
         views = iter(self.reader.read_ranges(ranges))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
-        rows = np.empty((len(ids), sum(s.bundle_bytes for s in chosen)), np.uint8)
+        width = sum(s.bundle_bytes for s in chosen)
+        if out is None:
+            out = np.empty((len(ids), width), np.uint8)
+        if out.shape[0] < len(ids) or out.shape[1] != width:
+            raise ValueError(f"out {out.shape} cannot hold {len(ids)} x {width} bytes")
+        rows = out[: len(ids)]
         col = 0
         for s in chosen:
             start = 0
