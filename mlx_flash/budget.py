@@ -1,4 +1,5 @@
-"""DRAM budget planning: dense part + resident gate rows + staging + neuron caches ≤ budget."""
+"""DRAM budget planning: dense part + predictors or resident gate rows + staging +
+neuron caches ≤ budget."""
 
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -21,6 +22,7 @@ class Plan:
     staging: int  # the reader's aligned buffer
     scratch: int  # one layer's selected bundles, read rows before they are cached
     resident: int  # gate/fc1 rows kept for the `gate` selector
+    predictors: int  # the `lowrank` selector's predictors
     neuron_bytes: int  # one cached neuron, decoded
     capacity: int  # cache slots per layer
     layers: int
@@ -31,14 +33,22 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.dense + self.staging + self.scratch + self.resident + self.caches
+        return (
+            self.dense
+            + self.staging
+            + self.scratch
+            + self.resident
+            + self.predictors
+            + self.caches
+        )
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
         budget = "no budget" if self.budget is None else f"budget {mb(self.budget)}"
         return (
             f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
-            f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + neuron caches "
+            f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + predictors "
+            f"{mb(self.predictors)} + neuron caches "
             f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
             f"{mb(self.total)}"
         )
@@ -85,6 +95,7 @@ def plan(
     cached: List[Component],
     resident: List[Component],
     dtype: mx.Dtype,
+    predictors: int = 0,
 ) -> Plan:
     """Size the neuron caches so that everything fits `budget` (bytes, or None)."""
     m = store.manifest
@@ -95,19 +106,20 @@ def plan(
         staging=len(store.reader.buffer),
         scratch=n_ff * sum(c.nbytes for c in cached),
         resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
+        predictors=predictors,
         neuron_bytes=decoded_bytes(cached, dtype),
         capacity=n_ff,
         layers=len(m.layers),
     )
     if budget is None:
         return p
-    room = budget - p.dense - p.staging - p.scratch - p.resident
+    room = budget - (p.total - p.caches)
     p.capacity = min(n_ff, max(0, room) // (p.neuron_bytes * p.layers))
     if p.capacity < 1:
         minimum = p.total - p.caches + p.neuron_bytes * p.layers
         raise FlashError(
             f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
-            f"buffers and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
+            f"buffers, predictors and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
             store.path,
             f"give --dram-budget of at least {minimum / 2**20:.0f} MiB (one neuron per "
             "layer), or use a store with a smaller dense part",

@@ -31,6 +31,12 @@ def setup_arg_parser():
                 "A flash store, or a Hugging Face / MLX directory, hub id or .gguf file "
                 f"(converted once into the cache). Default: {DEFAULT_MODEL}."
             )
+    add_flash_args(parser)
+    return parser
+
+
+def add_flash_args(parser):
+    """Add the flash options, one argument group, to an mlx-lm parser."""
     flash = parser.add_argument_group("mlx_flash")
     flash.add_argument(
         "--compute-dtype",
@@ -46,7 +52,8 @@ def setup_arg_parser():
         choices=SELECTORS,
         default="all",
         help="How each token's neurons are chosen: all (naive), oracle (true top "
-        "activations, a reference) or gate (resident gate rows; needs --layout gate)",
+        "activations, a reference), gate (resident gate rows; needs --layout gate) "
+        "or lowrank (learned predictors; see mlx_flash.train_predictors)",
     )
     flash.add_argument(
         "--fraction",
@@ -55,7 +62,17 @@ def setup_arg_parser():
         help="Share of FFN neurons used per token (gated models; default 0.5)",
     )
     flash.add_argument(
-        "--threshold", type=float, default=None, help="Select |activation| > this"
+        "--threshold",
+        type=float,
+        default=None,
+        help="Select |activation| > this (lowrank: predicted logit > this)",
+    )
+    flash.add_argument(
+        "--recall",
+        type=float,
+        default=None,
+        help="lowrank: each layer's threshold calibrated for this recall "
+        "(0.5, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99; default 0.9)",
     )
     flash.add_argument(
         "--window",
@@ -84,7 +101,15 @@ def setup_arg_parser():
     flash.add_argument(
         "--stats", action="store_true", help="Print per-token I/O, memory and compute"
     )
-    return parser
+    return flash
+
+
+def load_kwargs(args) -> dict:
+    """The flash keyword arguments of `load`, from the parsed flash options."""
+    names = "threads selector fraction threshold recall window dram_budget gap reader"
+    kwargs = {name: getattr(args, name) for name in names.split()}
+    dtype = args.compute_dtype
+    return {"compute_dtype": getattr(mx, dtype) if dtype else None, **kwargs}
 
 
 def check_applicable(args) -> None:
@@ -132,15 +157,7 @@ def run(args) -> None:
         adapter_path=args.adapter_path,
         tokenizer_config=tokenizer_config,
         trust_remote_code=args.trust_remote_code,
-        compute_dtype=getattr(mx, args.compute_dtype) if args.compute_dtype else None,
-        threads=args.threads,
-        selector=args.selector,
-        fraction=args.fraction,
-        threshold=args.threshold,
-        window=args.window,
-        dram_budget=args.dram_budget,
-        gap=args.gap,
-        reader=args.reader,
+        **load_kwargs(args),
     )
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)

@@ -5,7 +5,9 @@
   the ceiling any predictor can reach, for tests and measurements.
 - ``gate``: gate (or fc1) rows resident in DRAM give the true pre-activation; only the
   up/down (fc2) part of the chosen neurons is read — exact selection, one matrix of DRAM.
-- ``lowrank``: the learned predictor (issue #4) plugs in here.
+- ``lowrank``: the learned low-rank predictor (`predictor.py`): no FFN weight in DRAM
+  decides; neurons whose logit passes the layer's threshold calibrated for a target
+  recall (or the top `fraction` by logit).
 
 ReLU models select where the activation is > 0; gated SiLU/GELU models have no exact
 zeros and select the top `fraction` by |activation| (or those above `threshold`).
@@ -19,7 +21,7 @@ import numpy as np
 
 from .store.format import Weight
 
-SELECTORS = ("all", "oracle", "gate")
+SELECTORS = ("all", "oracle", "gate", "lowrank")
 
 
 @dataclass
@@ -91,3 +93,16 @@ class GateSelector:
             scores, self.fraction, relu_threshold(self.ffn.gated, self.threshold)
         )
         return Selection(ids, pre[mx.array(ids.astype(np.uint32))])
+
+
+class LowRankSelector:
+    """The layer's learned predictor: logits -> ids above `threshold` (at most a
+    `fraction` of all), or the top `fraction` when no threshold is given."""
+
+    def __init__(self, predictor, fraction, threshold):
+        self.predictor, self.fraction, self.threshold = predictor, fraction, threshold
+
+    def __call__(self, x: mx.array) -> Selection:
+        logits = self.predictor(x.reshape(1, -1)).reshape(-1)
+        scores = np.array(logits)  # the host sync
+        return Selection(top_ids(scores, self.fraction, self.threshold))

@@ -17,7 +17,8 @@ import numpy as np
 from .budget import Plan, plan
 from .errors import FlashError
 from .neuron_cache import NeuronCache
-from .selectors import AllSelector, GateSelector, OracleSelector
+from .predictor import load_predictors
+from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
 from .stats import FlashStats
 from .store.format import Encoding, Weight, decode_bundles
 from .store.store import BundleStore
@@ -108,14 +109,14 @@ class FlashFFN(nn.Module):
         decoding = x.shape[0] * x.shape[1] == 1
         with self._stats.timed("io") if decoding else contextlib.nullcontext():
             w = self.read_all(x.dtype)
-        return self._with_bias(self._partial(x, w, None))
+        return self.with_bias(self._partial(x, w, None))
 
     def _sparse(self, x: mx.array) -> mx.array:
         """Selected neurons: the first `capacity` (by score) through the cache; any
         beyond it streamed through a scratch read, so a small budget costs I/O, never
         quality."""
         stats, cache = self._stats, self._cache
-        with stats.timed("compute"):
+        with stats.timed("select"):
             selection = self._selector(x)  # one host sync: the decision
         stats.syncs += 1
         ids, extra = selection.ids[: cache.capacity], selection.ids[cache.capacity :]
@@ -144,7 +145,7 @@ class FlashFFN(nn.Module):
                 w = decode_bundles(rows[len(load_ids) :], cache.components, x.dtype)
             with stats.timed("compute"):
                 y = y + self._partial(x, w, None if pre is None else pre[len(ids) :])
-        return self._with_bias(y)
+        return self.with_bias(y)
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
         with self._stats.timed("io"):
@@ -166,7 +167,7 @@ class FlashFFN(nn.Module):
         """The input of the output projection: act(gate) * up, or act(fc1)."""
         return self.activation(h[0]) * h[1] if self.gated else self.activation(h[0])
 
-    def _with_bias(self, y: mx.array) -> mx.array:
+    def with_bias(self, y: mx.array) -> mx.array:
         return y + self[self.column].bias if self.column in self else y
 
     def read_all(self, dtype: mx.Dtype) -> Dict[str, Weight]:
@@ -207,9 +208,14 @@ def configure_flash(
     window: Optional[int],
     budget: Optional[int],
     gap: Optional[int],
+    recall: Optional[float] = None,
 ) -> Plan:
     """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
     m = store.manifest
+    predictors = None
+    if selector == "lowrank":
+        neurons = [l.neurons for l in m.layers]
+        predictors = load_predictors(store.path, m.hidden_size, neurons)
     sections = m.layers[0].sections
     cached_sections = list(range(len(sections)))
     resident = []
@@ -227,7 +233,15 @@ def configure_flash(
         cached_sections = [k for k in cached_sections if k not in apart]
     cached = [c for k in cached_sections for c in m.section_components(sections[k])]
     dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-    p = plan(store, budget, dense, cached, resident, dtype)
+    p = plan(
+        store,
+        budget,
+        dense,
+        cached,
+        resident,
+        dtype,
+        predictors.nbytes if predictors else 0,
+    )
     use_cache = selector != "all" or window is not None or budget is not None
     if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
         use_cache = False  # every neuron cannot fit: stream layers whole (naive)
@@ -236,7 +250,10 @@ def configure_flash(
     # the layers take turns: one scratch serves them all
     n_ff = max(l.neurons for l in m.layers)
     scratch = np.empty((n_ff, p.scratch // n_ff), np.uint8) if use_cache else None
-    if fraction is None and threshold is None and len(m.rows) == 2:
+    if selector == "lowrank":  # a calibrated recall, unless a fraction is asked for
+        if recall is None and fraction is None and threshold is None:
+            recall = 0.9
+    elif fraction is None and threshold is None and len(m.rows) == 2:
         fraction = 0.5  # gated models have no exact zeros
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
     if gap is None:
@@ -247,6 +264,9 @@ def configure_flash(
             select = AllSelector(n)
         elif selector == "oracle":
             select = OracleSelector(ffn, fraction, threshold)
+        elif selector == "lowrank":
+            cut = threshold if recall is None else predictors.threshold(i, recall)
+            select = LowRankSelector(predictors.predictors[i], fraction, cut)
         else:
             rows = store.read_neurons(i, np.arange(n), apart)
             decoded = decode_bundles(rows, resident, dtype)

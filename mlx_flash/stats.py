@@ -10,10 +10,11 @@ from typing import Dict
 class FlashStats:
     """Totals since load (or `reset`); `tokens` counts decode steps.
 
-    Decode phases (paper Table 3): ``io`` reading missing bundles, ``memory`` cache
-    bookkeeping and copies into slots, ``compute`` everything else of the token —
-    selection, the FFN math and the attention evaluated with it (the naive path's
-    decoding of whole layers too).
+    Decode phases (paper Table 3): ``select`` the selector (a predictor or the
+    resident gate rows) up to its decision, ``io`` reading missing bundles, ``memory``
+    cache bookkeeping and copies into slots, ``compute`` everything else of the token —
+    the FFN math and the attention evaluated with it (the naive path's decoding of
+    whole layers too).
     ``prefill`` is the time of multi-token calls (dense streamed passes).
     """
 
@@ -27,6 +28,7 @@ class FlashStats:
     dense_layers: int = 0  # layer calls that streamed the whole layer (prefill, `all`)
     seconds: Dict[str, float] = field(
         default_factory=lambda: {
+            "select": 0.0,
             "io": 0.0,
             "memory": 0.0,
             "compute": 0.0,
@@ -50,7 +52,8 @@ class FlashStats:
         ms = {k: 1e3 * v / n for k, v in self.seconds.items()}
         hit = self.hits / self.selected if self.selected else 0.0
         return (
-            f"[mlx_flash] per token: io {ms['io']:.1f} ms, memory {ms['memory']:.1f} ms, "
+            f"[mlx_flash] per token: select {ms['select']:.1f} ms, io {ms['io']:.1f} ms, "
+            f"memory {ms['memory']:.1f} ms, "
             f"compute {ms['compute']:.1f} ms; "
             f"{self.bytes / n / 1e6:.2f} MB in {self.reads / n:.0f} reads, "
             f"neurons selected {self.selected / n:.0f}, loaded {self.loaded / n:.0f}, "

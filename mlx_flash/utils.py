@@ -109,6 +109,7 @@ def load(
     selector: str = "all",
     fraction: Optional[float] = None,
     threshold: Optional[float] = None,
+    recall: Optional[float] = None,
     window: Optional[int] = None,
     dram_budget: Union[str, int, float, None] = None,
     gap: Optional[int] = None,
@@ -128,10 +129,15 @@ def load(
             own dtype on a GPU).
         threads: parallel reads in flight.
         progress: show conversion progress (and the DRAM plan).
-        selector: ``all`` (every neuron), ``oracle`` or ``gate`` (needs a store
-            converted with ``--layout gate``).
-        fraction: share of neurons selected per token (gated models; default 0.5).
-        threshold: select neurons whose |activation| exceeds this instead.
+        selector: ``all`` (every neuron), ``oracle``, ``gate`` (needs a store
+            converted with ``--layout gate``) or ``lowrank`` (needs predictors
+            trained with ``python -m mlx_flash.train_predictors``).
+        fraction: share of neurons selected per token (gated models; default 0.5;
+            with ``lowrank``: the top share by predicted logit).
+        threshold: select neurons whose |activation| (``lowrank``: logit) exceeds
+            this instead.
+        recall: ``lowrank``: use each layer's threshold calibrated for this recall
+            (default 0.9 unless `fraction` or `threshold` is given).
         window: keep exactly the last `window` tokens' neurons (the paper's strict
             windowing); default: keep as many recent neurons as the cache holds.
         dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
@@ -169,7 +175,7 @@ def load(
     model.set_dtype(dtype)
     budget = parse_budget(dram_budget, store_bytes(store_path))
     model.flash_plan = configure_flash(
-        model, store, dtype, selector, fraction, threshold, window, budget, gap
+        model, store, dtype, selector, fraction, threshold, window, budget, gap, recall
     )
     if progress and (budget is not None or selector != "all"):
         print(model.flash_plan.describe(), flush=True)

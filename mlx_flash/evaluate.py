@@ -1,0 +1,386 @@
+"""`python -m mlx_flash.evaluate MODEL --text FILE`: what each neuron selection costs in
+perplexity, with every token's own selection.
+
+Each configuration is a lane of `layerwise.run_layers`: the text advances through the
+layers with that configuration's per-token masks on the FFN activations — the exact
+result of decoding token by token with that selection (a dense FFN computed, then the
+unselected neurons zeroed), never a union over a prefill chunk. Configurations: dense;
+oracle top-k (the true |activation|) and `gate` (|act(gate pre-activation)|) at each
+`--fractions`; and with trained predictors, `lowrank` at each calibrated `--recalls`
+and at each fraction (top-k by predicted logit).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .blas import prefer_fast_blas
+from .errors import FlashError
+from .layerwise import (
+    Lane,
+    float_weights,
+    for_many_tokens,
+    run_layers,
+    text_tokens,
+    token_nll,
+)
+from .predictor import PredictorSet, load_predictors, top_fraction_targets
+from .sparse_ffn import ACTIVATIONS
+from .utils import load
+
+
+@dataclass
+class Config:
+    name: str
+    mask: Optional[Callable]  # (layer, x, a, pre) -> (N, n) bool, or None: dense
+    lane: Optional[Lane] = None
+    # per layer: [selected, neurons x tokens, selected targets, targets]
+    sums: Dict[int, np.ndarray] = field(default_factory=dict)
+    nll: float = math.nan
+
+    def per_layer(self, k: int, of: int) -> List[float]:
+        return [s[k] / max(s[of], 1) for _, s in sorted(self.sums.items())]
+
+
+class Shadow:
+    """A low-bit copy of a layer's gate and up rows, kept in DRAM to score neurons by
+    an estimate of |act(gate) * up| (the issue's "cheap resident information")."""
+
+    def __init__(self, activation: Callable, bits: int, group_size: int = 32):
+        self.activation, self.bits, self.group_size = activation, bits, group_size
+        self.layers: Dict[int, list] = {}
+
+    def quantize(self, layer: int, w: Dict[str, mx.array], rows: List[str]):
+        if layer not in self.layers:
+            self.layers = {
+                layer: [mx.quantize(w[n], self.group_size, self.bits) for n in rows]
+            }
+        return self.layers[layer]
+
+    def scores(self, x: mx.array, copies) -> mx.array:
+        gate, up = (
+            mx.quantized_matmul(x, *c, group_size=self.group_size, bits=self.bits)
+            for c in copies
+        )
+        return mx.abs(self.activation(gate) * up)
+
+    @staticmethod
+    def nbytes(copies) -> int:
+        return sum(a.nbytes for c in copies for a in c)
+
+
+def configurations(
+    activation: Callable,
+    gated: bool,
+    fractions: List[float],
+    recalls: List[float],
+    ps: Optional[PredictorSet],
+    rows: List[str],
+    shadow_bits: List[int],
+) -> List[Config]:
+    top = top_fraction_targets
+    configs = [Config("dense", None)]
+    if not gated:
+        configs.append(Config("oracle relu (a > 0)", lambda i, x, a, pre, w: a > 0))
+    for f in fractions:
+        configs.append(
+            Config(f"oracle top {f:g}", lambda i, x, a, pre, w, f=f: top(mx.abs(a), f))
+        )
+        if gated:  # ReLU models: the gate rows give the true activation (= oracle)
+            configs.append(
+                Config(
+                    f"gate top {f:g}",
+                    lambda i, x, a, pre, w, f=f: top(mx.abs(activation(pre)), f),
+                )
+            )
+    for bits in shadow_bits if gated else []:
+        shadow = Shadow(activation, bits)
+        for f in fractions:
+            configs.append(
+                Config(
+                    f"shadow {bits}-bit top {f:g}",
+                    lambda i, x, a, pre, w, f=f, s=shadow: top(
+                        s.scores(x, s.quantize(i, w, rows)), f
+                    ),
+                )
+            )
+    if ps is not None:
+        logits = lambda i, x: ps.predictors[i](x)  # noqa: E731
+        for r in recalls:
+            configs.append(
+                Config(
+                    f"lowrank recall {r:g}",
+                    lambda i, x, a, pre, w, r=r: logits(i, x) >= ps.threshold(i, r),
+                )
+            )
+        for f in fractions:
+            configs.append(
+                Config(
+                    f"lowrank top {f:g}",
+                    lambda i, x, a, pre, w, f=f: top(logits(i, x), f),
+                )
+            )
+    return configs
+
+
+def _hook(config: Config, targets: Callable):
+    """The lane's FFN hook: apply the config's mask and count what it selects."""
+
+    def hook(layer, x, a, pre, w):
+        if config.mask is None:
+            return None
+        chosen, t = config.mask(layer, x, a, pre, w), targets(a)
+        counts = [chosen.sum(), chosen.size, (chosen & t).sum(), t.sum()]
+        s = config.sums.setdefault(layer, np.zeros(4))
+        s += [float(c.item()) if isinstance(c, mx.array) else c for c in counts]
+        return chosen.astype(a.dtype)
+
+    return hook
+
+
+def evaluate(args) -> Dict:
+    model, tokenizer = load(args.model, progress=False)
+    for_many_tokens(model)
+    m = model.flash_store.manifest
+    gated = len(m.rows) == 2
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise FlashError("the evaluation text does not exist", text_path)
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    tokens = text_tokens(tokenizer, text, args.tokens, args.seq_len, args.skip)
+    ps = None
+    if not args.no_predictors:
+        try:
+            neurons = [layer.neurons for layer in m.layers]
+            ps = load_predictors(model.flash_store.path, m.hidden_size, neurons)
+        except FlashError as e:
+            print(f"[mlx_flash] no lowrank rows: {e}", file=sys.stderr)
+    if ps is not None and ps.target.get("kind") == "top":
+        target_fraction = ps.target["fraction"]
+        targets = lambda a: top_fraction_targets(mx.abs(a), target_fraction)  # noqa
+    else:
+        targets = lambda a: a > 0  # noqa: E731
+    activation = ACTIVATIONS[m.activation]
+    configs = configurations(
+        activation, gated, args.fractions, args.recalls, ps, m.rows, args.shadow_bits
+    )
+    for c in configs:
+        c.lane = Lane(_hook(c, targets))
+    with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:
+        lanes = [c.lane for c in configs]
+        run_layers(model, tokens, lanes, progress=lambda i: bar.update(1))
+    for c in configs:
+        nll = [
+            token_nll(model, tokens[s : s + 8], c.lane.h[s : s + 8])
+            for s in range(0, tokens.shape[0], 8)
+        ]
+        c.nll = mx.concatenate(nll).mean().item()
+    costs = selector_costs(model, ps, args.shadow_bits if gated else [], activation)
+    return report(args, configs, tokens, ps, text_path, costs)
+
+
+def _ms(fn, repeat: int = 30) -> float:
+    mx.eval(fn())
+    times = []
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - tic)
+    return 1e3 * float(np.median(times))
+
+
+def selector_costs(model, ps, shadow_bits, activation) -> List[Dict]:
+    """What each way of choosing neurons holds in DRAM and costs per decoded token
+    (one token through every layer's selector; measured on layer 0's shapes)."""
+    store = model.flash_store
+    m, layers = store.manifest, len(model.layers)
+    ffn, stored = model.layers[0].mlp, store.read_layer(0, mx.float32)
+    x = mx.random.normal((1, m.hidden_size))
+    gate, enc = stored[m.rows[0]], m.components[m.rows[0]].encoding
+    kind = f"{enc.bits}-bit" if enc.quantized else enc.dtype
+    gate_bytes = sum(a.nbytes for a in gate) if isinstance(gate, tuple) else gate.nbytes
+    costs = [
+        {
+            "selector": f"gate ({kind} rows)",
+            "dram_bytes": gate_bytes * layers,
+            "ms_per_token": _ms(lambda: ffn.matmul_rows(x, gate, m.rows[0])) * layers,
+        }
+    ]
+    w = float_weights(stored, m.hidden_size)
+    for bits in shadow_bits:
+        shadow = Shadow(activation, bits)
+        copies = shadow.quantize(0, w, m.rows)
+        costs.append(
+            {
+                "selector": f"shadow {bits}-bit gate+up",
+                "dram_bytes": Shadow.nbytes(copies) * layers,
+                "ms_per_token": _ms(lambda: shadow.scores(x, copies)) * layers,
+            }
+        )
+    if ps is not None:
+        costs.append(
+            {
+                "selector": f"lowrank ({ps.activation}, float32)",
+                "dram_bytes": ps.nbytes,
+                "ms_per_token": sum(_ms(lambda p=p: p(x)) for p in ps.predictors),
+            }
+        )
+    return costs
+
+
+def report(args, configs, tokens, ps, text_path, costs) -> Dict:
+    dense = math.exp(configs[0].nll)
+    rows = []
+    for c in configs:
+        ppl, used = math.exp(c.nll), c.per_layer(0, 1)
+        lowrank = c.name.startswith("lowrank")
+        rows.append(
+            {
+                "config": c.name,
+                "ppl": ppl,
+                "delta": ppl / dense - 1,
+                "neurons_used": float(np.mean(used)) if used else 1.0,
+                "per_layer_used": used,
+                "per_layer_recall": c.per_layer(2, 3) if lowrank else None,
+                "per_layer_precision": c.per_layer(2, 0) if lowrank else None,
+            }
+        )
+    result = {
+        "model": str(args.model),
+        "text": text_path.name,
+        "tokens": int(tokens.size),
+        "skip": args.skip,
+        "seq_len": args.seq_len,
+        "configs": rows,
+        "selector_costs": costs,
+        "predictors": None
+        if ps is None
+        else {
+            "activation": ps.activation,
+            "target": ps.target,
+            "trained_on": ps.text,
+            "bytes_float32": ps.nbytes,
+            "per_layer": [
+                {
+                    "rank": m.rank,
+                    "bytes_float32": p.nbytes,
+                    "held_out": {
+                        k: getattr(m, k) for k in ("recall", "precision", "selected")
+                    },
+                }
+                for p, m in zip(ps.predictors, ps.metrics)
+            ],
+        },
+    }
+    print(table(result))
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.json)
+    return result
+
+
+def table(result: Dict) -> str:
+    lines = [
+        f"Perplexity on {result['tokens']} tokens of {result['text']} "
+        f"(sequences of {result['seq_len']}, after skipping {result['skip']}):",
+        "",
+        "| selection | perplexity | vs dense | FFN neurons used per token |",
+        "|---|---|---|---|",
+    ]
+    for r in result["configs"]:
+        lines.append(
+            f"| {r['config']} | {r['ppl']:.2f} | {r['delta']:+.1%} | {r['neurons_used']:.1%} |"
+        )
+    lines += [
+        "",
+        "What choosing costs per decoded token (all layers):",
+        "",
+        "| selector | DRAM MiB | ms/token |",
+        "|---|---|---|",
+    ]
+    for c in result["selector_costs"]:
+        lines.append(
+            f"| {c['selector']} | {c['dram_bytes'] / 2**20:.1f} | "
+            f"{c['ms_per_token']:.2f} |"
+        )
+    lowrank = [r for r in result["configs"] if r["per_layer_recall"]]
+    if lowrank:
+        p = result["predictors"]
+        lines += [
+            "",
+            f"Predictors: {p['activation']}, {p['bytes_float32'] / 2**20:.1f} MiB "
+            f"(float32), trained on {p['trained_on']['tokens']} tokens of "
+            f"{p['trained_on']['name']}; per layer, recall / precision / share selected:",
+            "",
+            "| layer | rank | KiB | " + " | ".join(r["config"] for r in lowrank) + " |",
+            "|---|---|---|" + "---|" * len(lowrank),
+        ]
+        for i, layer in enumerate(p["per_layer"]):
+            cells = [
+                f"{r['per_layer_recall'][i]:.0%} / {r['per_layer_precision'][i]:.0%} / "
+                f"{r['per_layer_used'][i]:.0%}"
+                for r in lowrank
+            ]
+            lines.append(
+                f"| {i} | {layer['rank']} | {layer['bytes_float32'] / 1024:.0f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def floats(text: str) -> List[float]:
+    return [float(t) for t in text.split(",") if t]
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(
+        description="Perplexity of a flash store under per-token neuron selections"
+    )
+    parser.add_argument("model", help="A flash store (or a source converted once)")
+    parser.add_argument("--text", required=True, help="A held-out UTF-8 text")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--skip", type=int, default=0, help="Text tokens to skip first")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--fractions", type=floats, default=[0.1, 0.25, 0.5])
+    parser.add_argument("--recalls", type=floats, default=[0.8, 0.9, 0.95])
+    parser.add_argument(
+        "--shadow-bits",
+        type=lambda t: [int(b) for b in t.split(",") if b],
+        default=[2, 4],
+        help="Gated models: score neurons with gate/up copies at these bits",
+    )
+    parser.add_argument(
+        "--no-predictors", action="store_true", help="Skip the lowrank rows"
+    )
+    parser.add_argument("--json", default=None, help="Also write the results here")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="No progress bar"
+    )
+    return parser
+
+
+def main(argv=None):
+    if argv is None:  # a command, not a call from Python
+        prefer_fast_blas()
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""`python -m mlx_flash.train_predictors MODEL --text FILE`: learn each layer's
+neuron predictor from the model's own activations on a text, and save them in the store.
+
+The text runs through the model one layer at a time (`layerwise`): collect that
+layer's FFN inputs and targets, train its predictor, free them, go on. DRAM holds one
+layer's FFN, the text's hidden states and one layer's (inputs, targets); never every
+layer's at once. Targets: activation > 0 for ReLU models; for gated SiLU/GELU models,
+each token's top `--fraction` of neurons by |act(gate) * up| (no exact zeros there).
+"""
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import List
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .blas import prefer_fast_blas
+from .errors import FlashError
+from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
+from .predictor import PredictorSet, save, top_fraction_targets, train_layer
+from .utils import load
+
+
+def parse_ranks(spec: str, layers: int) -> List[int]:
+    """``128`` or ``128,26-29:256`` (a default, then per-layer overrides) -> ranks."""
+    parts = spec.split(",")
+    try:
+        ranks = [int(parts[0])] * layers
+        for part in parts[1:]:
+            span, rank = part.split(":")
+            first, _, last = span.partition("-")
+            for i in range(int(first), int(last or first) + 1):
+                ranks[i] = int(rank)
+    except (ValueError, IndexError):
+        raise FlashError(
+            f"cannot read --rank {spec!r} for {layers} layers",
+            fix="e.g. --rank 128 or --rank 128,26-29:256 (layers 26 to 29 at 256)",
+        ) from None
+    if min(ranks) < 1:
+        raise FlashError(f"--rank {spec!r} has a rank below 1")
+    return ranks
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(
+        description="Train the low-rank neuron predictors of a flash store"
+    )
+    parser.add_argument("model", help="A flash store (or a source converted once)")
+    parser.add_argument("--text", required=True, help="A UTF-8 training text")
+    parser.add_argument("--tokens", type=int, default=16384, help="Tokens to train on")
+    parser.add_argument("--skip", type=int, default=0, help="Text tokens to skip first")
+    parser.add_argument("--seq-len", type=int, default=256, help="Tokens per sequence")
+    parser.add_argument(
+        "--rank", default="128", help="128, or per layer: 128,26-29:256"
+    )
+    parser.add_argument(
+        "--activation",
+        choices=["relu", "none"],
+        default="relu",
+        help="Between the two linear maps: relu (Deja Vu's MLP) or none (low rank)",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=0.25,
+        help="Gated models: each token's top share of neurons are the targets",
+    )
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--held-out", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="No progress bar"
+    )
+    return parser
+
+
+def train(args) -> PredictorSet:
+    model, tokenizer = load(args.model, progress=False)
+    for_many_tokens(model)
+    store, m = model.flash_store, model.flash_store.manifest
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise FlashError("the training text does not exist", text_path)
+    raw = text_path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FlashError("the training text is not UTF-8", text_path) from None
+    tokens = text_tokens(tokenizer, text, args.tokens, args.seq_len, args.skip)
+    ranks = parse_ranks(args.rank, len(m.layers))
+    gated = len(m.rows) == 2
+    target = {"kind": "top", "fraction": args.fraction} if gated else {"kind": "relu"}
+    inputs, targets, predictors, metrics = [], [], [], []
+
+    def record(layer, x, a, pre, w):
+        t = top_fraction_targets(mx.abs(a), args.fraction) if gated else a > 0
+        inputs.append(np.array(x.astype(mx.float32)))
+        targets.append(np.array(t))
+        return None  # the FFN stays dense: the next layer sees the true model
+
+    def fit(layer):
+        x, t = np.concatenate(inputs), np.concatenate(targets)
+        inputs.clear(), targets.clear()
+        p, metric = train_layer(
+            x,
+            t,
+            ranks[layer],
+            args.activation,
+            args.epochs,
+            args.batch_size,
+            args.learning_rate,
+            args.held_out,
+            seed=args.seed + layer,
+        )
+        predictors.append(p), metrics.append(metric)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metric.loss:.3f}", sel90=f"{metric.selected['0.9']:.0%}"
+        )
+        bar.write(
+            f"[mlx_flash] layer {layer:3d}: rank {metric.rank}, {metric.epochs} "
+            f"epochs, held-out loss {metric.loss:.4f}, at recall 0.9 selects "
+            f"{metric.selected['0.9']:.1%} with precision {metric.precision['0.9']:.1%} "
+            f"({metric.seconds:.1f} s)"
+        )
+
+    print(
+        f"[mlx_flash] training {len(m.layers)} predictors on {tokens.size} tokens of "
+        f"{text_path.name} (targets: {target})",
+        flush=True,
+    )
+    with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:
+        run_layers(model, tokens, [Lane(record)], progress=fit)
+    ps = PredictorSet(
+        predictors,
+        metrics,
+        args.activation,
+        target,
+        {
+            "name": text_path.name,
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "tokens": int(tokens.size),
+            "skip": args.skip,
+        },
+    )
+    save(store.path, ps)
+    print(
+        f"[mlx_flash] saved {len(predictors)} predictors ({ps.nbytes / 2**20:.1f} MiB "
+        f"in float32 at run time) into {store.path}"
+    )
+    return ps
+
+
+def main(argv=None):
+    if argv is None:  # a command, not a call from Python
+        prefer_fast_blas()
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        train(args)
+    except FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

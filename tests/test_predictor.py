@@ -1,0 +1,250 @@
+"""Learned predictors: layer-by-layer passes, training, calibration, storage, the
+`lowrank` selector, and `evaluate`'s per-token masks."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import make_checkpoint
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_flash import FlashError, convert, load
+from mlx_flash.evaluate import main as evaluate_main
+from mlx_flash.layerwise import Lane, run_layers, text_tokens, token_nll
+from mlx_flash.predictor import (
+    WEIGHTS_NAME,
+    load_predictors,
+    top_fraction_targets,
+    train_layer,
+)
+from mlx_flash.train_predictors import main as train_main
+from mlx_flash.train_predictors import parse_ranks
+
+TEXT = " ".join(
+    "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun".split()
+    * 60
+)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predictor")
+    (tmp / "text.txt").write_text(TEXT)
+    out = {"text": tmp / "text.txt"}
+    for arch in ("llama", "opt"):
+        make_checkpoint(tmp / arch, arch, **({"seed": 1} if arch == "opt" else {}))
+        out[arch] = convert(tmp / arch, tmp / f"{arch}-store", progress=False)
+    return out
+
+
+def tokens_of(model, tokenizer, n=64, seq_len=16):
+    return text_tokens(tokenizer, TEXT, n, seq_len)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_layer_by_layer_equals_the_whole_model(stores, arch):
+    model, tokenizer = load(str(stores[arch]), progress=False)
+    tokens = tokens_of(model, tokenizer)
+    lane = Lane(None)
+    run_layers(model, tokens, [lane], batch=2)
+    ours = token_nll(model, tokens, lane.h)
+    logits = model(tokens).astype(mx.float32)
+    theirs = nn.losses.cross_entropy(logits[:, :-1], tokens[:, 1:], reduction="none")
+    assert mx.allclose(ours, theirs, atol=1e-4).item()
+
+
+def test_masks_equal_decoding_token_by_token_with_the_oracle(stores):
+    """evaluate's lanes are exactly what sparse decoding computes, token by token."""
+    model, tokenizer = load(str(stores["llama"]), progress=False)
+    tokens = tokens_of(model, tokenizer, n=16, seq_len=16)
+    lane = Lane(lambda i, x, a, pre, w: top_fraction_targets(mx.abs(a), 0.5))
+    run_layers(model, tokens, [lane])
+    ours = token_nll(model, tokens, lane.h)[0]
+
+    sparse, _ = load(
+        str(stores["llama"]), selector="oracle", fraction=0.5, progress=False
+    )
+    cache, logits = make_prompt_cache(sparse), []
+    for t in range(tokens.shape[1] - 1):
+        logits.append(sparse(tokens[:, t : t + 1], cache=cache)[0, -1])
+    decoded = nn.losses.cross_entropy(mx.stack(logits), tokens[0, 1:], reduction="none")
+    assert mx.allclose(ours, decoded, atol=1e-3).item()
+
+
+def test_training_learns_a_low_rank_rule_and_calibration_reaches_its_recall():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 32)).astype(np.float32)
+    w = rng.normal(size=(32, 4)) @ rng.normal(size=(4, 96))  # rank 4
+    targets = x @ w > 1.0
+    predictor, m = train_layer(x, targets, rank=8, epochs=30, batch=128, lr=3e-3)
+    assert m.epochs >= 2 and m.loss < 0.3
+    for r in ("0.8", "0.9", "0.95"):
+        assert m.recall[r] >= float(r) - 0.02
+    assert m.precision["0.9"] > 0.8  # a learnable rule is learned, not guessed
+    logits = np.array(predictor(mx.array(x[-400:])))
+    chosen = logits >= m.thresholds["0.9"]
+    assert (chosen & targets[-400:]).sum() / targets[-400:].sum() >= 0.88
+
+
+def test_parse_ranks():
+    assert parse_ranks("8", 3) == [8, 8, 8]
+    assert parse_ranks("8,1-2:16", 4) == [8, 16, 16, 8]
+    assert parse_ranks("8,3:32", 4) == [8, 8, 8, 32]
+    for bad in ("x", "8,9:4", "8,1-2", "0"):
+        with pytest.raises(FlashError):
+            parse_ranks(bad, 4)
+
+
+@pytest.fixture(scope="module")
+def trained(stores):
+    store = stores["llama"]
+    train_main(
+        [
+            str(store),
+            "--text",
+            str(stores["text"]),
+            "--tokens",
+            "512",
+            "--seq-len",
+            "32",
+            "--rank",
+            "8,1:16",
+            "--epochs",
+            "3",
+            "--no-progress",
+        ]
+    )
+    return store
+
+
+def test_training_saves_predictors_into_the_store(trained):
+    manifest = json.loads((trained / "predictors.json").read_text())
+    assert [layer["rank"] for layer in manifest["layers"]] == [8, 16]
+    assert manifest["target"] == {"kind": "top", "fraction": 0.25}
+    assert manifest["text"]["tokens"] == 512 and len(manifest["text"]["sha256"]) == 64
+    ps = load_predictors(trained, 64, [128, 128])
+    assert ps.predictors[1].down.weight.shape == (16, 64)
+    assert ps.threshold(0, 0.9) == manifest["layers"][0]["thresholds"]["0.9"]
+    assert not list(trained.glob("tmp.*"))
+
+
+def test_lowrank_selector_decodes_and_counts_its_cost(trained):
+    dense, _ = load(str(trained), progress=False)
+    model, _ = load(str(trained), selector="lowrank", fraction=1.0, progress=False)
+    prompt = mx.array([1, 5, 6, 7, 8, 9])
+    greedy = lambda m: [  # noqa: E731
+        int(t)
+        for t, _ in generate_step(
+            prompt, m, max_tokens=8, sampler=lambda l: l.argmax(-1)
+        )
+    ]
+    assert greedy(model) == greedy(dense)  # every neuron selected: exact
+    s = model.flash_stats
+    assert s.syncs == 2 * s.tokens and s.seconds["select"] > 0
+    assert model.flash_plan.predictors == sum(
+        layer.mlp._selector.predictor.nbytes for layer in model.layers
+    )
+    sparse, _ = load(str(trained), selector="lowrank", recall=0.8, progress=False)
+    greedy(sparse)
+    assert sparse.flash_stats.selected < 128 * 2 * sparse.flash_stats.tokens
+
+
+def test_damaged_predictors_are_refused(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(trained, copy)
+    with open(copy / WEIGHTS_NAME, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(FlashError, match="do not match"):
+        load(str(copy), selector="lowrank", progress=False)
+    (copy / "predictors.json").write_text("{not json")
+    with pytest.raises(FlashError, match="not a predictors manifest"):
+        load(str(copy), selector="lowrank", progress=False)
+    (copy / "predictors.json").unlink()
+    with pytest.raises(FlashError, match="train_predictors"):
+        load(str(copy), selector="lowrank", progress=False)
+    with pytest.raises(FlashError, match="recall"):
+        load(str(trained), selector="lowrank", recall=0.42, progress=False)
+
+
+def test_evaluate_reports_every_selection(trained, stores, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    evaluate_main(
+        [
+            str(trained),
+            "--text",
+            str(stores["text"]),
+            "--tokens",
+            "256",
+            "--seq-len",
+            "32",
+            "--fractions",
+            "0.25,1.0",
+            "--recalls",
+            "0.9",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    result = json.loads(out.read_text())
+    rows = {r["config"]: r for r in result["configs"]}
+    assert set(rows) == {
+        "dense",
+        "oracle top 0.25",
+        "gate top 0.25",
+        "oracle top 1",
+        "gate top 1",
+        "lowrank recall 0.9",
+        "lowrank top 0.25",
+        "lowrank top 1",
+        "shadow 2-bit top 0.25",
+        "shadow 2-bit top 1",
+        "shadow 4-bit top 0.25",
+        "shadow 4-bit top 1",
+    }
+    assert rows["dense"]["delta"] == 0
+    assert rows["oracle top 1"]["ppl"] == pytest.approx(rows["dense"]["ppl"], 1e-5)
+    assert rows["oracle top 0.25"]["neurons_used"] == pytest.approx(0.25, abs=0.01)
+    assert len(rows["lowrank recall 0.9"]["per_layer_recall"]) == 2
+    assert rows["shadow 4-bit top 1"]["ppl"] == pytest.approx(
+        rows["dense"]["ppl"], 1e-5
+    )
+    costs = {c["selector"]: c for c in result["selector_costs"]}
+    assert set(costs) == {
+        "gate (float32 rows)",  # as the tiny checkpoint was converted
+        "shadow 2-bit gate+up",
+        "shadow 4-bit gate+up",
+        "lowrank (relu, float32)",
+    }
+    assert costs["lowrank (relu, float32)"]["dram_bytes"] == 4 * (
+        (64 * 8 + 8 + 8 * 128 + 128) + (64 * 16 + 16 + 16 * 128 + 128)
+    )
+    assert all(c["ms_per_token"] > 0 for c in costs.values())
+    assert "| lowrank recall 0.9 |" in capsys.readouterr().out
+
+
+def test_evaluate_on_a_relu_model_without_predictors(stores, tmp_path, capsys):
+    evaluate_main(
+        [
+            str(stores["opt"]),
+            "--text",
+            str(stores["text"]),
+            "--tokens",
+            "128",
+            "--seq-len",
+            "32",
+            "--fractions",
+            "0.5",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| oracle relu (a > 0) |" in out and "gate top" not in out
+    relu = next(l for l in out.splitlines() if l.startswith("| oracle relu"))
+    assert "+0.0%" in relu  # exact zeros dropped: the same model
