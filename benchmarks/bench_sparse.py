@@ -4,11 +4,14 @@ the same run. Each configuration runs in its own process; EOS ignored; decode on
 (prefill excluded from per-token numbers); peak RSS from getrusage.
 
     python benchmarks/bench_sparse.py [--tokens 128] [--rounds 1] [--out benchmarks/results]
+        [--predictors STORE]   # copy trained predictors (train_predictors) for `lowrank`
+        [--only NAME,...]
 """
 
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,11 +42,32 @@ CONFIGS = {
     "q4 gate 25%, budget 0.9": (
         "q4-gate", {"selector": "gate", "fraction": 0.25, "dram_budget": 0.9}
     ),
+    "q4 gate 50%, budget 0.75": (
+        "q4-gate", {"selector": "gate", "fraction": 0.5, "dram_budget": 0.75}
+    ),
+    "q4 gate 25%, budget 0.75": (
+        "q4-gate", {"selector": "gate", "fraction": 0.25, "dram_budget": 0.75}
+    ),
+    "q4 lowrank recall 0.9": ("q4-bundled", {"selector": "lowrank", "recall": 0.9}),
+    "q4 lowrank recall 0.9 + window 4": (
+        "q4-bundled", {"selector": "lowrank", "recall": 0.9, "window": 4}
+    ),
+    "q4 lowrank recall 0.9, budget 0.75": (
+        "q4-bundled", {"selector": "lowrank", "recall": 0.9, "dram_budget": 0.75}
+    ),
     "fp16 naive (all)": ("fp16-bundled", {}),
     "fp16 gate 50%": ("fp16-gate", {"selector": "gate", "fraction": 0.5}),
+    "fp16 gate 50% + window 4": (
+        "fp16-gate", {"selector": "gate", "fraction": 0.5, "window": 4}
+    ),
+    "fp16 gate 50%, no bundling": ("fp16-split", {"selector": "gate", "fraction": 0.5}),
+    "fp16 gate 25%": ("fp16-gate", {"selector": "gate", "fraction": 0.25}),
     "fp16 gate 25% + window 4": (
         "fp16-gate",
         {"selector": "gate", "fraction": 0.25, "window": 4},
+    ),
+    "fp16 gate 25%, no bundling": (
+        "fp16-split", {"selector": "gate", "fraction": 0.25}
     ),
 }
 STORES = {  # name: convert options
@@ -52,6 +76,7 @@ STORES = {  # name: convert options
     "q4-split": {"ffn_format": "q4", "group_size": 32, "layout": "split"},
     "fp16-bundled": {"ffn_format": "float16"},
     "fp16-gate": {"ffn_format": "float16", "layout": "gate"},
+    "fp16-split": {"ffn_format": "float16", "layout": "split"},
 }
 
 
@@ -132,6 +157,8 @@ def main():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--predictors", default=None, help="A store with predictors")
+    p.add_argument("--only", default=None, help="Comma-separated config names")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -155,7 +182,13 @@ def main():
                 **options,
             )
         )
-    runs = {name: [] for name in CONFIGS}
+    if args.predictors:
+        for f in ("predictors.json", "predictors.safetensors"):
+            shutil.copy(Path(args.predictors) / f, paths["q4-bundled"])
+    wanted = args.only.split(",") if args.only else list(CONFIGS)
+    if not args.predictors:
+        wanted = [w for w in wanted if "lowrank" not in w]
+    runs = {name: [] for name in CONFIGS if name in wanted}
     for r in range(args.rounds):
         for name, (store, options) in CONFIGS.items():
             if name not in runs:
@@ -190,13 +223,13 @@ def main():
     }
     (out / "sparse.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     table = [
-        "| config | ms/token | io | memory | compute | MB read/token | reads/token | neurons/token | hit rate | plan MiB | RSS peak − idle MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | ms/token | select | io | memory | compute | MB read/token | reads/token | neurons/token | hit rate | plan MiB | RSS peak − idle MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = lambda k, f="{:.1f}": f.format(r[k]) if k in r else "–"  # noqa: E731
         table.append(
-            f"| {r['config']} | {r['ms_per_token']:.1f} | {g('io_ms')} | {g('memory_ms')} | "
+            f"| {r['config']} | {r['ms_per_token']:.1f} | {g('select_ms')} | {g('io_ms')} | {g('memory_ms')} | "
             f"{g('compute_ms')} | {g('mb_per_token', '{:.2f}')} | {g('reads_per_token', '{:.0f}')} | "
             f"{g('selected_per_token', '{:.0f}')} | {g('hit_rate', '{:.1%}')} | {g('plan_mb')} | "
             f"{r['peak_rss_mb'] - r['idle_rss_mb']:.0f} |"

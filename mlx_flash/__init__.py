@@ -5,7 +5,11 @@ A drop-in for mlx-lm: ``from mlx_flash import load, generate, stream_generate``.
 
 import warnings
 
-from mlx_lm.generate import batch_generate, generate, stream_generate
+# Importing a submodule sets the package attribute of its name: load the `generate`
+# command module first, then bind the name to mlx-lm's function (as `convert` is), so
+# that a later `import mlx_flash.generate` cannot replace the function.
+from . import generate as _generate_command  # noqa: F401, I001
+from mlx_lm.generate import batch_generate, generate, stream_generate  # noqa: E402
 
 from .convert import convert
 from .errors import FlashError

@@ -45,7 +45,11 @@ def add_flash_args(parser):
         help="Dtype of the computation (default: float32 on CPU, the model's on GPU)",
     )
     flash.add_argument(
-        "--threads", type=int, default=4, help="Parallel reads in flight"
+        "--threads",
+        type=int,
+        default=None,
+        help="Parallel reads in flight (default: from `python -m mlx_flash.probe`, "
+        "else 4)",
     )
     flash.add_argument(
         "--selector",
@@ -90,7 +94,8 @@ def add_flash_args(parser):
         "--gap",
         type=int,
         default=None,
-        help="Read up to N unneeded neurons to merge reads (default: ~24 KiB worth)",
+        help="Read up to N unneeded neurons to merge reads (default: the probe's "
+        "gap, else ~24 KiB worth)",
     )
     flash.add_argument(
         "--reader",
@@ -236,8 +241,9 @@ def print_stats(model) -> None:
     mode = "direct I/O" if store.reader.direct else "buffered I/O (direct refused)"
     print(
         f"[mlx_flash] read {s.bytes / 1e6:.1f} MB of bundles in {s.reads} reads, "
-        f"{s.seconds:.3f} s ({rate:.2f} GB/s, {mode}, {store.reader.threads} threads)"
+        f"{s.seconds:.3f} s ({rate:.2f} GB/s, {mode})"
     )
+    print(f"[mlx_flash] reader: {model.flash_tuning.describe()}")
     print(model.flash_stats.summary())
 
 

@@ -209,6 +209,7 @@ def configure_flash(
     budget: Optional[int],
     gap: Optional[int],
     recall: Optional[float] = None,
+    gap_bytes: int = None,
 ) -> Plan:
     """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
     m = store.manifest
@@ -257,7 +258,8 @@ def configure_flash(
         fraction = 0.5  # gated models have no exact zeros
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
     if gap is None:
-        gap = GAP_BYTES // sum(sections[k].bundle_bytes for k in cached_sections)
+        gap_bytes = GAP_BYTES if gap_bytes is None else gap_bytes
+        gap = gap_bytes // sum(sections[k].bundle_bytes for k in cached_sections)
     for i, layer in enumerate(model.layers):
         ffn, n = layer.mlp, m.layers[i].neurons
         if selector == "all":

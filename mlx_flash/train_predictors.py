@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 from tqdm import tqdm
 
@@ -43,6 +44,16 @@ def parse_ranks(spec: str, layers: int) -> List[int]:
     if min(ranks) < 1:
         raise FlashError(f"--rank {spec!r} has a rank below 1")
     return ranks
+
+
+def dram_estimate(model, tokens: int) -> int:
+    """Bytes held while training: the dense part, one layer's FFN in float32, the
+    text's hidden states and one layer's inputs (float32) and targets (bool)."""
+    m = model.flash_store.manifest
+    dense = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    n_ff = max(layer.neurons for layer in m.layers)
+    layer = (len(m.rows) + 1) * n_ff * m.hidden_size * 4
+    return dense + layer + tokens * (2 * m.hidden_size * 4 + n_ff)
 
 
 def setup_arg_parser():
@@ -132,7 +143,8 @@ def train(args) -> PredictorSet:
 
     print(
         f"[mlx_flash] training {len(m.layers)} predictors on {tokens.size} tokens of "
-        f"{text_path.name} (targets: {target})",
+        f"{text_path.name} (targets: {target}); DRAM needed about "
+        f"{dram_estimate(model, tokens.size) / 2**30:.2f} GiB",
         flush=True,
     )
     with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -12,13 +13,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .budget import parse_budget
+from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
 from .selectors import SELECTORS
 from .sparse_ffn import FlashFFN, configure_flash
 from .stats import FlashStats
 from .store.convert import convert
 from .store.sources import download
-from .store.store import BundleStore, is_store
+from .store.store import BundleStore, is_store, read_manifest
 
 
 def get_classes(config: dict):
@@ -104,7 +106,7 @@ def load(
     trust_remote_code: bool = False,
     *,
     compute_dtype: Optional[mx.Dtype] = None,
-    threads: int = 4,
+    threads: Optional[int] = None,
     progress: bool = True,
     selector: str = "all",
     fraction: Optional[float] = None,
@@ -127,7 +129,8 @@ def load(
             trust_remote_code: as in `mlx_lm.load`.
         compute_dtype: dtype of the computation (default: float32 on CPU, the model's
             own dtype on a GPU).
-        threads: parallel reads in flight.
+        threads: parallel reads in flight (default: from the disk's probe result,
+            `python -m mlx_flash.probe`, else 4).
         progress: show conversion progress (and the DRAM plan).
         selector: ``all`` (every neuron), ``oracle``, ``gate`` (needs a store
             converted with ``--layout gate``) or ``lowrank`` (needs predictors
@@ -143,7 +146,7 @@ def load(
         dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
             caches are sized to fit. Default: caches hold a whole layer.
         gap: read up to this many unneeded neurons to merge two reads into one
-            (default: ~24 KiB worth, `sparse_ffn.GAP_BYTES`).
+            (default: the probe's gap in bytes, else ~24 KiB worth).
         reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
 
     Returns:
@@ -164,7 +167,16 @@ def load(
         raise FlashError(
             f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
         )
-    store, stats = BundleStore(store_path, threads=threads, reader=reader), FlashStats()
+    bundle_bytes = sum(s.bundle_bytes for s in read_manifest(store_path).layers[0].sections)
+    tuning = reader_settings(load_probe(store_path), bundle_bytes)
+    if threads is not None:
+        tuning = replace(tuning, threads=threads, source=tuning.source + "; threads given")
+    if gap is not None:
+        tuning = replace(
+            tuning, gap_bytes=gap * bundle_bytes, source=tuning.source + "; gap given"
+        )
+    store = BundleStore(store_path, threads=tuning.threads, reader=reader)
+    stats = FlashStats()
     model, config = load_model(
         store_path,
         lazy,
@@ -175,8 +187,19 @@ def load(
     model.set_dtype(dtype)
     budget = parse_budget(dram_budget, store_bytes(store_path))
     model.flash_plan = configure_flash(
-        model, store, dtype, selector, fraction, threshold, window, budget, gap, recall
+        model,
+        store,
+        dtype,
+        selector,
+        fraction,
+        threshold,
+        window,
+        budget,
+        gap,
+        recall,
+        tuning.gap_bytes,
     )
+    model.flash_tuning = tuning
     if progress and (budget is not None or selector != "all"):
         print(model.flash_plan.describe(), flush=True)
     model.flash_stats = stats
