@@ -248,3 +248,11 @@ def test_evaluate_on_a_relu_model_without_predictors(stores, tmp_path, capsys):
     assert "| oracle relu (a > 0) |" in out and "gate top" not in out
     relu = next(l for l in out.splitlines() if l.startswith("| oracle relu"))
     assert "+0.0%" in relu  # exact zeros dropped: the same model
+
+
+def test_commands_refuse_a_missing_text(stores, tmp_path, capsys):
+    for main in (train_main, evaluate_main):
+        with pytest.raises(SystemExit) as e:
+            main([str(stores["llama"]), "--text", str(tmp_path / "none.txt")])
+        assert e.value.code == 2
+        assert "does not exist" in capsys.readouterr().err
