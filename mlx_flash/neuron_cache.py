@@ -126,6 +126,10 @@ class NeuronCache:
             for name, w in self.arrays.items()
         }
 
+    def clear(self) -> None:
+        """Forget every neuron (the buffers stay allocated)."""
+        self.slot_of[:], self.id_of[:], self.last_used[:] = -1, -1, -1
+
     def cached_ids(self) -> np.ndarray:
         return np.sort(self.id_of[self.id_of >= 0])
 

@@ -81,6 +81,12 @@ class FlashFFN(nn.Module):
         self._selector, self._cache, self._sections = selector, cache, sections
         self._gap, self._scratch = gap, scratch
 
+    def forget(self) -> None:
+        """Empty the neuron cache: after a step interrupted between admitting neurons
+        and reading them, its slots cannot be trusted."""
+        if self._cache is not None:
+            self._cache.clear()
+
     def __call__(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
         if B * L > 1:  # prefill or a batch: accounted apart from decoding

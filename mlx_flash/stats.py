@@ -2,7 +2,7 @@
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict
 
 
@@ -43,6 +43,20 @@ class FlashStats:
             yield
         finally:
             self.seconds[phase] += time.perf_counter() - tic
+
+    def since(self, before: "FlashStats") -> "FlashStats":
+        """What was counted since `before`, a copy taken earlier (e.g. one turn)."""
+        delta = FlashStats(
+            **{
+                f.name: getattr(self, f.name) - getattr(before, f.name)
+                for f in fields(FlashStats)
+                if f.name != "seconds"
+            }
+        )
+        delta.seconds = {
+            k: v - before.seconds.get(k, 0.0) for k, v in self.seconds.items()
+        }
+        return delta
 
     def reset(self) -> None:
         self.__init__()
