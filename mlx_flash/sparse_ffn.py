@@ -122,6 +122,8 @@ class FlashFFN(nn.Module):
         beyond it streamed through a scratch read, so a small budget costs I/O, never
         quality."""
         stats, cache = self._stats, self._cache
+        with stats.timed("compute"):
+            mx.eval(x)  # the attention before: its time is not the selector's
         with stats.timed("select"):
             selection = self._selector(x)  # one host sync: the decision
         stats.syncs += 1

@@ -143,8 +143,8 @@ def train(args) -> PredictorSet:
 
     print(
         f"[mlx_flash] training {len(m.layers)} predictors on {tokens.size} tokens of "
-        f"{text_path.name} (targets: {target}); DRAM needed about "
-        f"{dram_estimate(model, tokens.size) / 2**30:.2f} GiB",
+        f"{text_path.name} (targets: {target}); DRAM held: "
+        f"{dram_estimate(model, tokens.size) / 2**30:.2f} GiB + MLX's working memory",
         flush=True,
     )
     with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:
