@@ -19,48 +19,12 @@ from pathlib import Path
 
 CONFIGS = {
     # name: (engine, convert options)
-    "mlx-lm dense (fp32)": ("mlx_lm", None),
+    "mlx-lm dense (fp32)": ("mlx_lm", None),  # engine, mlx_flash.convert options
     "flash naive, q4 rows + q8 down (auto)": ("flash", {}),
     "flash naive, q4 all": ("flash", {"ffn_format": "q4", "group_size": 32}),
     "flash naive, fp16": ("flash", {"ffn_format": "float16"}),
 }
-PROMPT = "Write a short story about a robot who learns to paint."
-
-
-def worker(engine: str, path: str, tokens: int) -> dict:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
-    tic = time.perf_counter()
-    if engine == "mlx_lm":
-        import mlx_lm
-
-        model, tokenizer = mlx_lm.load(path)
-        model.set_dtype(mx.float32)
-    else:
-        import mlx_flash
-
-        model, tokenizer = mlx_flash.load(path)
-    load_s = time.perf_counter() - tic
-    prompt = mx.array(tokenizer.encode(PROMPT))
-    times, tic = [], time.perf_counter()
-    for _ in generate_step(
-        prompt, model, max_tokens=tokens, sampler=lambda l: mx.argmax(l, -1)
-    ):
-        times.append(time.perf_counter() - tic)
-        tic = time.perf_counter()
-    decode = times[2:]  # the first is prefill; one more warm-up step
-    out = {
-        "load_s": load_s,
-        "first_token_s": times[0],
-        "ms_per_token": 1e3 * statistics.median(decode),
-        "tokens_per_s": 1 / statistics.median(decode),
-    }
-    if engine == "flash":
-        s = model.flash_store.reader.stats
-        steps = len(times) + 1  # mlx-lm runs one extra forward per call
-        out.update(bytes_per_token=s.bytes / steps, read_s_per_token=s.seconds / steps)
-    return out
+WORKER = str(Path(__file__).parent / "worker.py")  # shared with run.py (issue #6)
 
 
 def main():
@@ -68,12 +32,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        engine, path, tokens = args.worker
-        print(json.dumps(worker(engine, path, int(tokens))))
-        return
 
     from mlx_flash import convert
     from mlx_flash.default_model import default_model_path
@@ -104,14 +63,9 @@ def main():
     runs = {name: [] for name in CONFIGS}
     for r in range(args.rounds):
         for name, (engine, _) in CONFIGS.items():
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                engine,
-                paths[name],
-                str(args.tokens),
-            ]
+            spec = {"engine": engine, "path": paths[name], "tokens": args.tokens}
+            spec.update({"options": {}} if engine == "flash" else {"dtype": "float32"})
+            cmd = [sys.executable, WORKER, json.dumps(spec)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(
@@ -123,7 +77,7 @@ def main():
     base = statistics.median(x["ms_per_token"] for x in runs["mlx-lm dense (fp32)"])
     for name, rs in runs.items():
 
-        def med(k):
+        def med(k, rs=rs):
             return statistics.median(x[k] for x in rs) if k in rs[0] else None
 
         ms = med("ms_per_token")
@@ -133,8 +87,8 @@ def main():
                 "ms_per_token": ms,
                 "tokens_per_s": 1e3 / ms,
                 "vs_mlx_lm": base / ms,
-                "mb_read_per_token": (med("bytes_per_token") or 0) / 1e6,
-                "read_ms_per_token": 1e3 * (med("read_s_per_token") or 0),
+                "mb_read_per_token": med("store_mb_per_token") or 0,
+                "read_ms_per_token": med("io_ms") or 0,
                 "load_s": med("load_s"),
                 "first_token_s": med("first_token_s"),
                 **{f"convert_{k}": v for k, v in conversions.get(name, {}).items()},

@@ -15,7 +15,9 @@ D, N, K, REPEATS = 576, 1536, 384, 300
 
 
 def main():
-    packed, scales, biases = mx.quantize(mx.random.normal((N, D)), group_size=32, bits=4)
+    packed, scales, biases = mx.quantize(
+        mx.random.normal((N, D)), group_size=32, bits=4
+    )
     cache = (packed, scales.astype(mx.float32), biases.astype(mx.float32))
     mx.eval(cache)
     x = mx.random.normal((1, 1, D))

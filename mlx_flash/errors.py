@@ -1,7 +1,7 @@
 """The one exception mlx_flash raises for bad input."""
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 
 class FlashError(Exception):
@@ -26,3 +26,25 @@ class FlashError(Exception):
         if fix:
             text += f"\n  fix: {fix}"
         super().__init__(text)
+
+
+class ReadError(FlashError):
+    """A read of the bundles file failed (I/O error, or the file shrank under us).
+
+    Args:
+        offset: the first byte of the file that could not be read.
+        layer, neurons: the layer and the [first, last] neuron ids being read, which
+            the store adds when it knows them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: Optional[Union[str, Path]] = None,
+        fix: Optional[str] = None,
+        offset: Optional[int] = None,
+        layer: Optional[int] = None,
+        neurons: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__(message, path, fix)
+        self.offset, self.layer, self.neurons = offset, layer, neurons

@@ -104,6 +104,11 @@ def add_flash_args(parser):
         help="direct: preadv bypassing the page cache (default); mmap: the OS pages it",
     )
     flash.add_argument(
+        "--verify",
+        action="store_true",
+        help="Check every checksum of the store before generating (reads it all)",
+    )
+    flash.add_argument(
         "--stats", action="store_true", help="Print per-token I/O, memory and compute"
     )
     return flash
@@ -112,6 +117,7 @@ def add_flash_args(parser):
 def load_kwargs(args) -> dict:
     """The flash keyword arguments of `load`, from the parsed flash options."""
     names = "threads selector fraction threshold recall window dram_budget gap reader"
+    names += " verify"
     kwargs = {name: getattr(args, name) for name in names.split()}
     dtype = args.compute_dtype
     return {"compute_dtype": getattr(mx, dtype) if dtype else None, **kwargs}

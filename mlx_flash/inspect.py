@@ -1,9 +1,17 @@
-"""`python -m mlx_flash.inspect STORE`: the manifest as a table; verify every checksum."""
+"""`python -m mlx_flash.inspect STORE`: the manifest as a table; verify everything.
+
+Opening a store runs the cheap checks (manifest, configs, the dense part's safetensors
+header, file size, bundles header and layout digest). `--verify` (the default) then
+reads every byte of `ffn.bundles`: each section against its SHA-256, the header's tail
+and all alignment padding against zeros, and the predictors (if any) against theirs.
+"""
 
 import argparse
 import sys
 
 from .errors import FlashError
+from .predictor import MANIFEST_NAME as PREDICTORS
+from .predictor import load_predictors
 from .store.store import BundleStore
 
 
@@ -39,19 +47,28 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Show and verify an mlx_flash store.")
     parser.add_argument("store", help="The store directory")
     parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="Skip reading the bundles to check their checksums",
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Read the whole store and check every checksum (default; --no-verify "
+        "runs only the cheap checks done at every load)",
     )
     args = parser.parse_args(argv)
     try:
         store = BundleStore(args.store)
         print(describe(store))
-        if not args.no_verify:
+        if args.verify:
             store.verify()
+            m = store.manifest
             print(
-                f"\nverified: every checksum of {len(store.manifest.layers)} layers matches"
+                f"\nverified: every checksum of {len(m.layers)} layers matches, "
+                "padding is zeros"
             )
+            if (store.path / PREDICTORS).is_file():
+                neurons = [layer.neurons for layer in m.layers]
+                load_predictors(store.path, m.hidden_size, neurons)
+                print("verified: the predictors match their checksum and the model")
+        store.close()
     except FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

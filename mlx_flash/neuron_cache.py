@@ -93,16 +93,17 @@ class NeuronCache:
         free = np.nonzero(self.last_used < self.step)[0]  # empty slots have -1
         victims = free[np.argsort(self.last_used[free], kind="stable")][: len(load_ids)]
         self.stats.evictions += int(np.count_nonzero(self.id_of[victims] >= 0))
-        self._release(victims)
+        self.release(victims)
         self.id_of[victims], self.slot_of[load_ids] = load_ids, victims
         self.last_used[victims] = self.step
         slots[~hit] = victims
         if self.strict:  # between tokens, hold only the last `window` tokens' neurons
-            self._release(np.nonzero(self.last_used <= self.step - self.window)[0])
+            self.release(np.nonzero(self.last_used <= self.step - self.window)[0])
         self.stats.loads += len(load_ids)
         return slots, load_ids, victims
 
-    def _release(self, slots: np.ndarray) -> None:
+    def release(self, slots: np.ndarray) -> None:
+        """Empty these slots (their neurons are no longer cached)."""
         old = self.id_of[slots]
         self.slot_of[old[old >= 0]] = -1
         self.id_of[slots], self.last_used[slots] = -1, -1

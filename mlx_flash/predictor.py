@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from .errors import FlashError
+from .store.safety import check_safetensors, read_json_object
 
 WEIGHTS_NAME, MANIFEST_NAME = "predictors.safetensors", "predictors.json"
 MAGIC, VERSION = "MLXFLASH-PREDICTORS", 1
@@ -201,19 +202,27 @@ def save(store: Path, ps: PredictorSet) -> None:
 
 
 def load_predictors(store: Path, dims: int, neurons: List[int]) -> PredictorSet:
-    """Read and check the store's predictors (float32 for compute)."""
+    """Read and check the store's predictors (float32 for compute).
+
+    The manifest is checked field by field and every weight's shape against the
+    model before anything is built from it, so a damaged or hostile file is refused
+    with a `FlashError`, never a `KeyError` or an allocation it cannot justify.
+    """
     store = Path(store)
     path, weights_path = store / MANIFEST_NAME, store / WEIGHTS_NAME
     fix = "train them: python -m mlx_flash.train_predictors STORE --text FILE"
     if not path.is_file() or not weights_path.is_file():
         raise FlashError("the store has no trained predictors", store, fix)
     try:
-        m = json.loads(path.read_text())
+        m = read_json_object(path, fix)
         ok = m.get("magic") == MAGIC and m.get("version") == VERSION
-    except (json.JSONDecodeError, AttributeError):
+    except FlashError:
         ok = False
     if not ok:
         raise FlashError("not a predictors manifest of this version", path, fix)
+    why = _manifest_error(m)
+    if why:
+        raise FlashError(f"the predictors manifest is malformed: {why}", path, fix)
     if m["weights_sha256"] != _sha256(weights_path):
         raise FlashError(
             "the predictor weights do not match their manifest", weights_path, fix
@@ -222,10 +231,20 @@ def load_predictors(store: Path, dims: int, neurons: List[int]) -> PredictorSet:
         raise FlashError(
             f"{len(m['layers'])} predictors for {len(neurons)} layers", path, fix
         )
+    check_safetensors(weights_path, fix)
     flat = mx.load(str(weights_path))
     predictors, metrics = [], []
     for i, (entry, n) in enumerate(zip(m["layers"], neurons)):
-        p = Predictor(dims, entry["rank"], n, m["activation"])
+        rank = entry["rank"]
+        down = flat.get(f"layers.{i}.down.weight")
+        if down is None or tuple(down.shape) != (rank, dims):
+            shape = None if down is None else tuple(down.shape)
+            raise FlashError(
+                f"layer {i}: down.weight is {shape}, expected {(rank, dims)}",
+                weights_path,
+                fix,
+            )
+        p = Predictor(dims, rank, n, m["activation"])
         layer = {
             k.split(".", 2)[2]: v.astype(mx.float32)
             for k, v in flat.items()
@@ -233,11 +252,34 @@ def load_predictors(store: Path, dims: int, neurons: List[int]) -> PredictorSet:
         }
         try:
             p.load_weights(list(layer.items()))
-        except ValueError as e:
+            metrics.append(LayerMetrics(**entry))
+        except (ValueError, TypeError) as e:
             raise FlashError(f"layer {i}: {e}", weights_path, fix) from None
         predictors.append(p)
-        metrics.append(LayerMetrics(**entry))
     return PredictorSet(predictors, metrics, m["activation"], m["target"], m["text"])
+
+
+def _manifest_error(m: dict) -> str:
+    """What is wrong with the fields of a predictors manifest, or ""."""
+    if not isinstance(m.get("weights_sha256"), str):
+        return "weights_sha256 must be a string"
+    if m.get("activation") not in ("relu", "none"):
+        return f"unknown activation {m.get('activation')!r}"
+    if not isinstance(m.get("target"), dict) or not isinstance(m.get("text"), dict):
+        return "target and text must be objects"
+    layers = m.get("layers")
+    if not isinstance(layers, list):
+        return "layers must be a list"
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            return f"layer {i} must be an object"
+        rank = entry.get("rank")
+        if type(rank) is not int or rank <= 0:
+            return f"layer {i}: rank {rank!r} must be a positive integer"
+        for key in ("recall", "precision", "selected", "thresholds"):
+            if not isinstance(entry.get(key, {}), dict):
+                return f"layer {i}: {key} must be an object"
+    return ""
 
 
 def _sha256(path: Path) -> str:

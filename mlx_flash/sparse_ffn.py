@@ -131,11 +131,15 @@ class FlashFFN(nn.Module):
         with stats.timed("memory"):
             slots, load_ids, load_slots = cache.admit(ids)
         # cache misses and the overflow in one coalesced read
-        rows = (
-            self._read(np.concatenate([load_ids, extra]))
-            if len(load_ids) + len(extra)
-            else None
-        )
+        try:
+            rows = (
+                self._read(np.concatenate([load_ids, extra]))
+                if len(load_ids) + len(extra)
+                else None
+            )
+        except BaseException:
+            cache.release(load_slots)  # admitted, never filled: forget them
+            raise
         if len(load_ids):
             with stats.timed("memory"):
                 cache.fill(load_slots, rows[: len(load_ids)])
@@ -252,8 +256,8 @@ def configure_flash(
         predictors.nbytes if predictors else 0,
     )
     use_cache = selector != "all" or window is not None or budget is not None
-    if selector == "all" and p.capacity < max(l.neurons for l in m.layers):
-        use_cache = False  # every neuron cannot fit: stream layers whole (naive)
+    # `all` with caches smaller than a layer is the paper's hybrid: the first
+    # `capacity` neurons of each layer stay cached, the rest stream every token.
     if not use_cache:
         p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
     # the layers take turns: one scratch serves them all

@@ -91,7 +91,11 @@ def resolve_store(
     if not is_store(target):
         if progress:
             print(f"[mlx_flash] converting {path} into {target} (once)", flush=True)
-        convert(path, target, overwrite=target.exists(), progress=progress)
+        try:
+            convert(path, target, overwrite=target.exists(), progress=progress)
+        except FlashError:
+            if not is_store(target):  # another process may have finished it first
+                raise
     return target
 
 
@@ -116,6 +120,7 @@ def load(
     dram_budget: Union[str, int, float, None] = None,
     gap: Optional[int] = None,
     reader: str = "direct",
+    verify: bool = False,
 ) -> Union[
     Tuple[nn.Module, TokenizerWrapper],
     Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]],
@@ -148,6 +153,8 @@ def load(
         gap: read up to this many unneeded neurons to merge two reads into one
             (default: the probe's gap in bytes, else ~24 KiB worth).
         reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
+        verify: check every section's SHA-256 before use (reads the whole store;
+            sizes, header and layout digest are always checked).
 
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
@@ -158,6 +165,7 @@ def load(
             fix="drop --quantize-activations",
         )
     store_path = resolve_store(path_or_hf_repo, revision, progress)
+    manifest = read_manifest(store_path)  # checks config.json before anyone parses it
     config = json.loads((store_path / "config.json").read_text())
     if "model_file" in config:
         raise FlashError(
@@ -167,22 +175,33 @@ def load(
         raise FlashError(
             f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
         )
-    bundle_bytes = sum(s.bundle_bytes for s in read_manifest(store_path).layers[0].sections)
+    bundle_bytes = sum(s.bundle_bytes for s in manifest.layers[0].sections)
     tuning = reader_settings(load_probe(store_path), bundle_bytes)
     if threads is not None:
-        tuning = replace(tuning, threads=threads, source=tuning.source + "; threads given")
+        tuning = replace(
+            tuning, threads=threads, source=tuning.source + "; threads given"
+        )
     if gap is not None:
         tuning = replace(
             tuning, gap_bytes=gap * bundle_bytes, source=tuning.source + "; gap given"
         )
-    store = BundleStore(store_path, threads=tuning.threads, reader=reader)
-    stats = FlashStats()
-    model, config = load_model(
-        store_path,
-        lazy,
-        model_config=model_config,
-        get_model_classes=flash_classes(store, stats),
+    store = BundleStore(
+        store_path, threads=tuning.threads, reader=reader, verify=verify
     )
+    stats = FlashStats()
+    try:
+        model, config = load_model(
+            store_path,
+            lazy,
+            model_config=model_config,
+            get_model_classes=flash_classes(store, stats),
+        )
+    except ValueError as e:  # weights that do not fit the config's shapes
+        raise FlashError(
+            f"the dense part does not match config.json ({e})",
+            store_path / "model.safetensors",
+            "convert the model again",
+        ) from None
     dtype = compute_dtype or default_compute_dtype(model)
     model.set_dtype(dtype)
     budget = parse_budget(dram_budget, store_bytes(store_path))
@@ -207,7 +226,9 @@ def load(
         _load_adapters(model, adapter_path)
     model.flash_store = store
     tokenizer = load_tokenizer(
-        store_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
+        store_path,
+        {"trust_remote_code": trust_remote_code, **(tokenizer_config or {})},
+        eos_token_ids=config.get("eos_token_id", None),
     )
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 

@@ -1,10 +1,13 @@
 """Write a bundle store (or a dense mlx-lm directory) from any supported source.
 
 Every write goes into a hidden temporary directory beside the target, renamed into place
-only when complete: an error or Ctrl-C at any point leaves nothing behind.
+only when complete: an error, a full disk or Ctrl-C at any point leaves nothing behind.
+A process killed outright (SIGKILL, power loss) cannot clean up: the next conversion
+into the same place removes what such a process left.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +38,7 @@ from .format import (
     pack_header,
     quant_params,
 )
+from .safety import check_safetensors, clean_config
 from .sources import Source, open_source
 
 DTYPE_NAMES = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}
@@ -91,14 +95,29 @@ def convert(
         )
     src = open_source(source, revision)
     arch = ffn_arch(src.config, src.path)
-    with contextlib.ExitStack() as stack:  # both written, or neither
-        tmp = stack.enter_context(_staged(out, overwrite))
-        if dense_out:
-            dense_tmp = stack.enter_context(_staged(targets[1], overwrite))
-            _write_model_dir(dense_tmp, src.config, src.weights, src.tokenizer_files)
-        write_store(
-            tmp, src, arch, ffn_format, down_format, group_size, layout, progress
-        )
+    try:
+        with contextlib.ExitStack() as stack:  # both written, or neither
+            tmp = stack.enter_context(_staged(out, overwrite))
+            if dense_out:
+                dense_tmp = stack.enter_context(_staged(targets[1], overwrite))
+                _write_model_dir(
+                    dense_tmp, src.config, src.weights, src.tokenizer_files
+                )
+            write_store(
+                tmp, src, arch, ffn_format, down_format, group_size, layout, progress
+            )
+    except OSError as e:  # the disk is full, the directory not writable, ...
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        name = f"{Path(e.filename).name}: " if e.filename else ""
+        raise FlashError(
+            f"writing the store failed ({name}{e.strerror or e}); nothing was left "
+            "behind",
+            out,
+            "free some disk space and run the conversion again"
+            if full
+            else "check the free disk space and that the output directory is "
+            "writable, then run the conversion again",
+        ) from None
     return out
 
 
@@ -288,16 +307,37 @@ def drop_none(obj):
 def _write_model_dir(
     path: Path, config: dict, weights: Dict[str, mx.array], tokenizer: Dict[str, bytes]
 ) -> None:
-    mx.save_safetensors(str(path / DENSE_NAME), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(drop_none(config), indent=2))
+    """Write the dense part, config and tokenizer files; configs lose any key asking
+    to run the model's own code or naming a file outside (`safety.clean_config`)."""
+    try:
+        mx.save_safetensors(str(path / DENSE_NAME), weights, metadata={"format": "mlx"})
+        check_safetensors(path / DENSE_NAME)  # complete? (a full disk may cut it)
+    except (RuntimeError, FlashError) as e:  # how MLX reports a failed write
+        raise OSError(errno.EIO, str(e), str(path / DENSE_NAME)) from None
+    config = clean_config(drop_none(config), path)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     for name, data in tokenizer.items():
+        if name == "tokenizer_config.json":
+            data = _clean_json_bytes(data, path)
         (path / name).write_bytes(data)
+
+
+def _clean_json_bytes(data: bytes, path: Path) -> bytes:
+    try:
+        d = json.loads(data)
+    except ValueError:
+        return data  # not ours to judge here: the tokenizer will refuse it
+    if not isinstance(d, dict):
+        return data
+    clean = clean_config(d, path)
+    return data if clean == d else json.dumps(clean, indent=2).encode()
 
 
 @contextlib.contextmanager
 def _staged(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary directory beside `target`, renamed onto it only on success."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -315,3 +355,25 @@ def _staged(target: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale(target: Path) -> None:
+    """Remove what a killed conversion into `target` left: temporary directories
+    whose process no longer runs (their names end with its pid)."""
+    for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*"):
+        for tmp in target.parent.glob(pattern):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier failed attempt in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

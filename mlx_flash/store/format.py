@@ -33,6 +33,7 @@ FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.fl
 _HEADER = struct.Struct(
     "<8sIIQI32s"
 )  # magic, version, header bytes, file bytes, layers, layout digest
+HEADER_FIELDS = _HEADER.size  # 60: the header bytes past these are zeros
 
 Weight = Union[
     mx.array, Tuple[mx.array, mx.array, mx.array]
@@ -272,48 +273,78 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, path: Path) -> "Manifest":
+        """Parse a manifest, checking its structure and the type of every field;
+        `validate` then checks that the values are consistent."""
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # also: too many digits, too deep
             raise FlashError(
                 f"the manifest is not valid JSON ({e})", path, _RECONVERT
             ) from None
         if not isinstance(d, dict) or d.get("magic") != MANIFEST_MAGIC:
             raise FlashError("not an mlx_flash manifest (bad magic)", path, _RECONVERT)
-        if d.get("format_version") != FORMAT_VERSION:
+        if (
+            d.get("format_version") != FORMAT_VERSION
+            or type(d.get("format_version")) is not int
+        ):
             raise FlashError(
                 f"store format version {d.get('format_version')!r}, this mlx_flash reads "
                 f"version {FORMAT_VERSION}",
                 path,
                 "convert the model again with this version of mlx_flash",
             )
+        why = _structure_error(d)
+        if why:
+            raise FlashError(f"the manifest is malformed: {why}", path, _RECONVERT)
         try:
             d["components"] = {
-                k: Component(k, int(c["length"]), Encoding(**c["encoding"]))
+                k: Component(k, c["length"], Encoding(**c["encoding"]))
                 for k, c in d["components"].items()
             }
-            d["layers"] = [
-                LayerEntry(int(l["neurons"]), [Section(**s) for s in l["sections"]])
-                for l in d["layers"]
-            ]
-            return cls(**d)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except TypeError as e:  # e.g. an unhashable dtype
             raise FlashError(
                 f"the manifest is malformed ({e!r})", path, _RECONVERT
             ) from None
+        d["layers"] = [
+            LayerEntry(l["neurons"], [Section(**s) for s in l["sections"]])
+            for l in d["layers"]
+        ]
+        return cls(**d)
 
     def validate(self, path: Path) -> None:
-        """Reject a manifest whose layout cannot be right, before any byte is read."""
+        """Reject a manifest whose layout cannot be right, before any byte is read.
+
+        Every size is checked to be a positive integer and every section to lie, in
+        order, inside `file_bytes`; the caller then checks `file_bytes` against the
+        file itself. So nothing sized from the manifest can exceed the file.
+        """
 
         def bad(why):
             return FlashError(f"the manifest is inconsistent: {why}", path, _RECONVERT)
 
+        for key in ("hidden_size", "intermediate_size", "file_bytes"):
+            if not _positive_int(getattr(self, key)):
+                raise bad(f"{key} must be a positive integer")
         if self.activation not in ACTIVATIONS:
             raise bad(f"unknown activation {self.activation!r}")
         if not self.layers:
             raise bad("no layers")
+        projections = self.rows + [self.column]
+        if len(self.rows) not in (1, 2) or len(set(projections)) != len(projections):
+            raise bad(
+                f"rows {self.rows} and column {self.column!r} must be 1 or 2 "
+                "distinct input projections and one output projection"
+            )
+        allowed = set(projections) | {r + ".bias" for r in self.rows}
+        for name in projections:
+            if name not in self.components:
+                raise bad(f"no component {name!r}")
         for name, c in self.components.items():
+            if name not in allowed:
+                raise bad(f"component {name!r} is none of {sorted(allowed)}")
             expected = 1 if name.endswith(".bias") else self.hidden_size
+            if not _positive_int(c.length):
+                raise bad(f"component {name} has length {c.length!r}")
             if c.length != expected or (expected == 1 and c.encoding.quantized):
                 raise bad(
                     f"component {name} has length {c.length}, expected {expected}"
@@ -325,19 +356,28 @@ class Manifest:
         )
         end = HEADER_BYTES
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer.neurons, int) or layer.neurons <= 0:
+            if not _positive_int(layer.neurons):
                 raise bad(f"layer {i} has no neurons")
+            if layer.neurons != self.intermediate_size:
+                raise bad(
+                    f"layer {i} has {layer.neurons} neurons, intermediate_size is "
+                    f"{self.intermediate_size}"
+                )
             named = sorted(n for s in layer.sections for n in s.components)
             if named != needed:
                 raise bad(f"layer {i} stores {named}, expected {needed} once each")
             for s in layer.sections:
-                if not all(isinstance(v, int) for v in (s.offset, s.bundle_bytes)):
+                if not all(type(v) is int for v in (s.offset, s.bundle_bytes)):
                     raise bad(f"layer {i}: offsets and sizes must be integers")
+                if not s.components:
+                    raise bad(f"layer {i}: a section holds no component")
                 if s.bundle_bytes != sum(c.nbytes for c in self.section_components(s)):
                     raise bad(f"layer {i}: bundle size disagrees with its components")
                 if s.offset % ALIGN or s.offset < end:
                     raise bad(f"layer {i}: section offset {s.offset} is misplaced")
                 end = s.offset + layer.neurons * s.bundle_bytes
+        if self.file_bytes % ALIGN:
+            raise bad(f"file_bytes {self.file_bytes} is not a multiple of {ALIGN}")
         if end > self.file_bytes:
             raise FlashError(
                 "the manifest points past the end of the bundles file", path, _RECONVERT
@@ -361,6 +401,62 @@ class Manifest:
 
 
 _RECONVERT = "convert the model again with `python -m mlx_flash.convert`"
+_REQUIRED = {
+    "magic": str,
+    "format_version": int,
+    "architecture": str,
+    "activation": str,
+    "rows": list,
+    "column": str,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "layout": str,
+    "components": dict,
+    "layers": list,
+}
+_OPTIONAL = {"file_bytes": int, "out_bias": bool, "source": dict}
+_SECTION_KEYS = {"components", "offset", "bundle_bytes", "sha256"}
+
+
+def _positive_int(v) -> bool:
+    return type(v) is int and v > 0
+
+
+def _structure_error(d: dict) -> str:
+    """What is wrong with the shape of a parsed manifest (keys, containers, strings),
+    or "". Integer values are left to `Manifest.validate` and `Encoding`."""
+    unknown = sorted(set(d) - set(_REQUIRED) - set(_OPTIONAL))
+    missing = sorted(set(_REQUIRED) - set(d))
+    if unknown or missing:
+        return f"unknown keys {unknown}, missing keys {missing}"
+    for key, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        if key in d and kind is not int and not isinstance(d[key], kind):
+            return f"{key} must be a {kind.__name__}"
+    if not all(isinstance(r, str) for r in d["rows"]):
+        return "rows must be strings"
+    for name, c in d["components"].items():
+        if not isinstance(c, dict) or set(c) != {"length", "encoding"}:
+            return f"component {name!r} must have exactly a length and an encoding"
+        if not isinstance(c["encoding"], dict):
+            return f"component {name!r}: the encoding must be an object"
+    for i, layer in enumerate(d["layers"]):
+        if not isinstance(layer, dict) or set(layer) != {"neurons", "sections"}:
+            return f"layer {i} must have exactly neurons and sections"
+        if not isinstance(layer["sections"], list) or not layer["sections"]:
+            return f"layer {i}: sections must be a non-empty list"
+        for s in layer["sections"]:
+            if not isinstance(s, dict) or not set(s) <= _SECTION_KEYS:
+                return f"layer {i}: a section has keys other than {_SECTION_KEYS}"
+            if not {"components", "offset", "bundle_bytes"} <= set(s):
+                return f"layer {i}: a section lacks components, offset or bundle_bytes"
+            comps = s["components"]
+            if not isinstance(comps, list) or not all(
+                isinstance(c, str) for c in comps
+            ):
+                return f"layer {i}: section components must be a list of names"
+            if not isinstance(s.get("sha256", ""), str):
+                return f"layer {i}: sha256 must be a string"
+    return ""
 
 
 def pack_header(manifest: Manifest) -> bytes:

@@ -6,6 +6,7 @@ group size 32) so that ``mlx_lm.utils.load_model`` builds ``QuantizedLinear`` an
 layout exactly; other types are dequantized and re-quantized to 8 bits.
 """
 
+import math
 import mmap
 import re
 import struct
@@ -114,6 +115,8 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.scalar("<Q")
+        if n > len(self.buf) - self.pos:
+            raise ValueError(f"a string of {n} bytes runs past the end")
         self.pos += n
         return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", "replace")
 
@@ -122,6 +125,8 @@ class _Cursor:
             return self.string()
         if vtype == _ARRAY:
             item_type, n = self.scalar("<I"), self.scalar("<Q")
+            if n > len(self.buf) - self.pos:  # every item takes at least a byte
+                raise ValueError(f"an array of {n} items runs past the end")
             if item_type in _SCALARS and item_type != 7:
                 dtype = np.dtype(_SCALARS[item_type])
                 items = np.frombuffer(self.buf, dtype, n, self.pos)
@@ -154,6 +159,8 @@ def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
         if version not in _VERSIONS:
             raise FlashError(f"unsupported GGUF version {version}", path=path)
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        if max(n_tensors, n_kv) > len(buf) // 8:  # each takes more than 8 bytes
+            raise ValueError(f"{n_tensors} tensors and {n_kv} keys cannot fit")
         meta = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -161,14 +168,19 @@ def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
         raw = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            n_dims = cur.scalar("<I")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
             qtype, offset = cur.scalar("<I"), cur.scalar("<Q")
             raw.append((name, tuple(reversed(dims)), qtype, offset))
         align = meta.get("general.alignment", 32)
+        if type(align) is not int or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
         start = -(-cur.pos // align) * align  # the data section is aligned
         tensors = [_tensor_info(n, s, t, start + o) for n, s, t, o in raw]
-    except (struct.error, ValueError, KeyError) as e:
-        raise FlashError(f"corrupt GGUF header: {e}", path=path) from e
+    except (struct.error, ValueError, KeyError, RecursionError) as e:
+        raise FlashError(f"corrupt GGUF header: {e}", path=path) from None
     if any(t.offset + t.nbytes > len(buf) for t in tensors):
         raise FlashError("truncated GGUF: tensor data runs past the end", path=path)
     return meta, tensors
@@ -177,7 +189,7 @@ def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
 def _tensor_info(name: str, shape: tuple, qtype: int, offset: int) -> TensorInfo:
     qtype = GGMLQuantizationType(qtype)
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if n % block:
         raise ValueError(f"{name}: {n} values is not a whole number of blocks")
     return TensorInfo(name, shape, qtype, offset, n // block * block_bytes)
@@ -272,6 +284,13 @@ def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
     arch = meta["general.architecture"]
     get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
     missing = [f"{arch}.{k}" for k in _REQUIRED if get(k) is None]
+    wrong = [
+        f"{arch}.{k}"
+        for k in _REQUIRED
+        if get(k) is not None and not (type(get(k)) is int and get(k) > 0)
+    ]
+    if wrong:
+        raise FlashError(f"the GGUF's {', '.join(wrong)} must be positive integers")
     if "model.embed_tokens.weight" not in weights:
         missing.append("token_embd.weight")
     if missing:
@@ -369,4 +388,13 @@ def read_gguf(path: Union[str, Path]) -> GGUFModel:
         files = tokenizer_files(meta)
     except FlashError as e:
         raise FlashError(e.message, path=path, fix=e.fix) from e
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise FlashError(  # metadata of the wrong type, tensors of impossible shapes
+            f"corrupt GGUF ({type(e).__name__}: {e})", path, _REDOWNLOAD
+        ) from None
+    except RuntimeError as e:  # MLX's own GGUF reader refused the file
+        raise FlashError(f"corrupt GGUF ({e})", path, _REDOWNLOAD) from None
     return GGUFModel(config, weights, files)
+
+
+_REDOWNLOAD = "download the GGUF file again (an incomplete download?)"

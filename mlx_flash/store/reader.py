@@ -12,12 +12,12 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from ..errors import FlashError
+from ..errors import FlashError, ReadError
 from .format import ALIGN, align_up
 
 CHUNK = 1 << 20  # split big requests so that every thread has work in flight
@@ -71,7 +71,8 @@ class BundleReader:
             raise FlashError(
                 f"cannot open the bundles file ({e.strerror})", path
             ) from None
-        self.buffer = mmap.mmap(-1, align_up(capacity) + 2 * ALIGN)  # page-aligned
+        self.capacity = align_up(capacity)  # the largest request
+        self.buffer = mmap.mmap(-1, self.capacity + 2 * ALIGN)  # page-aligned
         self.view = memoryview(self.buffer)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(
@@ -101,15 +102,12 @@ class BundleReader:
             at += e_ - s_
         slices = [pieces[i :: self.threads] for i in range(self.threads)]
         futures = [self.pool.submit(self._read_pieces, s) for s in slices if s]
+        wait(futures)  # all of them, even after a failure: none may write into the
+        # staging buffer once we return (the next read would see its bytes)
         stop = min(f.result() for f in futures)  # where a worker met the end of file
         last = max(o + n for o, n in ranges)
         if stop < last:
-            raise FlashError(
-                f"the bundles file ends at byte {stop}, before byte {last}: "
-                "it was truncated",
-                self.path,
-                "convert the model again",
-            )
+            raise truncated(self.path, stop, last)
         self.stats.reads += len(pieces)
         self.stats.bytes += at
         self.stats.seconds += time.perf_counter() - tic
@@ -140,10 +138,13 @@ class BundleReader:
                 if e.errno == errno.EINVAL:
                     self._reopen_buffered(fd)  # the filesystem refused direct I/O
                     continue
-                raise FlashError(
-                    f"reading bytes {at}-{b} failed ({e.strerror})",
+                raise ReadError(
+                    f"reading bytes {at}-{b} failed "
+                    f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})",
                     self.path,
-                    "check the disk; re-convert the store if the file is damaged",
+                    "check the disk (dmesg); convert the model again if the file is "
+                    "damaged",
+                    offset=at,
                 ) from None
             if n == 0:
                 return at
@@ -183,6 +184,16 @@ class BundleReader:
             pass
 
 
+def truncated(path: Path, stop: int, last: int) -> ReadError:
+    return ReadError(
+        f"the bundles file ends at byte {stop}, before byte {last}: it was truncated "
+        "after the store was opened",
+        path,
+        "do not modify a store while it is in use; convert the model again",
+        offset=stop,
+    )
+
+
 def aligned_extents(ranges: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """Sorted byte ranges widened to 4 KiB boundaries, touching ones merged."""
     extents = []
@@ -200,20 +211,33 @@ class MmapReader:
     random 4 KiB access does not pull megabytes of readahead). Bytes are copied into
     the staging buffer inside `read_ranges`, so page faults are timed as I/O.
 
-    Pages stay in the OS page cache: DRAM outside the budget, unlike direct I/O. A file
-    truncated under the mapping raises SIGBUS, which Python cannot catch: the store's
-    size is checked at open, and the direct reader remains the default.
+    Pages stay in the OS page cache: DRAM outside the budget, unlike direct I/O.
+
+    Truncation: touching a page of the mapping past the end of a file that shrank
+    raises SIGBUS, which kills the process (Python cannot turn it into an exception).
+    Every `read_ranges` therefore checks the file's size (`fstat`) first and raises a
+    `ReadError` if a range now lies past the end. This narrows the window to the
+    microseconds between that check and the copy, but cannot close it: a file
+    truncated exactly then still kills the process. The direct reader (`pread`, the
+    default) has no such window (a short read becomes a `ReadError`): use it wherever
+    another process may modify the store.
     """
 
     direct = False
 
     def __init__(self, path: Path, capacity: int, threads: int = 1):
         self.path, self.threads = Path(path), 1
-        with open(self.path, "rb") as f:
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FlashError(
+                f"cannot open the bundles file ({e.strerror})", path
+            ) from None
+        self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
         if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_RANDOM"):
             self.map.madvise(mmap.MADV_RANDOM)
         self.size = len(self.map)
+        self.capacity = capacity
         self.buffer = bytearray(capacity)
         self.view = memoryview(self.buffer)
         self.stats = ReadStats()
@@ -223,14 +247,11 @@ class MmapReader:
 
     def read_ranges(self, ranges: Sequence[Tuple[int, int]]) -> List[memoryview]:
         tic, views, at = time.perf_counter(), [], 0
+        last = max((o + n for o, n in ranges), default=0)
+        size = min(self.size, os.fstat(self.fd).st_size)  # the SIGBUS guard
+        if last > size:
+            raise truncated(self.path, size, last)
         for offset, nbytes in ranges:
-            if offset + nbytes > self.size:
-                raise FlashError(
-                    f"the bundles file ends at byte {self.size}, before byte "
-                    f"{offset + nbytes}: it was truncated",
-                    self.path,
-                    "convert the model again",
-                )
             if at + nbytes > len(self.buffer):
                 raise FlashError("a read exceeds the staging buffer", self.path)
             self.view[at : at + nbytes] = self.map[offset : offset + nbytes]
@@ -242,11 +263,20 @@ class MmapReader:
         return views
 
     def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.view.release()
             self.map.close()
         except (BufferError, ValueError):
             pass  # a caller still holds a view of the last read: freed with it
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 READERS = {"direct": BundleReader, "mmap": MmapReader}

@@ -5,7 +5,6 @@ Face names (quantized ones as MLX affine triples), and tokenizer files.
 """
 
 import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -13,6 +12,7 @@ from typing import Dict, Optional, Union
 import mlx.core as mx
 
 from ..errors import FlashError
+from .safety import check_safetensors, read_json_object
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -84,10 +84,7 @@ def _open_dir(path: Path) -> Source:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FlashError("no config.json: not a Hugging Face model directory", path)
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FlashError(f"config.json is not valid JSON ({e})", config_path) from None
+    config = read_json_object(config_path, "use the model's original config.json")
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         pickles = [p for pat in PICKLES for p in glob.glob(str(path / pat))]
@@ -102,6 +99,7 @@ def _open_dir(path: Path) -> Source:
         raise FlashError("no .safetensors weights", path)
     weights = {}
     for f in files:
+        check_safetensors(f, "download the model again (an incomplete download?)")
         try:
             weights.update(mx.load(f))
         except Exception as e:

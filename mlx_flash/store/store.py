@@ -1,26 +1,34 @@
 """`BundleStore`: an opened store directory, checked before any FFN byte is trusted."""
 
+import contextlib
 import hashlib
-import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-from ..errors import FlashError
+from ..errors import FlashError, ReadError
 from .format import (
     ALIGN,
     BUNDLES_NAME,
     DENSE_NAME,
     HEADER_BYTES,
+    HEADER_FIELDS,
     MANIFEST_NAME,
     Manifest,
     Weight,
+    align_up,
     check_header,
     decode_bundles,
 )
 from .reader import READERS
+from .safety import (
+    MAX_JSON_BYTES,
+    check_model_files,
+    check_safetensors,
+    read_json_object,
+)
 
 
 def neuron_runs(ids: np.ndarray, max_gap: int = 0) -> List[Tuple[int, int]]:
@@ -34,12 +42,18 @@ def neuron_runs(ids: np.ndarray, max_gap: int = 0) -> List[Tuple[int, int]]:
     return list(zip(starts.tolist(), stops.tolist()))
 
 
+def align_down(n: int) -> int:
+    return n - n % ALIGN
+
+
 def is_store(path: Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
 def read_manifest(path: Path) -> Manifest:
-    """Read, parse and validate `flash_config.json` and its agreement with config.json."""
+    """Read, parse and validate `flash_config.json` and its agreement with config.json;
+    refuse configs that ask for code to be run or name files outside the store, and
+    a dense part whose safetensors header does not fit its file."""
     path = Path(path)
     manifest_path = path / MANIFEST_NAME
     for name in (MANIFEST_NAME, "config.json", DENSE_NAME, BUNDLES_NAME):
@@ -49,40 +63,63 @@ def read_manifest(path: Path) -> Manifest:
                 path,
                 "convert the model with `python -m mlx_flash.convert` (a store is a directory)",
             )
-    manifest = Manifest.from_json(manifest_path.read_text(), manifest_path)
-    manifest.validate(manifest_path)
+    if manifest_path.stat().st_size > MAX_JSON_BYTES:
+        raise FlashError("the manifest is too large", manifest_path, _RECONVERT)
     try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
+        text = manifest_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
         raise FlashError(
-            f"config.json is not valid JSON ({e})", path / "config.json"
+            "the manifest is not UTF-8", manifest_path, _RECONVERT
         ) from None
+    manifest = Manifest.from_json(text, manifest_path)
+    manifest.validate(manifest_path)
+    fix = "restore the store's own config.json or convert the model again"
+    config = read_json_object(path / "config.json", fix)
     checks = {
         "model_type": manifest.architecture,
         "num_hidden_layers": len(manifest.layers),
         "hidden_size": manifest.hidden_size,
+        "intermediate_size": manifest.intermediate_size,
     }
+    if "intermediate_size" not in config:  # OPT
+        config = {**config, "intermediate_size": config.get("ffn_dim")}
     for key, expected in checks.items():
-        if config.get(key) != expected:
+        if config.get(key) != expected or type(config.get(key)) is not type(expected):
             raise FlashError(
                 f"config.json says {key}={config.get(key)!r} but flash_config.json was "
                 f"written for {expected!r}",
                 path / "config.json",
-                "restore the store's own config.json or convert the model again",
+                fix,
             )
+    check_model_files(path)
+    check_safetensors(path / DENSE_NAME)
     return manifest
+
+
+_RECONVERT = "convert the model again"
 
 
 class BundleStore:
     """The FFN bundles of one converted model, read through one `BundleReader`.
 
+    Opening runs the cheap checks (manifest, configs, sizes, header and layout
+    digest); `verify` (or ``verify=True``) checks every byte against its checksum.
+    A read that fails raises a `ReadError` naming the layer and neurons.
+
     Args:
         path: the store directory.
         threads: parallel reads in flight.
         reader: ``direct`` (O_DIRECT / F_NOCACHE preadv, the default) or ``mmap``.
+        verify: also check every checksum now (reads the whole file once).
     """
 
-    def __init__(self, path: Path, threads: int = 4, reader: str = "direct"):
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 4,
+        reader: str = "direct",
+        verify: bool = False,
+    ):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         bundles = self.path / BUNDLES_NAME
@@ -94,15 +131,28 @@ class BundleStore:
                 bundles,
                 "convert the model again",
             )
-        # Any read of one layer, however sparse, lies within its sections' aligned spans.
+        # Any read of one layer, however sparse, lies within its sections' aligned
+        # spans; validation put them inside the file, whose size was just checked.
         largest = max(
-            sum(l.neurons * s.bundle_bytes + 2 * ALIGN for s in l.sections)
+            sum(
+                align_up(s.offset + l.neurons * s.bundle_bytes) - s.offset
+                for s in l.sections
+            )
             for l in self.manifest.layers
         )
+        assert largest <= size, "validation bounds every section by the file"
         if reader not in READERS:
             raise FlashError(f"unknown reader {reader!r}", fix="use direct or mmap")
         self.reader = READERS[reader](bundles, max(largest, HEADER_BYTES), threads)
-        check_header(bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles)
+        try:
+            check_header(
+                bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles
+            )
+            if verify:
+                self.verify()
+        except BaseException:
+            self.reader.close()
+            raise
 
     @property
     def num_layers(self) -> int:
@@ -112,7 +162,10 @@ class BundleStore:
         """Every neuron of `layer`: component name -> MLX weight (n_neurons, length)."""
         entry, weights = self.manifest.layers[layer], {}
         for section in entry.sections:
-            raw = self.reader.read(section.offset, entry.neurons * section.bundle_bytes)
+            with self._naming(layer, [(0, entry.neurons)], [section]):
+                raw = self.reader.read(
+                    section.offset, entry.neurons * section.bundle_bytes
+                )
             rows = np.frombuffer(raw, dtype=np.uint8).reshape(
                 entry.neurons, section.bundle_bytes
             )
@@ -146,7 +199,8 @@ class BundleStore:
             for s in chosen
             for a, b in runs
         ]
-        views = iter(self.reader.read_ranges(ranges))
+        with self._naming(layer, runs, chosen):
+            views = iter(self.reader.read_ranges(ranges))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
         width = sum(s.bundle_bytes for s in chosen)
         if out is None:
@@ -167,23 +221,79 @@ class BundleStore:
         return rows
 
     def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
-        """Check every section's SHA-256 against the manifest (reads the whole file)."""
+        """Check every section's SHA-256 against the manifest and that the header's
+        tail and all alignment padding are zeros (reads the whole file)."""
+        bundles = self.path / BUNDLES_NAME
+
+        def corrupt(what):
+            return FlashError(
+                f"{what}: the file is corrupted", bundles, "convert the model again"
+            )
+
+        end = HEADER_FIELDS  # the rest of the header is zeros
         for i, entry in enumerate(self.manifest.layers):
             for section in entry.sections:
-                raw = self.reader.read(
-                    section.offset, entry.neurons * section.bundle_bytes
-                )
-                digest = hashlib.sha256(raw).hexdigest()
-                del raw
-                if digest != section.sha256:
-                    raise FlashError(
-                        f"layer {i}: checksum mismatch in bytes {section.offset}-"
-                        f"{section.offset + entry.neurons * section.bundle_bytes}: the file is corrupted",
-                        self.path / BUNDLES_NAME,
-                        "convert the model again",
+                self._check_zeros(end, section.offset, corrupt)
+                stop = section.offset + entry.neurons * section.bundle_bytes
+                h, step = hashlib.sha256(), self._verify_step(section)
+                for a in range(0, entry.neurons, step):
+                    b = min(a + step, entry.neurons)
+                    with self._naming(i, [(a, b)], [section]):
+                        raw = self.reader.read(
+                            section.offset + a * section.bundle_bytes,
+                            (b - a) * section.bundle_bytes,
+                        )
+                    h.update(raw)
+                    del raw
+                if h.hexdigest() != section.sha256:
+                    raise corrupt(
+                        f"layer {i}: checksum mismatch in bytes {section.offset}-{stop}"
                     )
+                end = stop
             if progress:
                 progress(i)
+        self._check_zeros(end, self.manifest.file_bytes, corrupt)
+
+    def _verify_step(self, section) -> int:
+        """Neurons per read while verifying: what the staging buffer holds."""
+        return max(1, self.reader.capacity // section.bundle_bytes)
+
+    def _check_zeros(self, start: int, stop: int, corrupt) -> None:
+        while start < stop:
+            n = min(stop - start, self.reader.capacity)
+            if bytes(self.reader.read(start, n)) != bytes(n):
+                raise corrupt(f"bytes {start}-{start + n} should be zero padding")
+            start += n
+
+    @contextlib.contextmanager
+    def _naming(self, layer: int, runs, sections) -> Iterator[None]:
+        """Re-raise a failed read as a `ReadError` naming the layer and neurons: the
+        run of neurons holding the failing byte when it is known, else all of them."""
+        try:
+            yield
+        except FlashError as e:
+            first, last = runs[0][0], runs[-1][1] - 1
+            at = getattr(e, "offset", None)
+            for s in sections if at is not None else []:
+                # the run whose 4 KiB-widened byte range holds the failing byte
+                hit = [
+                    (a, b)
+                    for a, b in runs
+                    if align_down(s.offset + a * s.bundle_bytes)
+                    <= at
+                    < align_up(s.offset + b * s.bundle_bytes)
+                ]
+                if hit:
+                    first, last = hit[0][0], hit[0][1] - 1
+                    break
+            raise ReadError(
+                f"layer {layer}, neurons {first}-{last}: {e.message}",
+                e.path,
+                e.fix,
+                offset=at,
+                layer=layer,
+                neurons=(first, last),
+            ) from None
 
     def close(self) -> None:
         self.reader.close()

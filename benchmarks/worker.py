@@ -1,0 +1,268 @@
+"""One benchmark run in this process: load an engine, decode greedily with EOS ignored,
+and print one JSON line of measurements. Every harness in benchmarks/ runs each
+configuration as `python benchmarks/worker.py SPEC_JSON` in a fresh process.
+
+SPEC: {"engine": "flash" | "mlx_lm" | "llama_cpp" | "idle_mlx" | "idle_llama_cpp",
+       "path": store, mlx-lm dir or GGUF, "options": mlx_flash.load keywords,
+       "dtype": "float32" (mlx-lm; default: the model's own), "tokens": N,
+       "max_seconds": stop decoding after this long (at least 3 decode tokens),
+       "threads": llama.cpp threads}
+
+Measured: load time, first-token time (prefill + first token), decode latency per token
+(median, p90), bytes this process read from the block device per decode token
+(/proc/self/io: direct reads, buffered reads and mmap page faults alike), peak RSS, the
+RSS after imports, and for mlx_flash the per-phase split from `model.flash_stats`.
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux /proc; ru_maxrss elsewhere, a peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process (all its threads) caused to be read from a block device."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def decode(tokens_iter, tokens: int, max_seconds: float, on_first=None):
+    """Per-token wall times of an iterator of generated tokens; the first includes the
+    prefill. Returns (times, bytes read after the first token, generated ids)."""
+    times, ids, tic, start, read0 = [], [], time.perf_counter(), None, 0
+    for i, tok in enumerate(tokens_iter):
+        times.append(time.perf_counter() - tic)
+        ids.append(int(tok))
+        if i == 0:
+            if on_first:
+                on_first()
+            start, read0 = time.perf_counter(), disk_read_bytes()
+        elif len(times) >= tokens or (
+            len(times) >= 4 and time.perf_counter() - start > max_seconds
+        ):
+            break
+        tic = time.perf_counter()
+    return times, disk_read_bytes() - read0, ids
+
+
+def latency(times) -> dict:
+    steps = times[1:]
+    return {
+        "first_token_s": times[0],
+        "decode_tokens": len(steps),
+        "ms_per_token": 1e3 * statistics.median(steps),
+        "p90_ms": 1e3
+        * (statistics.quantiles(steps, n=10)[-1] if len(steps) > 1 else steps[0]),
+        "tokens_per_s": 1 / statistics.median(steps),
+    }
+
+
+def mlx_worker(spec: dict) -> dict:
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+
+    import mlx_flash
+
+    idle = rss_mb()
+    tic = time.perf_counter()
+    options = spec.get("options")
+    if spec["engine"] == "mlx_lm":
+        model, tokenizer = mlx_lm.load(spec["path"])
+        if spec.get("dtype"):
+            model.set_dtype(getattr(mx, spec["dtype"]))
+    else:
+        options = dict(options or {})
+        hybrid = options.pop("hybrid", False)
+        model, tokenizer = mlx_flash.load(spec["path"], progress=False, **options)
+        if hybrid:
+            make_hybrid(model)
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - tic
+    loaded, load_peak = rss_mb(), peak_rss_mb()  # where the memory beyond a plan goes
+    prompt = mx.array(tokenizer.encode(PROMPT))
+    snap = {}
+
+    def on_first():  # the prefill is done: count decoding only
+        snap["prefill_peak"] = peak_rss_mb()
+        if spec["engine"] == "flash":
+            s, r = model.flash_stats, model.flash_store.reader.stats
+            snap.update(
+                seconds=dict(s.seconds),
+                tokens=s.tokens,
+                selected=s.selected,
+                loaded=s.loaded,
+                hits=s.hits,
+                bytes=r.bytes,
+                reads=r.reads,
+            )
+
+    steps = generate_step(
+        prompt, model, max_tokens=spec["tokens"], sampler=lambda x: mx.argmax(x, -1)
+    )
+    times, read, ids = decode(
+        (t for t, _ in steps), spec["tokens"], spec.get("max_seconds", 1e9), on_first
+    )
+    out = {
+        "load_s": load_s,
+        **latency(times),
+        "disk_mb_per_token": read / max(1, len(times) - 1) / 1e6,
+        "peak_rss_mb": peak_rss_mb(),
+        "idle_rss_mb": idle,
+        "loaded_rss_mb": loaded,
+        "load_peak_rss_mb": load_peak,
+        "prefill_peak_rss_mb": snap["prefill_peak"],
+        "end_rss_mb": rss_mb(),
+        "mlx_peak_mb": mx.get_peak_memory() / 2**20,
+        "mlx_cache_mb": mx.get_cache_memory() / 2**20,
+        "text": tokenizer.decode(ids)[:80],
+        "dtype": str(compute_dtype(model)).removeprefix("mlx.core."),
+    }
+    if spec["engine"] == "flash":
+        s, r = model.flash_stats, model.flash_store.reader.stats
+        n = max(1, s.tokens - snap["tokens"])
+        out.update(
+            {
+                f"{k}_ms": 1e3 * (v - snap["seconds"][k]) / n
+                for k, v in s.seconds.items()
+                if k != "prefill"
+            },
+            store_mb_per_token=(r.bytes - snap["bytes"]) / n / 1e6,
+            reads_per_token=(r.reads - snap["reads"]) / n,
+            selected_per_token=(s.selected - snap["selected"]) / n,
+            hit_rate=(s.hits - snap["hits"]) / max(1, s.selected - snap["selected"]),
+            plan_mb=model.flash_plan.total / 2**20,
+            budget_mb=(model.flash_plan.budget or 0) / 2**20,
+            capacity=model.flash_plan.capacity,
+            hybrid=hybrid,
+        )
+    return out
+
+
+def compute_dtype(model):
+    import mlx.core as mx
+    from mlx import nn
+
+    params = nn.utils.tree_flatten(model.parameters())
+    return next(p.dtype for _, p in params if mx.issubdtype(p.dtype, mx.floating))
+
+
+def make_hybrid(model) -> None:
+    """The paper's hybrid (a fixed share of each layer resident, the rest streamed every
+    token) where `load` does not set it up itself: `selector="all"` with a DRAM budget
+    currently streams whole layers once a layer does not fit. A stand-in until the
+    runtime does it (see docs/BENCHMARKS.md); a no-op when the caches already exist."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_flash.neuron_cache import NeuronCache
+
+    layers = [layer.mlp for layer in model.layers]
+    if layers[0]._cache is not None:
+        return
+    store, plan = model.flash_store, model.flash_plan
+    m = store.manifest
+    sections = list(range(len(m.layers[0].sections)))
+    cached = [
+        c for k in sections for c in m.section_components(m.layers[0].sections[k])
+    ]
+    n_ff = max(layer.neurons for layer in m.layers)
+    if plan.budget is None:
+        raise SystemExit("hybrid needs a dram_budget")
+    # plan() sized the caches before load() dropped them; the scratch receives the rest
+    room = (
+        plan.budget - (plan.total - plan.caches) - n_ff * sum(c.nbytes for c in cached)
+    )
+    plan.capacity = min(n_ff, max(0, room) // (plan.neuron_bytes * plan.layers))
+    plan.scratch = n_ff * sum(c.nbytes for c in cached)
+    if plan.capacity < 1:
+        raise SystemExit("hybrid: no room for any resident neuron under this budget")
+    scratch = np.empty((n_ff, plan.scratch // n_ff), np.uint8)
+    gap = model.flash_tuning.gap_bytes // sum(
+        s.bundle_bytes for s in m.layers[0].sections
+    )
+    dtype = mx.float32 if compute_dtype(model) == mx.float32 else mx.float16
+    for i, ffn in enumerate(layers):
+        n = m.layers[i].neurons
+        cache = NeuronCache(cached, n, min(plan.capacity, n), dtype)
+        ffn.configure(ffn._selector, cache, sections, gap, scratch)
+
+
+def llama_worker(spec: dict) -> dict:
+    from llama_cpp import Llama
+
+    idle = rss_mb()
+    tic = time.perf_counter()
+    threads = spec.get("threads", 2)
+    llm = Llama(
+        model_path=spec["path"],
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=max(512, 2 * spec["tokens"]),
+        # the default 512-token micro-batch reserves ~100 MB of logits/compute buffer
+        # (49k vocabulary); our prompts are short, so 64 keeps the comparison fair
+        n_batch=64,
+        n_ubatch=64,
+        use_mmap=True,
+        n_gpu_layers=0,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - tic
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
+    steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
+    times, read, ids = decode(steps, spec["tokens"], spec.get("max_seconds", 1e9))
+    return {
+        "load_s": load_s,
+        **latency(times),
+        "disk_mb_per_token": read / max(1, len(times) - 1) / 1e6,
+        "peak_rss_mb": peak_rss_mb(),
+        "idle_rss_mb": idle,
+        "text": llm.detokenize(ids).decode(errors="replace")[:80],
+        "threads": threads,
+    }
+
+
+def idle_worker(spec: dict) -> dict:
+    if spec["engine"] == "idle_mlx":
+        import mlx.core as mx  # noqa: F401
+        import mlx_lm  # noqa: F401
+        from mlx_lm.generate import generate_step  # noqa: F401
+
+        import mlx_flash  # noqa: F401
+    else:
+        import llama_cpp  # noqa: F401
+    return {"idle_rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+
+
+def run(spec: dict) -> dict:
+    if spec["engine"].startswith("idle"):
+        return idle_worker(spec)
+    if spec["engine"] == "llama_cpp":
+        return llama_worker(spec)
+    return mlx_worker(spec)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.argv[1]))), flush=True)
