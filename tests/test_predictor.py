@@ -220,10 +220,10 @@ def test_evaluate_reports_every_selection(trained, stores, tmp_path, capsys):
         "gate (float32 rows)",  # as the tiny checkpoint was converted
         "shadow 2-bit gate+up",
         "shadow 4-bit gate+up",
-        "lowrank (relu, float32)",
+        "lowrank (none, float32)",
     }
-    assert costs["lowrank (relu, float32)"]["dram_bytes"] == 4 * (
-        (64 * 8 + 8 + 8 * 128 + 128) + (64 * 16 + 16 + 16 * 128 + 128)
+    assert costs["lowrank (none, float32)"]["dram_bytes"] == 4 * (
+        (64 * 8 + 8 * 128 + 128) + (64 * 16 + 16 * 128 + 128)  # no hidden bias
     )
     assert all(c["ms_per_token"] > 0 for c in costs.values())
     assert "| lowrank recall 0.9 |" in capsys.readouterr().out
