@@ -14,6 +14,7 @@ Measured: load time, first-token time (prefill + first token), decode latency pe
 RSS after imports, and for mlx_flash the per-phase split from `model.flash_stats`.
 """
 
+import copy
 import json
 import resource
 import statistics
@@ -95,10 +96,9 @@ def mlx_worker(spec: dict) -> dict:
             model.set_dtype(getattr(mx, spec["dtype"]))
     else:
         options = dict(options or {})
+        # the paper's hybrid is `all` under a budget: the runtime caches what fits
         hybrid = options.pop("hybrid", False)
         model, tokenizer = mlx_flash.load(spec["path"], progress=False, **options)
-        if hybrid:
-            make_hybrid(model)
     mx.eval(model.parameters())
     load_s = time.perf_counter() - tic
     loaded, load_peak = rss_mb(), peak_rss_mb()  # where the memory beyond a plan goes
@@ -108,16 +108,7 @@ def mlx_worker(spec: dict) -> dict:
     def on_first():  # the prefill is done: count decoding only
         snap["prefill_peak"] = peak_rss_mb()
         if spec["engine"] == "flash":
-            s, r = model.flash_stats, model.flash_store.reader.stats
-            snap.update(
-                seconds=dict(s.seconds),
-                tokens=s.tokens,
-                selected=s.selected,
-                loaded=s.loaded,
-                hits=s.hits,
-                bytes=r.bytes,
-                reads=r.reads,
-            )
+            snap["stats"] = copy.deepcopy(model.flash_stats)
 
     steps = generate_step(
         prompt, model, max_tokens=spec["tokens"], sampler=lambda x: mx.argmax(x, -1)
@@ -141,18 +132,14 @@ def mlx_worker(spec: dict) -> dict:
         "dtype": str(compute_dtype(model)).removeprefix("mlx.core."),
     }
     if spec["engine"] == "flash":
-        s, r = model.flash_stats, model.flash_store.reader.stats
-        n = max(1, s.tokens - snap["tokens"])
+        s = model.flash_stats.since(snap["stats"])  # decoding only
+        n = max(1, s.tokens)
         out.update(
-            {
-                f"{k}_ms": 1e3 * (v - snap["seconds"][k]) / n
-                for k, v in s.seconds.items()
-                if k != "prefill"
-            },
-            store_mb_per_token=(r.bytes - snap["bytes"]) / n / 1e6,
-            reads_per_token=(r.reads - snap["reads"]) / n,
-            selected_per_token=(s.selected - snap["selected"]) / n,
-            hit_rate=(s.hits - snap["hits"]) / max(1, s.selected - snap["selected"]),
+            {f"{k}_ms": 1e3 * v / n for k, v in s.seconds.items() if k != "prefill"},
+            store_mb_per_token=s.bytes / n / 1e6,
+            reads_per_token=s.reads / n,
+            selected_per_token=s.selected / n,
+            hit_rate=s.hits / max(1, s.selected),
             plan_mb=model.flash_plan.total / 2**20,
             budget_mb=(model.flash_plan.budget or 0) / 2**20,
             capacity=model.flash_plan.capacity,
@@ -167,47 +154,6 @@ def compute_dtype(model):
 
     params = nn.utils.tree_flatten(model.parameters())
     return next(p.dtype for _, p in params if mx.issubdtype(p.dtype, mx.floating))
-
-
-def make_hybrid(model) -> None:
-    """The paper's hybrid (a fixed share of each layer resident, the rest streamed every
-    token) where `load` does not set it up itself: `selector="all"` with a DRAM budget
-    currently streams whole layers once a layer does not fit. A stand-in until the
-    runtime does it (see docs/BENCHMARKS.md); a no-op when the caches already exist."""
-    import mlx.core as mx
-    import numpy as np
-
-    from mlx_flash.neuron_cache import NeuronCache
-
-    layers = [layer.mlp for layer in model.layers]
-    if layers[0]._cache is not None:
-        return
-    store, plan = model.flash_store, model.flash_plan
-    m = store.manifest
-    sections = list(range(len(m.layers[0].sections)))
-    cached = [
-        c for k in sections for c in m.section_components(m.layers[0].sections[k])
-    ]
-    n_ff = max(layer.neurons for layer in m.layers)
-    if plan.budget is None:
-        raise SystemExit("hybrid needs a dram_budget")
-    # plan() sized the caches before load() dropped them; the scratch receives the rest
-    room = (
-        plan.budget - (plan.total - plan.caches) - n_ff * sum(c.nbytes for c in cached)
-    )
-    plan.capacity = min(n_ff, max(0, room) // (plan.neuron_bytes * plan.layers))
-    plan.scratch = n_ff * sum(c.nbytes for c in cached)
-    if plan.capacity < 1:
-        raise SystemExit("hybrid: no room for any resident neuron under this budget")
-    scratch = np.empty((n_ff, plan.scratch // n_ff), np.uint8)
-    gap = model.flash_tuning.gap_bytes // sum(
-        s.bundle_bytes for s in m.layers[0].sections
-    )
-    dtype = mx.float32 if compute_dtype(model) == mx.float32 else mx.float16
-    for i, ffn in enumerate(layers):
-        n = m.layers[i].neurons
-        cache = NeuronCache(cached, n, min(plan.capacity, n), dtype)
-        ffn.configure(ffn._selector, cache, sections, gap, scratch)
 
 
 def llama_worker(spec: dict) -> dict:
