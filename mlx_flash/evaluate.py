@@ -58,14 +58,13 @@ class Shadow:
 
     def __init__(self, activation: Callable, bits: int, group_size: int = 32):
         self.activation, self.bits, self.group_size = activation, bits, group_size
-        self.layers: Dict[int, list] = {}
+        self.layer, self.copies = None, None  # the current layer's, quantized once
 
     def quantize(self, layer: int, w: Dict[str, mx.array], rows: List[str]):
-        if layer not in self.layers:
-            self.layers = {
-                layer: [mx.quantize(w[n], self.group_size, self.bits) for n in rows]
-            }
-        return self.layers[layer]
+        if layer != self.layer:
+            self.layer = layer
+            self.copies = [mx.quantize(w[n], self.group_size, self.bits) for n in rows]
+        return self.copies
 
     def scores(self, x: mx.array, copies) -> mx.array:
         gate, up = (

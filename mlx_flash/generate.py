@@ -116,8 +116,7 @@ def add_flash_args(parser):
 
 def load_kwargs(args) -> dict:
     """The flash keyword arguments of `load`, from the parsed flash options."""
-    names = "threads selector fraction threshold recall window dram_budget gap reader"
-    names += " verify"
+    names = "threads selector fraction threshold recall window dram_budget gap reader verify"
     kwargs = {name: getattr(args, name) for name in names.split()}
     dtype = args.compute_dtype
     return {"compute_dtype": getattr(mx, dtype) if dtype else None, **kwargs}

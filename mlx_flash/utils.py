@@ -1,7 +1,6 @@
 """`load`: mlx-lm's loader, with every layer's FFN replaced by a `FlashFFN` on the store."""
 
 import hashlib
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -165,12 +164,8 @@ def load(
             fix="drop --quantize-activations",
         )
     store_path = resolve_store(path_or_hf_repo, revision, progress)
-    manifest = read_manifest(store_path)  # checks config.json before anyone parses it
-    config = json.loads((store_path / "config.json").read_text())
-    if "model_file" in config:
-        raise FlashError(
-            "stores never run custom model code", store_path / "config.json"
-        )
+    # checks config.json (and refuses model code) before anyone parses it
+    manifest = read_manifest(store_path)
     if selector not in SELECTORS:
         raise FlashError(
             f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
@@ -186,7 +181,7 @@ def load(
             tuning, gap_bytes=gap * bundle_bytes, source=tuning.source + "; gap given"
         )
     store = BundleStore(
-        store_path, threads=tuning.threads, reader=reader, verify=verify
+        store_path, tuning.threads, reader, verify=verify, manifest=manifest
     )
     stats = FlashStats()
     try:

@@ -111,6 +111,7 @@ class BundleStore:
         threads: parallel reads in flight.
         reader: ``direct`` (O_DIRECT / F_NOCACHE preadv, the default) or ``mmap``.
         verify: also check every checksum now (reads the whole file once).
+        manifest: `read_manifest(path)`'s result, when the caller already has it.
     """
 
     def __init__(
@@ -119,9 +120,10 @@ class BundleStore:
         threads: int = 4,
         reader: str = "direct",
         verify: bool = False,
+        manifest: Optional[Manifest] = None,
     ):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = manifest or read_manifest(self.path)
         bundles = self.path / BUNDLES_NAME
         size = bundles.stat().st_size
         if size != self.manifest.file_bytes:
