@@ -3,7 +3,7 @@ and print one JSON line of measurements. Every harness in benchmarks/ runs each
 configuration as `python benchmarks/worker.py SPEC_JSON` in a fresh process.
 
 SPEC: {"engine": "flash" | "mlx_lm" | "llama_cpp" | "idle_mlx" | "idle_llama_cpp",
-       "path": store, mlx-lm dir or GGUF, "options": mlx_flash.load keywords,
+       "path": store, mlx-lm dir or GGUF (idle: a store or a GGUF, for the tokenizer), "options": mlx_flash.load keywords,
        "dtype": "float32" (mlx-lm; default: the model's own), "tokens": N,
        "max_seconds": stop decoding after this long (at least 3 decode tokens),
        "threads": llama.cpp threads}
@@ -191,15 +191,28 @@ def llama_worker(spec: dict) -> dict:
 
 
 def idle_worker(spec: dict) -> dict:
+    """The engine imported and the model's tokenizer loaded: everything but weights
+    (the budget is a budget for weights, as the paper's "half the model in DRAM")."""
     if spec["engine"] == "idle_mlx":
         import mlx.core as mx  # noqa: F401
         import mlx_lm  # noqa: F401
         from mlx_lm.generate import generate_step  # noqa: F401
+        from mlx_lm.utils import load_tokenizer
 
         import mlx_flash  # noqa: F401
+
+        imported = rss_mb()
+        load_tokenizer(Path(spec["path"]))
     else:
-        import llama_cpp  # noqa: F401
-    return {"idle_rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+        from llama_cpp import Llama
+
+        imported = rss_mb()
+        Llama(model_path=spec["path"], vocab_only=True, verbose=False)
+    return {
+        "imported_rss_mb": imported,
+        "idle_rss_mb": rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run(spec: dict) -> dict:

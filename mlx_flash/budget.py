@@ -1,5 +1,5 @@
 """DRAM budget planning: dense part + predictors or resident gate rows + staging +
-neuron caches ≤ budget."""
+decoding's working memory + neuron caches ≤ budget."""
 
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -13,6 +13,8 @@ from .store.store import BundleStore
 # Resident memory stays within the budget plus this documented constant: the Python
 # interpreter, MLX and numpy libraries and allocator slack, which no plan controls.
 SLACK = 160 << 20
+# mlx-lm's KV cache grows in steps of this many tokens: the plan holds the first step
+WORKING_TOKENS = 256
 
 
 @dataclass
@@ -22,7 +24,8 @@ class Plan:
     staging: int  # the reader's aligned buffer
     scratch: int  # one layer's selected bundles, read rows before they are cached
     resident: int  # gate/fc1 rows kept for the `gate` selector
-    predictors: int  # the `lowrank` selector's predictors
+    predictors: int  # the `lowrank` selector's predictors (8-bit)
+    working: int  # decoding beside the weights: the KV cache's first step, logits
     neuron_bytes: int  # one cached neuron, decoded
     capacity: int  # cache slots per layer
     layers: int
@@ -39,6 +42,7 @@ class Plan:
             + self.scratch
             + self.resident
             + self.predictors
+            + self.working
             + self.caches
         )
 
@@ -48,7 +52,8 @@ class Plan:
         return (
             f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
             f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + predictors "
-            f"{mb(self.predictors)} + neuron caches "
+            f"{mb(self.predictors)} + working memory {mb(self.working)} (KV cache of "
+            f"{WORKING_TOKENS} tokens, logits) + neuron caches "
             f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
             f"{mb(self.total)}"
         )
@@ -64,6 +69,18 @@ def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
                 size if part == "packed" else size // c.encoding.itemsize * dtype.size
             )
     return total
+
+
+def working_bytes(config: dict, hidden: int, layers: int, dtype: mx.Dtype) -> int:
+    """MLX memory that decoding needs beside the weights: the KV cache's first step of
+    WORKING_TOKENS tokens, and one step's logits (with their log-softmax) and
+    activations. Past WORKING_TOKENS the KV cache grows by its per-token share."""
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    kv = 2 * layers * kv_heads * head_dim * WORKING_TOKENS
+    step = 2 * config.get("vocab_size", 0) + 8 * hidden
+    return (kv + step) * dtype.size
 
 
 def parse_budget(text: Union[str, int, float, None], store_bytes: int) -> Optional[int]:
@@ -96,6 +113,7 @@ def plan(
     resident: List[Component],
     dtype: mx.Dtype,
     predictors: int = 0,
+    working: int = 0,
 ) -> Plan:
     """Size the neuron caches so that everything fits `budget` (bytes, or None)."""
     m = store.manifest
@@ -107,6 +125,7 @@ def plan(
         scratch=n_ff * sum(c.nbytes for c in cached),
         resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
         predictors=predictors,
+        working=working,
         neuron_bytes=decoded_bytes(cached, dtype),
         capacity=n_ff,
         layers=len(m.layers),
@@ -119,7 +138,7 @@ def plan(
         minimum = p.total - p.caches + p.neuron_bytes * p.layers
         raise FlashError(
             f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
-            f"buffers, predictors and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
+            f"buffers, working memory, predictors and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
             store.path,
             f"give --dram-budget of at least {minimum / 2**20:.0f} MiB (one neuron per "
             "layer), or use a store with a smaller dense part",

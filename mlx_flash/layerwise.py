@@ -50,8 +50,21 @@ def _raise(h):
     raise _Captured(h)
 
 
+def _block_list(model: nn.Module) -> list:
+    """The list the model iterates. `model.layers` may be a fresh slice of it (mlx-lm's
+    pipeline models, e.g. qwen2), so taps go into the owner's own list."""
+    blocks = model.layers
+    inner = getattr(model, "model", None)
+    for owner in (inner, getattr(inner, "decoder", None)):
+        own = getattr(owner, "layers", None)
+        if isinstance(own, list) and len(own) == len(blocks):
+            if all(a is b for a, b in zip(own, blocks)):
+                return own
+    return blocks
+
+
 def _with_taps(model: nn.Module, fns: List[Callable], run: Callable):
-    layers = model.layers  # the inner model's own list: replaced in place, restored
+    layers = _block_list(model)  # the inner model's own list: replaced, restored
     saved = list(layers)
     try:
         layers[:] = [_Tap(fn, block) for fn, block in zip(fns, saved)]

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -201,8 +201,11 @@ def save(store: Path, ps: PredictorSet) -> None:
             t.unlink(missing_ok=True)
 
 
-def load_predictors(store: Path, dims: int, neurons: List[int]) -> PredictorSet:
-    """Read and check the store's predictors (float32 for compute).
+def load_predictors(
+    store: Path, dims: int, neurons: List[int], bits: Optional[int] = None
+) -> PredictorSet:
+    """Read and check the store's predictors: float32 for compute, or quantized to
+    `bits` (group size 64; decoding uses 8 bits: 3.5x smaller, logits within ~0.01).
 
     The manifest is checked field by field and every weight's shape against the
     model before anything is built from it, so a damaged or hostile file is refused
@@ -255,8 +258,14 @@ def load_predictors(store: Path, dims: int, neurons: List[int]) -> PredictorSet:
             metrics.append(LayerMetrics(**entry))
         except (ValueError, TypeError) as e:
             raise FlashError(f"layer {i}: {e}", weights_path, fix) from None
+        if bits:
+            nn.quantize(p, 64, bits, class_predicate=lambda _, m: _quantizable(m))
         predictors.append(p)
     return PredictorSet(predictors, metrics, m["activation"], m["target"], m["text"])
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.weight.shape[-1] % 64 == 0
 
 
 def _manifest_error(m: dict) -> str:

@@ -210,6 +210,9 @@ def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:
     return x @ (w.T if transpose else w)
 
 
+PREDICTOR_BITS = 8  # decoding's predictors: 3.5x smaller than float32, same picks
+
+
 def configure_flash(
     model: nn.Module,
     store: BundleStore,
@@ -222,13 +225,16 @@ def configure_flash(
     gap: Optional[int],
     recall: Optional[float] = None,
     gap_bytes: int = None,
+    working: int = 0,
 ) -> Plan:
     """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
     m = store.manifest
     predictors = None
     if selector == "lowrank":
         neurons = [l.neurons for l in m.layers]
-        predictors = load_predictors(store.path, m.hidden_size, neurons)
+        predictors = load_predictors(
+            store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
+        )
     sections = m.layers[0].sections
     cached_sections = list(range(len(sections)))
     resident = []
@@ -254,6 +260,7 @@ def configure_flash(
         resident,
         dtype,
         predictors.nbytes if predictors else 0,
+        working,
     )
     use_cache = selector != "all" or window is not None or budget is not None
     # `all` with caches smaller than a layer is the paper's hybrid: the first

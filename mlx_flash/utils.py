@@ -9,14 +9,16 @@ from typing import Any, Dict, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
-from .budget import parse_budget
+from .budget import parse_budget, working_bytes
+from .disk_embedding import PREFIX, DiskEmbedding, disk_embedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
 from .selectors import SELECTORS
 from .sparse_ffn import FlashFFN, configure_flash
 from .stats import FlashStats
+from .store.format import DENSE_NAME
 from .store.convert import convert
 from .store.sources import download
 from .store.store import BundleStore, is_store, read_manifest
@@ -46,11 +48,33 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 super().__init__(args)
                 for i, layer in enumerate(self.layers):
                     layer.mlp = FlashFFN(store, i, stats)
+                inner = getattr(self, "model", None)
+                if hasattr(inner, "embed_tokens"):  # an untied table stays on disk
+                    table = disk_embedding(
+                        store.path / DENSE_NAME,
+                        config,
+                        config.get("vocab_size"),
+                        store.manifest.hidden_size,
+                    )
+                    if table is not None:
+                        inner.embed_tokens = table
+
+            def sanitize(self, weights):
+                if hasattr(super(), "sanitize"):
+                    weights = super().sanitize(weights)
+                if isinstance(disk_table(self), DiskEmbedding):  # never loaded
+                    weights = {k: v for k, v in weights.items() if not k.startswith(PREFIX)}
+                return weights
 
         FlashModel.__name__ = FlashModel.__qualname__ = model_class.__name__
         return FlashModel, args_class
 
     return get_model_classes
+
+
+def disk_table(model: nn.Module):
+    """The model's token embedding module (a DiskEmbedding when it stays on disk)."""
+    return getattr(getattr(model, "model", None), "embed_tokens", None)
 
 
 def default_compute_dtype(model: nn.Module) -> mx.Dtype:
@@ -170,6 +194,12 @@ def load(
         raise FlashError(
             f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
         )
+    # first: its load's transient peak then stacks on nothing the plan holds
+    tokenizer = load_tokenizer(
+        store_path,
+        {"trust_remote_code": trust_remote_code, **(tokenizer_config or {})},
+        eos_token_ids=load_config(store_path).get("eos_token_id"),
+    )
     bundle_bytes = sum(s.bundle_bytes for s in manifest.layers[0].sections)
     tuning = reader_settings(load_probe(store_path), bundle_bytes)
     if threads is not None:
@@ -199,6 +229,8 @@ def load(
         ) from None
     dtype = compute_dtype or default_compute_dtype(model)
     model.set_dtype(dtype)
+    if isinstance(disk_table(model), DiskEmbedding):
+        disk_table(model).compute_dtype = dtype
     budget = parse_budget(dram_budget, store_bytes(store_path))
     model.flash_plan = configure_flash(
         model,
@@ -212,6 +244,7 @@ def load(
         gap,
         recall,
         tuning.gap_bytes,
+        working_bytes(config, manifest.hidden_size, len(model.layers), dtype),
     )
     model.flash_tuning = tuning
     if progress and (budget is not None or selector != "all"):
@@ -220,11 +253,6 @@ def load(
     if adapter_path is not None:
         _load_adapters(model, adapter_path)
     model.flash_store = store
-    tokenizer = load_tokenizer(
-        store_path,
-        {"trust_remote_code": trust_remote_code, **(tokenizer_config or {})},
-        eos_token_ids=config.get("eos_token_id", None),
-    )
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 

@@ -34,7 +34,7 @@ def stores(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predictor")
     (tmp / "text.txt").write_text(TEXT)
     out = {"text": tmp / "text.txt"}
-    for arch in ("llama", "opt"):
+    for arch in ("llama", "opt", "qwen2"):
         make_checkpoint(tmp / arch, arch, **({"seed": 1} if arch == "opt" else {}))
         out[arch] = convert(tmp / arch, tmp / f"{arch}-store", progress=False)
     return out
@@ -44,7 +44,7 @@ def tokens_of(model, tokenizer, n=64, seq_len=16):
     return text_tokens(tokenizer, TEXT, n, seq_len)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2"])  # qwen2: pipeline layers
 def test_layer_by_layer_equals_the_whole_model(stores, arch):
     model, tokenizer = load(str(stores[arch]), progress=False)
     tokens = tokens_of(model, tokenizer)
@@ -129,6 +129,20 @@ def test_training_saves_predictors_into_the_store(trained):
     assert ps.predictors[1].down.weight.shape == (16, 64)
     assert ps.threshold(0, 0.9) == manifest["layers"][0]["thresholds"]["0.9"]
     assert not list(trained.glob("tmp.*"))
+
+
+def test_8bit_predictors_pick_what_float_ones_pick(trained):
+    """Decoding quantizes the predictors to 8 bits: 3.5x less DRAM, the same picks."""
+    full = load_predictors(trained, 64, [128, 128])
+    small = load_predictors(trained, 64, [128, 128], bits=8)
+    assert small.nbytes < full.nbytes  # here only down (64 -> r) has 64-wide groups
+    assert isinstance(small.predictors[0].down, nn.QuantizedLinear)
+    x = mx.random.normal((256, 64), key=mx.random.key(3))
+    for i in range(2):
+        cut = full.threshold(i, 0.9)
+        a, b = full.predictors[i](x) > cut, small.predictors[i](x) > cut
+        agree = (a == b).astype(mx.float32).mean().item()
+        assert agree > 0.97, (i, agree)
 
 
 def test_lowrank_selector_decodes_and_counts_its_cost(trained):

@@ -86,7 +86,7 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
     expected = greedy(roomy)
     plan = roomy.flash_plan
     budget = (
-        plan.dense + plan.staging + plan.scratch + plan.neuron_bytes * 2 * 20
+        plan.total - plan.caches + plan.neuron_bytes * 2 * 20
     )  # 20 slots
     model, _ = load(
         str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
@@ -179,3 +179,19 @@ def test_mmap_reader_computes_the_same(stores):
     direct, _ = load(str(store), selector="gate", fraction=0.5, progress=False)
     assert greedy(model) == greedy(direct)
     assert model.flash_store.reader.stats.bytes > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_plan_holds_the_kv_cache_of_its_first_step(stores, arch):
+    """The plan's working memory covers what decoding allocates beside the weights:
+    mlx-lm's KV cache for its first 256 tokens (and one step's logits)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_flash.budget import WORKING_TOKENS
+
+    model, _ = load(str(stores[arch, "bundled"]), progress=False)
+    cache = make_prompt_cache(model)
+    model(mx.array([PROMPT]), cache=cache)
+    kv = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    assert cache[0].keys.shape[2] == WORKING_TOKENS  # the first step, allocated whole
+    assert kv <= model.flash_plan.working < kv + 64 * 1024

@@ -11,7 +11,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from ..errors import FlashError
 
@@ -160,8 +160,9 @@ def clean_config(d: dict, directory: Path) -> dict:
     return clean(d, True)
 
 
-def check_safetensors(path: Path, fix: str = _RECONVERT) -> None:
-    """Check a safetensors file's header against its size before MLX maps it.
+def check_safetensors(path: Path, fix: str = _RECONVERT) -> Dict[str, Tuple[str, list, int]]:
+    """Check a safetensors file's header against its size before MLX maps it, and
+    return each tensor's (dtype, shape, offset of its first byte in the file).
 
     Every tensor must have a known dtype, a shape of non-negative int32 dimensions,
     and exactly `prod(shape) * itemsize` bytes inside the data section, with no two
@@ -226,3 +227,8 @@ def check_safetensors(path: Path, fix: str = _RECONVERT) -> None:
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
             raise bad(f"tensors {a!r} and {b!r} share bytes")
+    return {
+        name: (t["dtype"], t["shape"], 8 + n + t["data_offsets"][0])
+        for name, t in header.items()
+        if name != "__metadata__"
+    }

@@ -1,0 +1,118 @@
+"""Token embeddings read from the store per token instead of held in DRAM.
+
+A model whose LM head is a matrix of its own (``tie_word_embeddings: false``) uses its
+embedding table only to look up the tokens it is given: one row per token. For
+Qwen2.5-Coder-1.5B that table is 151,936 x 1,536 (139 MiB at 4 bits, a quarter of its
+dense part); read from the dense file per token it costs three reads of a few KiB (the
+row's packed weights, scales and biases) and no DRAM. Tied tables stay in DRAM: the LM
+head reads all of them every token.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import FlashError
+from .store.safety import check_safetensors
+
+PREFIX = "model.embed_tokens."
+_NUMPY = {"U32": np.uint32, "U8": np.uint8, "F32": np.float32, "F16": np.float16}
+_VIEW = {"BF16": (np.uint16, mx.bfloat16)}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One tensor of the table in the file: where its rows start and their size."""
+
+    offset: int
+    row_bytes: int
+    dtype: str
+    width: int
+
+
+class DiskEmbedding(nn.Module):
+    """`nn.Embedding` / `nn.QuantizedEmbedding` whose rows stay in `path`."""
+
+    def __init__(self, path: Path, tensors: Dict[str, Rows], group_size, bits):
+        super().__init__()
+        self._path, self._tensors = Path(path), tensors
+        self._group_size, self._bits = group_size, bits
+        self._fd = os.open(self._path, os.O_RDONLY)
+        self.compute_dtype: Optional[mx.Dtype] = None  # set by `load`
+        self.bytes_read = 0
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def _rows(self, name: str, ids: np.ndarray) -> mx.array:
+        t = self._tensors[name]
+        raw = b"".join(
+            os.pread(self._fd, t.row_bytes, t.offset + int(i) * t.row_bytes)
+            for i in ids
+        )
+        if len(raw) != t.row_bytes * len(ids):
+            raise FlashError("the embedding table is cut short", self._path)
+        self.bytes_read += len(raw)
+        if t.dtype in _VIEW:
+            np_type, mx_type = _VIEW[t.dtype]
+            return mx.array(np.frombuffer(raw, np_type).reshape(len(ids), -1)).view(
+                mx_type
+            )
+        return mx.array(np.frombuffer(raw, _NUMPY[t.dtype]).reshape(len(ids), -1))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        flat = np.array(ids).reshape(-1)  # the token ids, on the host
+        unique, inverse = np.unique(flat, return_inverse=True)
+        weight = self._rows("weight", unique)
+        if "scales" in self._tensors:
+            rows = mx.dequantize(
+                weight,
+                self._rows("scales", unique),
+                self._rows("biases", unique),
+                group_size=self._group_size,
+                bits=self._bits,
+            )
+        else:
+            rows = weight
+        if self.compute_dtype is not None:
+            rows = rows.astype(self.compute_dtype)
+        return rows[mx.array(inverse)].reshape(*ids.shape, -1)
+
+
+def disk_embedding(
+    path: Path, config: dict, vocab: int, dims: int
+) -> Optional[DiskEmbedding]:
+    """A DiskEmbedding for the dense file at `path`, or None where the table must
+    stay in DRAM (tied to the LM head) or is not in the file."""
+    if config.get("tie_word_embeddings", True) is not False:
+        return None
+    header = check_safetensors(path)
+    if PREFIX + "weight" not in header:
+        return None
+    tensors = {}
+    for part in ("weight", "scales", "biases"):
+        if PREFIX + part not in header:
+            continue
+        dtype, shape, offset = header[PREFIX + part]
+        if len(shape) != 2 or shape[0] != vocab or dtype not in {*_NUMPY, *_VIEW}:
+            raise FlashError(
+                f"{PREFIX + part} is {dtype} {shape}, expected {vocab} rows",
+                path,
+                "convert the model again",
+            )
+        itemsize = np.dtype(_NUMPY.get(dtype, np.uint16)).itemsize
+        tensors[part] = Rows(offset, shape[1] * itemsize, dtype, shape[1])
+    quantized = "scales" in tensors
+    if quantized != ("biases" in tensors):
+        raise FlashError("the embedding has scales or biases but not both", path)
+    group_size = bits = None
+    if quantized:
+        group_size = dims // tensors["scales"].width
+        bits = tensors["weight"].width * 32 // dims
+    return DiskEmbedding(path, tensors, group_size, bits)

@@ -1,0 +1,76 @@
+"""Untied token embeddings stay on disk: rows read per token equal the table's."""
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from conftest import make_checkpoint
+
+from mlx_flash import FlashError, convert, load
+from mlx_flash.disk_embedding import DiskEmbedding, disk_embedding
+
+UNTIED = {"tie_word_embeddings": False}
+
+
+def write_table(path, quantized: bool, vocab=50, dims=64):
+    table = mx.random.normal((vocab, dims), key=mx.random.key(1))
+    if quantized:
+        w, s, b = mx.quantize(table, group_size=32, bits=4)
+        weights = {"weight": w, "scales": s, "biases": b}
+        table = mx.dequantize(w, s, b, group_size=32, bits=4)
+    else:
+        weights = {"weight": table.astype(mx.float16)}
+        table = table.astype(mx.float16)
+    mx.save_safetensors(
+        str(path),
+        {"model.embed_tokens." + k: v for k, v in weights.items()}
+        | {"lm_head.weight": mx.zeros((vocab, dims))},
+    )
+    return table
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_rows_equal_the_table(tmp_path, quantized):
+    path = tmp_path / "model.safetensors"
+    table = write_table(path, quantized)
+    emb = disk_embedding(path, UNTIED, 50, 64)
+    ids = mx.array([[3, 7, 3], [49, 0, 7]])
+    assert mx.array_equal(emb(ids), table[ids])
+    assert emb.bytes_read > 0
+
+
+def test_tied_or_missing_tables_stay_in_dram(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_table(path, True)
+    assert disk_embedding(path, {"tie_word_embeddings": True}, 50, 64) is None
+    assert disk_embedding(path, {}, 50, 64) is None  # tied unless said otherwise
+
+
+def test_a_table_of_the_wrong_size_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_table(path, True)
+    with pytest.raises(FlashError, match="expected 51 rows"):
+        disk_embedding(path, UNTIED, 51, 64)
+
+
+def test_a_cut_file_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_table(path, False)
+    emb = disk_embedding(path, UNTIED, 50, 64)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 200)
+    with pytest.raises(FlashError, match="cut short"):
+        emb(mx.array([49]))
+
+
+def test_an_untied_model_keeps_its_table_on_disk(tmp_path):
+    make_checkpoint(tmp_path / "hf", "llama")  # tie_word_embeddings: false
+    store = convert(tmp_path / "hf", tmp_path / "store", ffn_format="q8", progress=False)
+    model, _ = load(str(store), progress=False)
+    table = model.model.embed_tokens
+    assert isinstance(table, DiskEmbedding)
+    params = dict(tree_flatten(model.parameters()))
+    assert not any("embed_tokens" in k for k in params)  # never loaded nor planned
+    assert model.flash_plan.dense == sum(v.nbytes for v in params.values())
+    full = mx.load(str(store / "model.safetensors"))["model.embed_tokens.weight"]
+    ids = mx.array([[1, 5, 9]])
+    assert mx.allclose(table(ids), full[ids].astype(mx.float32))
