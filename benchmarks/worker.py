@@ -201,13 +201,16 @@ def idle_worker(spec: dict) -> dict:
 
         import mlx_flash  # noqa: F401
 
+        from mlx_flash.utils import release_memory
+
         imported = rss_mb()
-        load_tokenizer(Path(spec["path"]))
+        tokenizer = load_tokenizer(Path(spec["path"]))  # noqa: F841 (kept alive)
+        release_memory()  # as mlx_flash.load does after its tokenizer
     else:
         from llama_cpp import Llama
 
         imported = rss_mb()
-        Llama(model_path=spec["path"], vocab_only=True, verbose=False)
+        vocab = Llama(model_path=spec["path"], vocab_only=True, verbose=False)  # noqa: F841
     return {
         "imported_rss_mb": imported,
         "idle_rss_mb": rss_mb(),

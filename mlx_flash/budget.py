@@ -15,6 +15,10 @@ from .store.store import BundleStore
 SLACK = 160 << 20
 # mlx-lm's KV cache grows in steps of this many tokens: the plan holds the first step
 WORKING_TOKENS = 256
+# What decoding adds to a process beyond its arrays: the model's Python objects, the
+# reader's threads, library code paged in by the first token (measured ~10 MiB on
+# Qwen2.5-Coder-0.5B after the tokenizer's load, allocator trimmed)
+RUNTIME = 16 << 20
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Plan:
     resident: int  # gate/fc1 rows kept for the `gate` selector
     predictors: int  # the `lowrank` selector's predictors (8-bit)
     working: int  # decoding beside the weights: the KV cache's first step, logits
+    transient: int  # a layer's neurons decoded for one token (gathered or streamed)
     neuron_bytes: int  # one cached neuron, decoded
     capacity: int  # cache slots per layer
     layers: int
@@ -43,6 +48,8 @@ class Plan:
             + self.resident
             + self.predictors
             + self.working
+            + self.transient
+            + RUNTIME
             + self.caches
         )
 
@@ -52,8 +59,9 @@ class Plan:
         return (
             f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
             f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + predictors "
-            f"{mb(self.predictors)} + working memory {mb(self.working)} (KV cache of "
-            f"{WORKING_TOKENS} tokens, logits) + neuron caches "
+            f"{mb(self.predictors)} + working memory {mb(self.working + self.transient)} "
+            f"(KV cache of {WORKING_TOKENS} tokens, logits, a layer's decoded neurons) "
+            f"+ runtime {mb(RUNTIME)} + neuron caches "
             f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
             f"{mb(self.total)}"
         )
@@ -126,6 +134,7 @@ def plan(
         resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
         predictors=predictors,
         working=working,
+        transient=n_ff * decoded_bytes(cached, dtype),
         neuron_bytes=decoded_bytes(cached, dtype),
         capacity=n_ff,
         layers=len(m.layers),

@@ -17,7 +17,7 @@ import numpy as np
 from .budget import Plan, plan
 from .errors import FlashError
 from .neuron_cache import NeuronCache
-from .predictor import load_predictors
+from .predictor import PREDICTOR_BITS, load_predictors
 from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
 from .stats import FlashStats
 from .store.format import Encoding, Weight, decode_bundles
@@ -208,9 +208,6 @@ def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:
             bits=enc.bits,
         )
     return x @ (w.T if transpose else w)
-
-
-PREDICTOR_BITS = 8  # decoding's predictors: 3.5x smaller than float32, same picks
 
 
 def configure_flash(

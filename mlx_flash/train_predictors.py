@@ -22,7 +22,14 @@ from tqdm import tqdm
 from .blas import prefer_fast_blas
 from .errors import FlashError
 from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
-from .predictor import PredictorSet, save, top_fraction_targets, train_layer
+from .predictor import (
+    PREDICTOR_BITS,
+    PredictorSet,
+    load_predictors,
+    save,
+    top_fraction_targets,
+    train_layer,
+)
 from .utils import load
 
 
@@ -163,9 +170,13 @@ def train(args) -> PredictorSet:
         },
     )
     save(store.path, ps)
+    m = store.manifest
+    runtime = load_predictors(
+        store.path, m.hidden_size, [l.neurons for l in m.layers], bits=PREDICTOR_BITS
+    )
     print(
-        f"[mlx_flash] saved {len(predictors)} predictors ({ps.nbytes / 2**20:.1f} MiB "
-        f"in float32 at run time) into {store.path}"
+        f"[mlx_flash] saved {len(predictors)} predictors into {store.path} "
+        f"({runtime.nbytes / 2**20:.1f} MiB in DRAM at run time, {PREDICTOR_BITS}-bit)"
     )
     return ps
 
