@@ -350,6 +350,8 @@ def run_model(name, args, env) -> dict:
                 }
                 if engine == "flash":
                     spec["options"] = options
+                    if limited and "dram_budget" not in options:
+                        spec["fits"] = budget  # naive: refused, rather than thrash
                 else:
                     spec.update(options)
                 engine_key = "llama_cpp" if engine == "llama_cpp" else "mlx"

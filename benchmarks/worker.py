@@ -6,7 +6,8 @@ SPEC: {"engine": "flash" | "mlx_lm" | "llama_cpp" | "idle_mlx" | "idle_llama_cpp
        "path": store, mlx-lm dir or GGUF (idle: a store or a GGUF, for the tokenizer), "options": mlx_flash.load keywords,
        "dtype": "float32" (mlx-lm; default: the model's own), "tokens": N,
        "max_seconds": stop decoding after this long (at least 1 decode token),
-       "threads": llama.cpp threads}
+       "threads": llama.cpp threads, "fits": a budget in bytes that mlx_flash's
+       plan must fit (naive configurations, which take no budget), else it refuses}
 
 Measured: load time, first-token time (prefill + first token), decode latency per token
 (median, p90), bytes this process read from the block device per decode token
@@ -99,6 +100,12 @@ def mlx_worker(spec: dict) -> dict:
         # the paper's hybrid is `all` under a budget: the runtime caches what fits
         hybrid = options.pop("hybrid", False)
         model, tokenizer = mlx_flash.load(spec["path"], progress=False, **options)
+        fits = spec.get("fits")  # naive has no budget of its own: it must fit this one
+        if fits and model.flash_plan.total > fits:
+            raise SystemExit(
+                f"needs {model.flash_plan.total / 2**20:.0f} MiB (dense part, buffers, "
+                f"one layer, working memory): more than the {fits / 2**20:.0f} MiB budget"
+            )
     mx.eval(model.parameters())
     load_s = time.perf_counter() - tic
     loaded, load_peak = rss_mb(), peak_rss_mb()  # where the memory beyond a plan goes
