@@ -26,6 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .default_model import DEFAULT_MODEL, default_model_path
+from .blas import prefer_fast_blas
 from .errors import FlashError
 from .generate import add_flash_args, load_kwargs
 from .stats import FlashStats
@@ -78,6 +79,8 @@ class FlashChatUI(ChatUI):
 
 
 def main(argv=None):
+    if argv is None:  # a command, not a call from Python
+        prefer_fast_blas(hint=False)
     args = setup_arg_parser().parse_args(argv)
     try:
         run(args)

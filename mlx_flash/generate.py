@@ -15,6 +15,7 @@ from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .default_model import DEFAULT_MODEL, default_model_path
+from .blas import prefer_fast_blas
 from .errors import FlashError
 from .selectors import SELECTORS
 from .utils import load
@@ -132,6 +133,8 @@ def check_applicable(args) -> None:
 
 
 def main(argv=None):
+    if argv is None:  # a command, not a call from Python
+        prefer_fast_blas(hint=False)
     args = setup_arg_parser().parse_args(argv)
     try:
         check_applicable(args)

@@ -36,6 +36,7 @@ from mlx_lm.utils import load as mlx_load
 
 from .chat import MODEL_HELP
 from .default_model import default_model_path
+from .blas import prefer_fast_blas
 from .errors import FlashError
 from .generate import add_flash_args, load_kwargs
 from .server_checks import (
@@ -382,6 +383,8 @@ def make_server(args) -> FlashHTTPServer:
 
 
 def main(argv=None):
+    if argv is None:  # a command, not a call from Python
+        prefer_fast_blas(hint=False)
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
