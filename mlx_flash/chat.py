@@ -27,7 +27,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .default_model import DEFAULT_MODEL, default_model_path
 from .blas import prefer_fast_blas
-from .errors import FlashError
+from .errors import exit_on_error
 from .generate import add_flash_args, load_kwargs
 from .stats import FlashStats
 from .utils import load
@@ -83,10 +83,8 @@ def main(argv=None):
         prefer_fast_blas(hint=False)
     args = setup_arg_parser().parse_args(argv)
     try:
-        run(args)
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_error():
+            run(args)
     except KeyboardInterrupt:  # while loading: no session yet
         sys.exit(130)
 

@@ -1,9 +1,8 @@
 """`python -m mlx_flash.convert`: a model -> a flash bundle store."""
 
 import argparse
-import sys
 
-from .errors import FlashError
+from .errors import exit_on_error
 from .store.convert import LAYOUTS, convert
 
 FORMATS = ["auto", "float16", "bfloat16", "float32", "q4", "q8"]
@@ -72,7 +71,7 @@ def main(argv=None) -> None:
     source = args.source or args.hf_path
     if source is None:
         setup_arg_parser().error("give a SOURCE (or --hf-path)")
-    try:
+    with exit_on_error():
         out = convert(
             source,
             args.out,
@@ -85,9 +84,6 @@ def main(argv=None) -> None:
             revision=args.revision,
             progress=not args.quiet,
         )
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"[mlx_flash] wrote {out}")
 
 

@@ -1,7 +1,9 @@
 """The one exception mlx_flash raises for bad input."""
 
+import contextlib
+import sys
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 
 class FlashError(Exception):
@@ -48,3 +50,13 @@ class ReadError(FlashError):
     ):
         super().__init__(message, path, fix)
         self.offset, self.layer, self.neurons = offset, layer, neurons
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """A command's body: a FlashError ends the process with its message, status 2."""
+    try:
+        yield
+    except FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

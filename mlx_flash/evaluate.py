@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .blas import prefer_fast_blas
-from .errors import FlashError
+from .errors import FlashError, exit_on_error
 from .layerwise import (
     Lane,
     float_weights,
@@ -374,11 +374,8 @@ def main(argv=None):
     if argv is None:  # a command, not a call from Python
         prefer_fast_blas()
     args = setup_arg_parser().parse_args(argv)
-    try:
+    with exit_on_error():
         evaluate(args)
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .default_model import DEFAULT_MODEL, default_model_path
 from .blas import prefer_fast_blas
-from .errors import FlashError
+from .errors import FlashError, exit_on_error
 from .selectors import SELECTORS
 from .utils import load
 
@@ -136,12 +136,9 @@ def main(argv=None):
     if argv is None:  # a command, not a call from Python
         prefer_fast_blas(hint=False)
     args = setup_arg_parser().parse_args(argv)
-    try:
+    with exit_on_error():
         check_applicable(args)
         run(args)
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run(args) -> None:

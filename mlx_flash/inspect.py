@@ -7,9 +7,8 @@ and all alignment padding against zeros, and the predictors (if any) against the
 """
 
 import argparse
-import sys
 
-from .errors import FlashError
+from .errors import exit_on_error
 from .predictor import MANIFEST_NAME as PREDICTORS
 from .predictor import load_predictors
 from .store.store import BundleStore
@@ -54,7 +53,7 @@ def main(argv=None) -> None:
         "runs only the cheap checks done at every load)",
     )
     args = parser.parse_args(argv)
-    try:
+    with exit_on_error():
         store = BundleStore(args.store)
         print(describe(store))
         if args.verify:
@@ -69,9 +68,6 @@ def main(argv=None) -> None:
                 load_predictors(store.path, m.hidden_size, neurons)
                 print("verified: the predictors match their checksum and the model")
         store.close()
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from mlx_lm.utils import load as mlx_load
 from .chat import MODEL_HELP
 from .default_model import default_model_path
 from .blas import prefer_fast_blas
-from .errors import FlashError
+from .errors import FlashError, exit_on_error
 from .generate import add_flash_args, load_kwargs
 from .server_checks import (
     MAX_BODY_BYTES,
@@ -390,11 +390,8 @@ def main(argv=None):
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s - %(levelname)s - %(message)s",
     )
-    try:
+    with exit_on_error():
         server = make_server(args)
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     host, port = server.server_address[:2]
     model = server.response_generator.model_provider.model_id
     log.info(f"serving {model} on http://{host}:{port}, one request at a time")

@@ -10,7 +10,6 @@ each token's top `--fraction` of neurons by |act(gate) * up| (no exact zeros the
 
 import argparse
 import hashlib
-import sys
 from pathlib import Path
 from typing import List
 
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .blas import prefer_fast_blas
-from .errors import FlashError
+from .errors import FlashError, exit_on_error
 from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
 from .predictor import (
     PREDICTOR_BITS,
@@ -185,11 +184,8 @@ def main(argv=None):
     if argv is None:  # a command, not a call from Python
         prefer_fast_blas()
     args = setup_arg_parser().parse_args(argv)
-    try:
+    with exit_on_error():
         train(args)
-    except FlashError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
