@@ -20,6 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from run import STORES  # noqa: E402  (the same six stores as the full table)
+
 WORKER = str(Path(__file__).parent / "worker.py")
 # name: (store, load options)
 CONFIGS = {
@@ -78,14 +81,6 @@ CONFIGS = {
         "fp16-split",
         {"selector": "gate", "fraction": 0.25},
     ),
-}
-STORES = {  # name: convert options
-    "q4-bundled": {"ffn_format": "q4", "group_size": 32},
-    "q4-gate": {"ffn_format": "q4", "group_size": 32, "layout": "gate"},
-    "q4-split": {"ffn_format": "q4", "group_size": 32, "layout": "split"},
-    "fp16-bundled": {"ffn_format": "float16"},
-    "fp16-gate": {"ffn_format": "float16", "layout": "gate"},
-    "fp16-split": {"ffn_format": "float16", "layout": "split"},
 }
 
 

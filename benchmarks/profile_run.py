@@ -1,7 +1,7 @@
 """Where a decoding run's time goes: one worker run (benchmarks/worker.py) under py-spy,
 summarised by function (self and total time) from its collapsed stacks.
 
-    python benchmarks/profile.py STORE [--options '{"selector": "lowrank", ...}']
+    python benchmarks/profile_run.py STORE [--options '{"selector": "lowrank", ...}']
         [--tokens 64] [--out benchmarks/results/profile-NAME]
 
 Writes OUT.txt (collapsed stacks, for flame-graph tools) and OUT.md (the top

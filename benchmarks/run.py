@@ -18,6 +18,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -187,8 +188,6 @@ def probe() -> dict:
 def probe_gbps(probes: list, size: float):
     """The disk's random-read GB/s at reads of `size` bytes (16 threads), median of
     the round probes, interpolated in log(size) between the probed sizes."""
-    import math
-
     values = []
     for p in probes:
         for side in ("before", "after"):
