@@ -28,6 +28,16 @@ MANIFEST_NAME = "flash_config.json"
 BUNDLES_NAME = "ffn.bundles"
 DENSE_NAME = "model.safetensors"
 
+# what `convert --ffn-format/--down-format` accept: the source's own, a float dtype,
+# MLX affine quantization at these bits, or MLX's float quantization modes
+AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
+FLOAT_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}  # bits, group
+FFN_FORMATS = (
+    ("auto", "float16", "bfloat16", "float32")
+    + tuple(f"q{b}" for b in AFFINE_BITS)
+    + tuple(FLOAT_MODES)
+)
+
 ACTIVATIONS = ("silu", "gelu", "gelu_approx", "relu")  # what FlashFFN computes
 FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 _HEADER = struct.Struct(

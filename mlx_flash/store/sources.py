@@ -7,7 +7,7 @@ Face names (quantized ones as MLX affine triples), and tokenizer files.
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 import mlx.core as mx
 
@@ -30,6 +30,19 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
+class Origin(NamedTuple):
+    """Where one tensor's values came from, and whether they are the source's own.
+
+    `kind` is the source's type ("Q5_0", "Q6_K", "F16", "bfloat16", "affine q4 g64",
+    "mxfp4 g32"); `exact` is True when the weights as read equal the source's values
+    bit for bit; `note` names the lossy step when they do not.
+    """
+
+    kind: str
+    exact: bool = True
+    note: str = ""
+
+
 @dataclass
 class Source:
     path: Path
@@ -37,6 +50,8 @@ class Source:
     config: dict
     weights: Dict[str, mx.array]
     tokenizer_files: Dict[str, bytes] = field(default_factory=dict)
+    # keyed by tensor base name ("model.layers.0.mlp.gate_proj": no .weight/.scales)
+    origins: Dict[str, Origin] = field(default_factory=dict)
 
 
 def open_source(
