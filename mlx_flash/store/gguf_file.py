@@ -1,9 +1,11 @@
 """Read a GGUF file into Hugging Face form for MLX: config, weights and tokenizer.
 
-Quantized tensors come out in MLX's affine layout (``weight``/``scales``/``biases``,
-group size 32) so that ``mlx_lm.utils.load_model`` builds ``QuantizedLinear`` and
-``QuantizedEmbedding`` from them. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K map onto that
-layout exactly; other types are dequantized and re-quantized to 8 bits.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K tensors map exactly onto MLX's affine
+layout (``weight``/``scales``/``biases``, group size 32, 4, 5 or 8 bits), so that
+``mlx_lm.utils.load_model`` builds ``QuantizedLinear`` and ``QuantizedEmbedding`` from
+them. Other types (Q6_K's 16-wide groups, Q2_K, Q3_K, IQ*, TQ*) have no exact affine
+form: the `gguf` package dequantizes them and they are stored as floats (float16 by
+default). Each tensor's `Origin` says which happened.
 """
 
 import math
@@ -11,17 +13,25 @@ import mmap
 import re
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FlashError
-from .gguf_quants import pack_codes, unpack_legacy, unpack_q4_k
+from .gguf_quants import (
+    EXACT_BITS,
+    FLOAT_DTYPES,
+    affine_dtype,
+    dequantize_rows,
+    pack_codes,
+    unpack,
+)
 from .gguf_tokenizer import eos_token_ids, tokenizer_files
+from .sources import Origin
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 GROUP_SIZE = 32
@@ -34,9 +44,7 @@ _STRING, _ARRAY = 8, 9
 
 Q = GGMLQuantizationType
 _FLOATS = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}
-_NATIVE = {Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q8_0}  # what mx.load reads itself
 _PARTS = ("weight", "scales", "biases")  # MLX's affine quantized layout
-_EXACT_BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q4_K: 4}
 
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -85,11 +93,16 @@ class GGUFModel:
         weights: Hugging Face tensor names to arrays, quantized ones in MLX's
             affine layout.
         tokenizer_files: file name to text, e.g. ``"tokenizer.json"``.
+        origins: each tensor's GGML type and whether its values are the file's own,
+            keyed by Hugging Face name without ``.weight``
+            (``"model.layers.0.mlp.gate_proj"``, ``"model.norm"``,
+            ``"model.layers.0.self_attn.q_proj.bias"``).
     """
 
     config: dict
     weights: Dict[str, mx.array]
     tokenizer_files: Dict[str, str]
+    origins: Dict[str, Origin] = field(default_factory=dict)
 
 
 class TensorInfo(NamedTuple):
@@ -190,8 +203,8 @@ def _tensor_info(name: str, shape: tuple, qtype: int, offset: int) -> TensorInfo
     qtype = GGMLQuantizationType(qtype)
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     n = math.prod(shape)
-    if n % block:
-        raise ValueError(f"{name}: {n} values is not a whole number of blocks")
+    if not shape or shape[-1] % block:
+        raise ValueError(f"{name}: rows of {shape[-1:]} values are not whole blocks")
     return TensorInfo(name, shape, qtype, offset, n // block * block_bytes)
 
 
@@ -221,54 +234,84 @@ def hf_name(name: str, arch: str) -> str:
     return f"model.layers.{m.group(1)}.{module}.{suffix}"
 
 
-def _convert(info: TensorInfo, buf) -> Dict[str, mx.array]:
-    """One GGUF tensor as MLX arrays, keyed by suffix (weight, scales, biases)."""
+def _convert(
+    info: TensorInfo, buf, float_dtype: str
+) -> Tuple[Dict[str, mx.array], Origin]:
+    """One GGUF tensor as MLX arrays keyed by suffix (weight, scales, biases), and
+    where its values came from."""
     raw = np.frombuffer(buf, np.uint8, info.nbytes, info.offset)
+    kind = info.qtype.name
     if info.qtype in _FLOATS:
         w = mx.array(raw.view(_FLOATS[info.qtype]).reshape(info.shape))
-        return {"weight": w.view(mx.bfloat16) if info.qtype == Q.BF16 else w}
-    rows = raw.reshape(-1, info.nbytes // int(np.prod(info.shape[:-1])))
-    if info.qtype in _EXACT_BITS and len(info.shape) == 2:
+        w = w.view(mx.bfloat16) if info.qtype == Q.BF16 else w
+        return {"weight": w}, Origin(kind)
+    rows = raw.reshape(-1, info.nbytes // math.prod(info.shape[:-1]))
+    if info.qtype in EXACT_BITS and len(info.shape) == 2:
         blocks = rows.reshape(rows.shape[0], -1, GGML_QUANT_SIZES[info.qtype][1])
-        if info.qtype == Q.Q4_K:
-            codes, scales, biases = unpack_q4_k(blocks)
-        else:
-            codes, scales, biases = unpack_legacy(blocks, info.qtype)
-        arrays = pack_codes(codes, _EXACT_BITS[info.qtype]), scales, biases
-        return dict(zip(_PARTS, map(mx.array, arrays), strict=True))
+        codes, scales, biases = unpack(blocks, info.qtype)
+        dtype = affine_dtype(scales, biases)
+        packed = pack_codes(codes, EXACT_BITS[info.qtype])
+        arrays = packed, scales.astype(dtype), biases.astype(dtype)
+        return dict(zip(_PARTS, map(mx.array, arrays), strict=True)), Origin(kind)
     try:
-        w = quants.dequantize(rows, info.qtype).reshape(info.shape)
+        w, exact = dequantize_rows(rows, info.qtype, float_dtype)
     except (NotImplementedError, KeyError, ValueError) as e:
         raise FlashError(
-            f"tensor {info.name!r} has unsupported type {info.qtype.name}",
-            fix="use a GGUF quantized as Q4_0/Q4_1/Q8_0/K-quants, or F16/F32",
+            f"tensor {info.name!r} has unsupported type {kind}",
+            fix="use a GGUF of a type the gguf package can dequantize (Q4_0, Q5_0, "
+            "Q8_0, K-quants, IQ types, ...), or F16/F32",
         ) from e
-    if len(info.shape) != 2:
-        return {"weight": mx.array(w)}
-    return dict(zip(_PARTS, mx.quantize(mx.array(w), GROUP_SIZE, bits=8), strict=True))
-
-
-def _read_tensors(path: Path, buf, tensors: List[TensorInfo]) -> Dict[str, mx.array]:
-    """All tensors under GGUF names, ``.scales``/``.biases`` beside quantized ones."""
-    if all(t.qtype in _NATIVE for t in tensors):
-        return mx.load(str(path))
-    out = {}
-    for t in tensors:
-        base = t.name.rpartition(".")[0] if t.name.endswith(".weight") else t.name
-        for suffix, a in _convert(t, buf).items():
-            out[t.name if suffix == "weight" else f"{base}.{suffix}"] = a
-    return out
-
-
-def quant_bits(weights: Dict[str, mx.array]) -> Counter:
-    """How many quantized tensors use each bit width (from the packed shapes)."""
-    scales = {
-        k[: -len(".scales")]: v for k, v in weights.items() if k.endswith("scales")
-    }
-    return Counter(
-        weights[f"{k}.weight"].shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
-        for k, s in scales.items()
+    w = mx.array(w.reshape(info.shape))
+    if float_dtype == "bfloat16":
+        w = w.view(mx.bfloat16)
+    rounded = "" if exact else " and rounded"
+    return {"weight": w}, Origin(
+        kind, exact, f"{kind} dequantized{rounded} to {float_dtype}"
     )
+
+
+def _read_tensors(
+    buf, tensors: List[TensorInfo], float_dtype: str
+) -> Tuple[Dict[str, mx.array], Dict[str, Origin]]:
+    """All tensors under GGUF names, ``.scales``/``.biases`` beside quantized ones,
+    and each tensor's origin under its GGUF name."""
+    out, origins = {}, {}
+    for t in tensors:
+        base = t.name.removesuffix(".weight")
+        arrays, origins[t.name] = _convert(t, buf, float_dtype)
+        for suffix, a in arrays.items():
+            out[t.name if suffix == "weight" else f"{base}.{suffix}"] = a
+    return out, origins
+
+
+def quant_layout(weights: Dict[str, mx.array]) -> Dict[str, int]:
+    """The bit width of each quantized module (from the packed shapes), by name."""
+    layout = {}
+    for k, scales in weights.items():
+        if k.endswith(".scales"):
+            module, cols = k.removesuffix(".scales"), scales.shape[-1] * GROUP_SIZE
+            layout[module] = weights[f"{module}.weight"].shape[-1] * 32 // cols
+    return layout
+
+
+def quantization_config(weights: Dict[str, mx.array]) -> Optional[dict]:
+    """mlx-lm's ``config["quantization"]`` for these weights, or None if none is
+    quantized: the most common bit width, and an entry for each module of another.
+
+    Modules without ``.scales`` (float tensors) need no entry: mlx-lm's
+    ``load_model`` quantizes only modules whose ``.scales`` it finds.
+    """
+    layout = quant_layout(weights)
+    if not layout:
+        return None
+
+    def params(bits: int) -> dict:
+        return {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
+
+    common = Counter(layout.values()).most_common(1)[0][0]
+    quantization = params(common)
+    quantization.update({m: params(b) for m, b in layout.items() if b != common})
+    return quantization
 
 
 def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
@@ -339,14 +382,20 @@ def build_config(meta: dict, weights: Dict[str, mx.array]) -> dict:
                 config["max_position_embeddings"],
             ),
         }
-    if bits := quant_bits(weights):
-        quantization = {"group_size": GROUP_SIZE, "bits": bits.most_common(1)[0][0]}
-        config["quantization"] = quantization
+    config["quantization"] = quantization_config(weights)
     return {k: v for k, v in config.items() if v is not None}
 
 
 def to_hf(weights: Dict[str, mx.array], arch: str) -> Dict[str, mx.array]:
-    """Rename GGUF tensors to Hugging Face names; undo Gemma's stored ``1 + w``."""
+    """Rename GGUF tensors to Hugging Face names; undo Gemma's stored ``1 + w``.
+
+    Args:
+        weights: the tensors under their GGUF names.
+        arch: the GGUF ``general.architecture``.
+
+    Returns:
+        The tensors under their Hugging Face names.
+    """
     out = {hf_name(k, arch): v for k, v in weights.items()}
     if arch == "gemma3":  # every gemma3_text RMSNorm multiplies by (1 + weight)
         for k in [k for k in out if k.endswith("norm.weight")]:
@@ -354,19 +403,31 @@ def to_hf(weights: Dict[str, mx.array], arch: str) -> Dict[str, mx.array]:
     return out
 
 
-def read_gguf(path: Union[str, Path]) -> GGUFModel:
+def read_gguf(path: Union[str, Path], float_dtype: str = "float16") -> GGUFModel:
     """Read a GGUF file into a Hugging Face config, MLX weights and tokenizer files.
+
+    Tensors of the types in `gguf_quants.EXACT_BITS` become MLX affine triples, bit
+    for bit; F32/F16/BF16 tensors stay as they are; any other type is dequantized by
+    the `gguf` package and stored in `float_dtype`.
 
     Args:
         path: the ``.gguf`` file.
+        float_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` (the `gguf`
+            package's values bit for bit) for the types with no exact affine form.
 
     Returns:
-        The model as a :class:`GGUFModel`.
+        The model as a :class:`GGUFModel`, with each tensor's `Origin`.
 
     Raises:
         FlashError: if the file is missing, corrupt, of an unsupported architecture
             or holds an unsupported tensor type or name.
     """
+    if float_dtype not in FLOAT_DTYPES:
+        raise FlashError(
+            f"unknown float dtype {float_dtype!r} for the GGUF types without an "
+            "exact MLX form",
+            fix="use " + ", ".join(FLOAT_DTYPES),
+        )
     path = Path(path)
     if not path.is_file():
         raise FlashError("no such GGUF file", path=path)
@@ -383,7 +444,11 @@ def read_gguf(path: Union[str, Path]) -> GGUFModel:
             path=path,
         )
     try:
-        weights = to_hf(_read_tensors(path, buf, tensors), arch)
+        weights, origins = _read_tensors(buf, tensors, float_dtype)
+        weights = to_hf(weights, arch)
+        origins = {
+            hf_name(k, arch).removesuffix(".weight"): o for k, o in origins.items()
+        }
         config = build_config(meta, weights)
         files = tokenizer_files(meta)
     except FlashError as e:
@@ -392,9 +457,7 @@ def read_gguf(path: Union[str, Path]) -> GGUFModel:
         raise FlashError(  # metadata of the wrong type, tensors of impossible shapes
             f"corrupt GGUF ({type(e).__name__}: {e})", path, _REDOWNLOAD
         ) from None
-    except RuntimeError as e:  # MLX's own GGUF reader refused the file
-        raise FlashError(f"corrupt GGUF ({e})", path, _REDOWNLOAD) from None
-    return GGUFModel(config, weights, files)
+    return GGUFModel(config, weights, files, origins)
 
 
 _REDOWNLOAD = "download the GGUF file again (an incomplete download?)"

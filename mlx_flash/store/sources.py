@@ -55,12 +55,14 @@ class Source:
 
 
 def open_source(
-    path_or_repo: Union[str, Path], revision: Optional[str] = None
+    path_or_repo: Union[str, Path],
+    revision: Optional[str] = None,
+    float_dtype: str = "float16",
 ) -> Source:
     """Read a model from a local directory, a GGUF file or a Hugging Face hub id."""
     path = Path(path_or_repo).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _open_gguf(path)
+        return _open_gguf(path, float_dtype)
     if path.is_dir():
         return _open_dir(path)
     if path.exists():
@@ -127,14 +129,15 @@ def _open_dir(path: Path) -> Source:
     return Source(path, kind, config, weights, tokenizer)
 
 
-def _open_gguf(path: Path) -> Source:
+def _open_gguf(path: Path, float_dtype: str = "float16") -> Source:
     from .gguf_file import read_gguf
 
-    g = read_gguf(path)
+    g = read_gguf(path, float_dtype)
     files = {
         k: v.encode() if isinstance(v, str) else v for k, v in g.tokenizer_files.items()
     }
-    return Source(path, "gguf", g.config, normalize_names(g.config, g.weights), files)
+    weights = normalize_names(g.config, g.weights)  # renames OPT only: not a GGUF arch
+    return Source(path, "gguf", g.config, weights, files, g.origins)
 
 
 def normalize_names(config: dict, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
