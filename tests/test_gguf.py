@@ -28,7 +28,7 @@ from mlx_flash.store.gguf_quants import (
     unpack,
     unpack_q5_k,
 )
-from mlx_flash.store.sources import Origin
+from mlx_flash.store.sources import Origin, open_source
 
 # A real checkpoint (../shared/MODELS.md); its test skips when it is not installed. The
 # Q4_K_M models are tests/test_real_gguf.py's.
@@ -525,6 +525,41 @@ def test_unsupported_tensor_type(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", "llama", tensors)
     with pytest.raises(FlashError, match="token_embd.weight.*Q8_K"):
         read_gguf(path)
+
+
+def test_rows_must_be_whole_blocks(tmp_path):
+    raw = quants.quantize(np.ones((2, 64), np.float32), Q.Q8_0)
+    path = write_gguf(
+        tmp_path / "m.gguf", "llama", {"token_embd.weight": (raw, Q.Q8_0)}
+    )
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_embd.weight") + len("token_embd.weight") + 4
+    assert int.from_bytes(data[at : at + 8], "little") == 64  # the row length
+    data[at : at + 8] = (48).to_bytes(8, "little")
+    path.write_bytes(data)
+    with pytest.raises(FlashError, match="token_embd.weight: rows of 48 values"):
+        read_gguf(path)
+
+
+def test_float_dtype_is_checked(tmp_path):
+    model, config, params = tiny_model("llama")
+    path = write_gguf(
+        tmp_path / "m.gguf", "llama", to_gguf_tensors(params, config, "llama")
+    )
+    with pytest.raises(FlashError, match="(?s)float8.*fix: use float16, bfloat16, float32"):
+        read_gguf(path, float_dtype="float8")
+
+
+def test_open_source_passes_float_dtype_and_origins(mixed_gguf):
+    path, _ = mixed_gguf
+    name = "model.layers.0.mlp.down_proj"  # Q6_K
+    source = open_source(path, float_dtype="float32")
+    assert source.origins == read_gguf(path, float_dtype="float32").origins
+    assert source.origins[name] == Origin("Q6_K", True, "Q6_K dequantized to float32")
+    assert source.weights[f"{name}.weight"].dtype == mx.float32
+    default = open_source(path)
+    assert not default.origins[name].exact
+    assert default.weights[f"{name}.weight"].dtype == mx.float16
 
 
 def test_unknown_tensor_name(tmp_path):

@@ -202,10 +202,12 @@ def read_header(buf, path: Path) -> Tuple[dict, List[TensorInfo]]:
 def _tensor_info(name: str, shape: tuple, qtype: int, offset: int) -> TensorInfo:
     qtype = GGMLQuantizationType(qtype)
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    n = math.prod(shape)
-    if not shape or shape[-1] % block:
-        raise ValueError(f"{name}: rows of {shape[-1:]} values are not whole blocks")
-    return TensorInfo(name, shape, qtype, offset, n // block * block_bytes)
+    row = shape[-1] if shape else 1
+    if row % block:  # ggml quantizes rows, a whole number of blocks each
+        raise ValueError(f"{name}: rows of {row} values are not whole blocks")
+    return TensorInfo(
+        name, shape, qtype, offset, math.prod(shape) // block * block_bytes
+    )
 
 
 def hf_name(name: str, arch: str) -> str:
