@@ -546,7 +546,9 @@ def test_float_dtype_is_checked(tmp_path):
     path = write_gguf(
         tmp_path / "m.gguf", "llama", to_gguf_tensors(params, config, "llama")
     )
-    with pytest.raises(FlashError, match="(?s)float8.*fix: use float16, bfloat16, float32"):
+    with pytest.raises(
+        FlashError, match="(?s)float8.*fix: use float16, bfloat16, float32"
+    ):
         read_gguf(path, float_dtype="float8")
 
 
