@@ -24,6 +24,7 @@ from mlx_lm.generate import generate_step
 
 import mlx_flash
 from mlx_flash.store.convert import convert
+from mlx_flash.store.format import DENSE_NAME
 from mlx_flash.store.gguf_file import hf_name, read_header
 from mlx_flash.store.gguf_quants import EXACT_BITS
 from mlx_flash.store.store import BundleStore
@@ -145,8 +146,9 @@ def assert_source_values(got: np.ndarray, qtype, expected: np.ndarray, name: str
 
 
 def test_dense_part_is_the_gguf_values(converted):
-    """The store's model.safetensors: every non-FFN tensor of the file."""
-    dense = triples(mx.load(str(converted.store / "model.safetensors")))
+    """The store's dense part (ASSUMED: one safetensors file, `DENSE_NAME`, as in
+    v1): every non-FFN tensor of the file."""
+    dense = triples(mx.load(str(converted.store / DENSE_NAME)))
     expected = {k for k in converted.reference if k.rsplit(".", 2)[-2] not in FFN}
     assert set(dense) == expected
     for name, w in dense.items():
@@ -213,7 +215,7 @@ def test_dense_out_holds_what_the_store_computes_with(converted):
     """--dense-out: the store's dense tensors as they are, and its FFN exactly as the
     store's rows hold it (down included, in whatever form expresses it)."""
     dense_out = mx.load(str(converted.dense / "model.safetensors"))
-    store_dense = mx.load(str(converted.store / "model.safetensors"))
+    store_dense = mx.load(str(converted.store / DENSE_NAME))
     ffn = triples({k: v for k, v in dense_out.items() if k.rsplit(".", 2)[-2] in FFN})
     assert set(dense_out) - set(store_dense) == {
         k for k in dense_out if k.rsplit(".", 2)[-2] in FFN
