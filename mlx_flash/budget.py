@@ -31,13 +31,13 @@ class Plan:
     predictors: int  # the `lowrank` selector's predictors (8-bit)
     working: int  # decoding beside the weights: the KV cache's first step, logits
     transient: int  # a layer's neurons in flight for one token (`in_flight_bytes`)
-    neuron_bytes: int  # one cached neuron, decoded
+    neuron_bytes: int  # one cached neuron of every layer, decoded (layers may differ)
     capacity: int  # cache slots per layer
     layers: int
 
     @property
     def caches(self) -> int:
-        return self.neuron_bytes * self.capacity * self.layers
+        return self.neuron_bytes * self.capacity
 
     @property
     def total(self) -> int:
@@ -68,14 +68,13 @@ class Plan:
 
 
 def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
-    """Bytes of one neuron's components once decoded (packed words kept, floats in
-    the compute dtype)."""
+    """Bytes of one neuron's components once decoded (packed words and the float
+    modes' uint8 scales kept, floats in the compute dtype)."""
     total = 0
     for c in components:
         for part, size in c.encoding.parts(c.length):
-            total += (
-                size if part == "packed" else size // c.encoding.itemsize * dtype.size
-            )
+            kept = part == "packed" or c.encoding.dtype == "uint8"
+            total += size if kept else size // c.encoding.itemsize * dtype.size
     return total
 
 
@@ -89,7 +88,7 @@ def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
         size
         for c in components
         for part, size in c.encoding.parts(c.length)
-        if part != "packed"
+        if part != "packed" and c.encoding.dtype != "uint8"
     )
     return stored + converted + decoded_bytes(components, dtype)
 
@@ -132,37 +131,42 @@ def plan(
     store: BundleStore,
     budget: Optional[int],
     dense: int,
-    cached: List[Component],
-    resident: List[Component],
+    cached: List[List[Component]],
+    resident: List[List[Component]],
     dtype: mx.Dtype,
     predictors: int = 0,
     working: int = 0,
 ) -> Plan:
-    """Size the neuron caches so that everything fits `budget` (bytes, or None)."""
+    """Size the neuron caches so that everything fits `budget` (bytes, or None).
+
+    `cached` and `resident` are each layer's components (layers may be encoded
+    differently); every layer gets the same number of cache slots."""
     m = store.manifest
     n_ff = max(layer.neurons for layer in m.layers)
+    neurons = [layer.neurons for layer in m.layers]
     p = Plan(
         budget=budget,
         dense=dense,
         staging=len(store.reader.buffer),
-        scratch=n_ff * sum(c.nbytes for c in cached),
-        resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
+        scratch=n_ff * max(sum(c.nbytes for c in cs) for cs in cached),
+        resident=sum(n * decoded_bytes(cs, dtype) for n, cs in zip(neurons, resident)),
         predictors=predictors,
         working=working,
-        transient=n_ff * in_flight_bytes(cached, dtype),
-        neuron_bytes=decoded_bytes(cached, dtype),
+        transient=n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
+        neuron_bytes=sum(decoded_bytes(cs, dtype) for cs in cached),
         capacity=n_ff,
         layers=len(m.layers),
     )
     if budget is None:
         return p
     room = budget - (p.total - p.caches)
-    p.capacity = min(n_ff, max(0, room) // (p.neuron_bytes * p.layers))
+    p.capacity = min(n_ff, max(0, room) // p.neuron_bytes)
     if p.capacity < 1:
-        minimum = p.total - p.caches + p.neuron_bytes * p.layers
+        minimum = p.total - p.caches + p.neuron_bytes
         raise FlashError(
             f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
-            f"buffers, working memory, predictors and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
+            "buffers, working memory, predictors and resident rows alone need "
+            f"{(minimum - p.neuron_bytes) / 2**20:.0f} MiB",
             store.path,
             f"give --dram-budget of at least {minimum / 2**20:.0f} MiB (one neuron per "
             "layer), or use a store with a smaller dense part",

@@ -22,8 +22,9 @@ from .sparse_ffn import FlashFFN, configure_flash
 from .stats import FlashStats
 from .store.format import DENSE_NAME
 from .store.convert import convert
+from .store.aligned_safetensors import without_pads
 from .store.sources import download
-from .store.store import BundleStore, is_store, read_manifest
+from .store.store import BundleStore, is_current, is_store, read_manifest
 
 
 def get_classes(config: dict):
@@ -62,6 +63,7 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                         inner.embed_tokens = table
 
             def sanitize(self, weights):
+                weights = without_pads(weights)  # the dense part's alignment
                 if hasattr(super(), "sanitize"):
                     weights = super().sanitize(weights)
                 if isinstance(disk_table(self), DiskEmbedding):  # never loaded
@@ -125,13 +127,14 @@ def resolve_store(
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(f"{path}|{stamp}".encode()).hexdigest()[:12]
     target = cache_root() / "stores" / f"{path.stem}-{key}"
-    if not is_store(target):
+    if not is_store(target) or not is_current(target):
+        # (a store of an older format in the cache is converted again, from its source)
         if progress:
             print(f"[mlx_flash] converting {path} into {target} (once)", flush=True)
         try:
             convert(path, target, overwrite=target.exists(), progress=progress)
         except FlashError:
-            if not is_store(target):  # another process may have finished it first
+            if not is_current(target):  # another process may have finished it first
                 raise
     return target
 

@@ -7,11 +7,12 @@ Face names (quantized ones as MLX affine triples), and tokenizer files.
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional, Union
+from typing import Dict, Optional, Union
 
 import mlx.core as mx
 
 from ..errors import FlashError
+from .encoding import Origin  # noqa: F401  (re-exported: sources fill it)
 from .safety import check_safetensors, read_json_object
 
 TOKENIZER_FILES = (
@@ -28,19 +29,6 @@ TOKENIZER_FILES = (
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
-class Origin(NamedTuple):
-    """Where one tensor's values came from, and whether they are the source's own.
-
-    `kind` is the source's type ("Q5_0", "Q6_K", "F16", "bfloat16", "affine q4 g64",
-    "mxfp4 g32"); `exact` is True when the weights as read equal the source's values
-    bit for bit; `note` names the lossy step when they do not.
-    """
-
-    kind: str
-    exact: bool = True
-    note: str = ""
 
 
 @dataclass
