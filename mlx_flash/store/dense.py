@@ -22,9 +22,13 @@ from .sources import TOKENIZER_FILES
 from .store import BundleStore
 
 
-def export_dense(store_path: Union[str, Path], out: Union[str, Path]) -> Path:
+def export_dense(
+    store_path: Union[str, Path], out: Union[str, Path], keep_quantized: bool = True
+) -> Path:
     """Write the mlx-lm directory `out` (which must exist and be empty, or not exist)
-    from the store at `store_path`: its dense part, its FFN and its config."""
+    from the store at `store_path`: its dense part, its FFN and its config.
+    `keep_quantized=False` writes every FFN matrix dequantized (float32), for
+    readers without MLX's quantized layouts."""
     store_path, out = Path(store_path), Path(out)
     store = BundleStore(store_path)
     config = json.loads((store_path / "config.json").read_text())
@@ -40,12 +44,12 @@ def export_dense(store_path: Union[str, Path], out: Union[str, Path]) -> Path:
                     weights[key + ".bias"] = w.reshape(-1)
                 elif name == m.column:
                     weights[key + ".weight"] = dequantize(w, c.length).T
-                elif c.encoding.quantized:
+                elif c.encoding.quantized and keep_quantized:
                     parts = ("weight", "scales", "biases")
                     weights.update({f"{key}.{p}": a for p, a in zip(parts, w)})
                     modes.add((c.encoding.mode, c.encoding.bits, c.encoding.group_size))
                 else:
-                    weights[key + ".weight"] = w
+                    weights[key + ".weight"] = dequantize(w, c.length)
             mx.eval(weights)
     finally:
         store.close()

@@ -276,6 +276,10 @@ class Manifest:
                 if s.offset % ALIGN or s.offset < end:
                     raise bad(f"layer {i}: section offset {s.offset} is misplaced")
                 end = s.offset + layer.neurons * s.bundle_bytes
+        if end > self.file_bytes:
+            raise FlashError(
+                "the manifest points past the end of the bundles file", path, _RECONVERT
+            )
         for e in self.extensions:
             if not (_positive_int(e.bytes) and type(e.offset) is int):
                 raise bad(f"extension {e.name!r}: offset and bytes must be integers")
