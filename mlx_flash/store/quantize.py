@@ -50,7 +50,8 @@ def quant_settings(
             raise FlashError(
                 f"{mode} quantizes {fixed[0]} bits in groups of {fixed[1]}, not "
                 f"{bits or fixed[0]} bits in groups of {group_size or fixed[1]}",
-                fix=f"drop q_bits and q_group_size (--q-bits, --q-group-size) for {mode}",
+                fix=f"drop q_bits and q_group_size (--q-bits, --q-group-size): {mode}"
+                " fixes both",
             )
         return fixed
     bits, group_size = bits or AFFINE_DEFAULTS[0], group_size or AFFINE_DEFAULTS[1]
