@@ -29,6 +29,7 @@ from .sources import Origin, Source
 QUANT_MODES = ("affine",) + tuple(FLOAT_MODES)
 AFFINE_GROUPS = (32, 64, 128)
 AFFINE_DEFAULTS = (4, 64)  # bits, group size: mlx-lm's
+_QUANT_PARTS = ("weight", "scales", "biases", "global_scale")
 Predicate = Union[str, Callable[[str, nn.Module], Union[bool, dict]], None]
 
 
@@ -122,7 +123,7 @@ def quantize_source(
             "quantize the float model, or convert this one as it is (its "
             "quantization is kept)",
         )
-    src = _cast(src, default_dtype(src.config), "the config's torch_dtype, as mlx-lm")
+    src = _cast(src, default_dtype(src.config), "the config's torch_dtype")
     model, _, names = build_model(src)
     if isinstance(predicate, str):
         try:
@@ -166,21 +167,22 @@ def dequantize_source(src: Source, dtype: Optional[str] = None) -> Source:
         src: a source; its quantized triples are dequantized with the bits, group
             size and mode of its config (per layer where it says so, else as mlx-lm
             infers them from the shapes).
-        dtype: the dtype of the result; default: mlx-lm's, the config's
-            ``torch_dtype`` where it names a float type, else the scales' (bfloat16
-            for the float modes, whose scales are bytes).
+        dtype: the dtype of every float tensor of the result. Default: mlx-lm's,
+            which casts the float tensors (scales included) to the config's
+            ``torch_dtype`` and dequantizes to the scales' dtype (bfloat16 for the
+            float modes, whose scales are bytes).
 
     Returns:
         The source without quantized tensors or a ``quantization`` config entry.
     """
-    dtype = dtype or default_dtype(src.config)
-    if dtype is not None:
-        src = cast_source(src, dtype)  # scales first: mlx-lm casts, then dequantizes
     ffn_arch(src.config, src.path)
+    if dtype is not None:
+        src = cast_source(src, dtype)  # the scales first, as mlx-lm does
+    else:
+        src = _cast(src, default_dtype(src.config), "the config's torch_dtype")
     model, sanitized, names = build_model(src, load=False)
     quantization = src.config.get("quantization") or {}
-    weights = dict(src.weights)
-    origins = dict(src.origins)
+    weights, origins = dict(src.weights), dict(src.origins)
     for path, module in model.named_modules():
         if f"{path}.scales" not in sanitized:
             continue
@@ -188,22 +190,19 @@ def dequantize_source(src: Source, dtype: Optional[str] = None) -> Source:
         if not isinstance(params, dict):
             params = infer_quant_config(path, module, sanitized)
         base = source_name(path + ".weight", names).removesuffix(".weight")
-        packed = [weights.pop(f"{base}.{p}", None) for p in ("weight", "scales")]
-        biases, global_scale = (
-            weights.pop(f"{base}.{p}", None) for p in ("biases", "global_scale")
-        )
+        parts = [weights.pop(f"{base}.{p}", None) for p in _QUANT_PARTS]
         w = mx.dequantize(
-            *packed,
-            biases,
+            *parts[:3],
             params["group_size"],
             params["bits"],
             params.get("mode", "affine"),
-            global_scale=global_scale,
+            global_scale=parts[3],
             dtype=getattr(mx, dtype) if dtype else None,
         )
         weights[base + ".weight"] = w
-        note = f"{quant_label(params)} dequantized to {_dtype_name(w.dtype)} (asked)"
-        origins[base] = _lossy(origins.get(base), quant_label(params), note)
+        label = quant_label(params)
+        note = f"{label} dequantized to {_dtype_name(w.dtype)} (asked)"
+        origins[base] = _lossy(origins.get(base), label, note)
     config = dict(src.config)
     config.pop("quantization", None)
     config.pop("quantization_config", None)
