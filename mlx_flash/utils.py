@@ -213,8 +213,10 @@ def load(
             (default 0.9 unless `fraction` or `threshold` is given).
         window: keep exactly the last `window` tokens' neurons (the paper's strict
             windowing); default: keep as many recent neurons as the cache holds.
-        dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
-            caches are sized to fit. Default: caches hold a whole layer.
+        dram_budget: bytes with a unit (``"8GiB"``, ``"500MB"``: powers of 1024), a
+            byte count, a fraction in (0, 1] of the store's size on disk, or a
+            percentage of that size (``"125%"``); the neuron caches are sized to
+            fit. Default: caches hold a whole layer.
         gap: read up to this many unneeded neurons to merge two reads into one
             (default: the probe's gap in bytes, else ~24 KiB worth).
         reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
