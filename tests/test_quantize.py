@@ -11,8 +11,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import dequantize_model, load_model, quantize_model, save_config
 
-import mlx_flash.store.convert as writer
-from mlx_flash import FlashError, load
+from mlx_flash import FlashError, convert, load
 from mlx_flash.store.quantize import (
     build_model,
     cast_source,
@@ -61,6 +60,10 @@ def mlx_lm_model(src, path):
     path.mkdir()
     mx.save_safetensors(str(path / "model.safetensors"), src.weights)
     save_config(dict(src.config), path / "config.json")
+    return mlx_lm_model_of(path)
+
+
+def mlx_lm_model_of(path):
     return load_model(path, get_model_classes=get_classes)[0]
 
 
@@ -126,23 +129,30 @@ def test_quantize_source_opt_keeps_hugging_face_names(checkpoints):
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_quantized_source_stores_what_mlx_lm_computes(
-    checkpoints, tmp_path, monkeypatch, arch
-):
-    """The store of a quantized source (down kept as float32 columns) computes the
-    logits of mlx-lm's model on the same quantized weights."""
-    src = quantize_source(open_source(checkpoints / arch), 4, 64)
-    monkeypatch.setattr(writer, "open_source", lambda *args, **kwargs: src)
-    writer.convert(
-        checkpoints / arch,
-        tmp_path / "store",
+def test_convert_quantize_computes_what_mlx_lm_computes(checkpoints, tmp_path, arch):
+    """`mlx_flash.convert(quantize=True)`, down kept as float32 columns, computes the
+    logits of mlx-lm's quantized model: `mlx_lm.convert`'s own for llama; for OPT,
+    which mlx-lm lacks, mlx-lm's loader on quantize_source's weights."""
+    convert(
+        hf_path=str(checkpoints / arch),
+        mlx_path=str(tmp_path / "store"),
+        quantize=True,
+        q_bits=4,
+        q_group_size=64,
         down_format="float32",
-        dense_out=tmp_path / "dense",
         progress=False,
     )
     model, _ = load(str(tmp_path / "store"), progress=False)
     ours = model(mx.array([PROMPT]))[0]
-    ref = mlx_lm_model(src, tmp_path / "q")(mx.array([PROMPT]))[0].astype(mx.float32)
+    if arch == "llama":
+        mlx_lm_convert(str(checkpoints / arch), str(tmp_path / "mlx"), quantize=True)
+        reference = mlx_lm_model_of(tmp_path / "mlx")
+    else:
+        src = quantize_source(open_source(checkpoints / arch), 4, 64)
+        reference = mlx_lm_model(src, tmp_path / "q")
+    mlp = reference.layers[0].mlp
+    assert isinstance(getattr(mlp, "fc2", None) or mlp.down_proj, nn.QuantizedLinear)
+    ref = reference(mx.array([PROMPT]))[0].astype(mx.float32)
     scale = float(mx.abs(ref).max())
     assert np.allclose(np.array(ours), np.array(ref), atol=1e-4 * scale)
 

@@ -23,8 +23,8 @@ from mlx_lm.utils import infer_quant_config, quantize_model
 
 from ..errors import FlashError
 from .archs import ffn_arch
-from .format import AFFINE_BITS, FLOAT_MODES
-from .sources import Origin, Source
+from .encoding import AFFINE_BITS, FLOAT_MODES, Origin
+from .sources import Source
 
 QUANT_MODES = ("affine",) + tuple(FLOAT_MODES)
 AFFINE_GROUPS = (32, 64, 128)
@@ -309,11 +309,12 @@ def _cast(src: Source, dtype: Optional[str], why: str) -> Source:
 
 
 def _lossy(origin: Optional[Origin], kind: str, note: str) -> Origin:
-    """`origin` (or a new one of `kind`) marked inexact, `note` added to its notes."""
+    """`origin` (or a new one of `kind`) marked inexact, `note` added to its notes;
+    a measured error no longer covers every step, so it is dropped."""
     if origin is None:
         return Origin(kind, False, note)
     notes = "; ".join(n for n in (origin.note, note) if n)
-    return Origin(origin.kind, False, notes)
+    return origin._replace(exact=False, note=notes, error=None)  # error: of one step
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
