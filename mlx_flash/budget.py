@@ -1,8 +1,10 @@
 """DRAM budget planning: dense part + predictors or resident gate rows + staging +
 decoding's working memory + neuron caches ≤ budget."""
 
+import math
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -105,26 +107,68 @@ def working_bytes(config: dict, hidden: int, layers: int, dtype: mx.Dtype) -> in
     return (kv + step) * dtype.size
 
 
+BUDGET_FORMS = (
+    "bytes with a unit (8GiB, 500MB, 1.5G; powers of 1024, as RAM is sized), a byte "
+    "count (123456), a fraction of the store's size on disk in (0, 1] (0.5), or a "
+    "percentage of that size (125%)"
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_BUDGET = re.compile(
+    r"(?P<number>[0-9]*\.?[0-9]+)\s*(?:(?P<percent>%)|(?P<unit>(?:[KMGT]I?)?)(?P<b>B?))"
+)
+
+
 def parse_budget(text: Union[str, int, float, None], store_bytes: int) -> Optional[int]:
-    """`8GiB`, `500MB`, `123456` (bytes) or `0.5` (a fraction of the store's size)."""
+    """A DRAM budget in bytes, from what a user may write.
+
+    Args:
+        text: ``None`` (no budget); bytes with a unit (``"8GiB"``, ``"500MB"``,
+            ``"1.5G"``, ``"4096B"``: K, M, G and T are powers of 1024); an integer
+            byte count (``123456``); a fraction of the store's size on disk in (0, 1]
+            (``0.5``, ``"0.5"``; 1 is the whole store); or a percentage of that size
+            (``"125%"``).
+        store_bytes: the store's size on disk, which fractions and percentages scale.
+
+    Returns:
+        The budget in bytes, or ``None``.
+
+    Raises:
+        FlashError: for anything else (``2.5``, zero, negative, ``nan``, ``inf``).
+    """
     if text is None:
         return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
+    read = _read_budget(text)
+    if read is None:
+        raise FlashError(
+            f"cannot read the DRAM budget {text!r}", fix=f"give {BUDGET_FORMS}"
+        )
+    value, share = read
+    return max(1, int(value * store_bytes)) if share else int(value)
+
+
+def _read_budget(text: Union[str, int, float]) -> Optional[Tuple[float, bool]]:
+    """(bytes, False) or (share of the store, True); None when `text` is no budget."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        return None
+    if isinstance(text, int):
+        number, integer, suffix = float(text), True, ""
+    elif isinstance(text, float):
+        number, integer, suffix = text, False, ""
     else:
-        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-        units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-        scale = next((u for k, u in units.items() if t.endswith(k)), None)
-        try:
-            if scale is not None:
-                return int(float(t[:-1]) * scale)
-            value = float(t)
-        except ValueError:
-            raise FlashError(
-                f"cannot read the DRAM budget {text!r}",
-                fix="give bytes (8GiB, 500MB, 123456) or a fraction of the model (0.5)",
-            ) from None
-    return int(value * store_bytes) if 0 < value <= 1 else int(value)
+        m = _BUDGET.fullmatch(text.strip().upper())
+        if m is None:
+            return None
+        number, integer = float(m["number"]), m["number"].isdigit()
+        suffix = "%" if m["percent"] else m["unit"] + m["b"]
+    if not 0 < number < math.inf:
+        return None
+    if suffix == "%":
+        return number / 100, True
+    if suffix:  # a unit, or a plain B
+        return number * _UNITS[suffix[:1].replace("B", "")], False
+    if integer and number > 1:  # a byte count
+        return number, False
+    return (number, True) if number <= 1 else None
 
 
 def plan(
