@@ -63,6 +63,7 @@ def convert(
     progress: bool = True,
     dtype: Optional[str] = None,
     quantization: Optional[dict] = None,
+    dequantize: bool = False,
 ) -> Path:
     """Convert a model into a flash bundle store.
 
@@ -90,6 +91,8 @@ def convert(
             types with no exact MLX form are dequantized to it (default float16).
         quantization: quantize the source first, as mlx-lm's convert does:
             ``{"bits", "group_size", "mode", "predicate"}``.
+        dequantize: turn a quantized source into floats first (mlx-lm's
+            ``dequantize``), in `dtype` or its scales' dtype.
 
     Returns:
         The store path.
@@ -111,10 +114,11 @@ def convert(
         if fmt != "auto":
             Encoding.parse(fmt, group_size)  # a bad name fails before any read
     src = open_source(source, revision, **({"float_dtype": dtype} if dtype else {}))
-    if dtype is not None or quantization is not None:
-        from .quantize import cast_source, quantize_source
+    if dtype is not None or quantization is not None or dequantize:
+        from .quantize import cast_source, dequantize_source, quantize_source
 
         src = cast_source(src, dtype) if dtype is not None else src
+        src = dequantize_source(src, dtype) if dequantize else src
         src = quantize_source(src, **quantization) if quantization else src
     arch = ffn_arch(src.config, src.path)
     try:
