@@ -27,6 +27,7 @@ from .format import (
     BUNDLES_NAME,
     DENSE_NAME,
     DTYPE_NAMES,
+    FLOAT_DTYPES,
     HEADER_BYTES,
     MANIFEST_NAME,
     Component,
@@ -259,14 +260,16 @@ def encode_component(
     projection (hidden, n_ff), whose columns become rows (paper §3.2), or a bias.
     """
     ffn_format, down_format, group_size = formats
-    relaid = name == arch.column and isinstance(w, tuple)
+    # quantized in the source, even when read as floats (GGUF types with no MLX form)
+    quantized = isinstance(w, tuple) or not _float_kind(source)
+    relaid = name == arch.column and quantized
     if name.endswith(".bias"):
         length, enc, rows = 1, Encoding("float32"), w.reshape(-1, 1)
     elif name == arch.column:
         fmt = down_format
-        if fmt == "auto" and not isinstance(w, tuple):
+        if fmt == "auto" and not quantized:
             fmt = ffn_format  # a float source's columns follow the rows' format
-        length, enc = hidden, column_encoding(w, n_ff, fmt, group_size)
+        length, enc = hidden, column_encoding(w, n_ff, fmt, group_size, quantized)
         rows = dequantize(w, n_ff).T  # a quantized source is re-laid per neuron
     else:
         length, rows = hidden, w
@@ -294,19 +297,27 @@ def row_encoding(
 
 
 def column_encoding(
-    w: Weight, n_ff: int, fmt: str, group_size: Optional[int]
+    w: Weight, n_ff: int, fmt: str, group_size: Optional[int], quantized: bool
 ) -> Encoding:
     """The output projection's encoding. A quantized source's groups run along the
     neuron axis, so its columns cannot be kept: ``auto`` stores them per neuron as
-    affine 8-bit with float16 scales in the source's group size (a named lossy step;
-    ``float32`` keeps them exact)."""
-    if not isinstance(w, tuple):
+    affine 8-bit with float16 scales in the source's group size (32 where it had
+    none MLX takes: a named lossy step; ``float32`` keeps them exact)."""
+    if not quantized:
         return row_encoding(w, n_ff, fmt, group_size)
-    source = quant_params(w, n_ff)
-    group = group_size or (source.group_size if source.group_size >= 32 else 32)
+    group = 32
+    if isinstance(w, tuple) and quant_params(w, n_ff).group_size in (64, 128):
+        group = quant_params(w, n_ff).group_size
     if fmt == "auto":
-        return Encoding("float16", 8, group)
-    return Encoding.parse(fmt, group)
+        return Encoding("float16", 8, group_size or group)
+    return Encoding.parse(fmt, group_size or group)
+
+
+def _float_kind(origin: Optional[Origin]) -> bool:
+    """Whether a source tensor was stored as floats (F16, bfloat16, ...), not as a
+    quantized type read back as floats."""
+    floats = {"F64", "F32", "F16", "BF16", "float64", *FLOAT_DTYPES}
+    return origin is None or origin.kind in floats
 
 
 def stored_origin(source: Origin, enc: Encoding, error: float, relaid: bool) -> Origin:
