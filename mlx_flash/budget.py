@@ -1,8 +1,10 @@
 """DRAM budget planning: dense part + predictors or resident gate rows + staging +
 decoding's working memory + neuron caches ≤ budget."""
 
+import math
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -31,13 +33,13 @@ class Plan:
     predictors: int  # the `lowrank` selector's predictors (8-bit)
     working: int  # decoding beside the weights: the KV cache's first step, logits
     transient: int  # a layer's neurons in flight for one token (`in_flight_bytes`)
-    neuron_bytes: int  # one cached neuron, decoded
+    neuron_bytes: int  # one cached neuron of every layer, decoded (layers may differ)
     capacity: int  # cache slots per layer
     layers: int
 
     @property
     def caches(self) -> int:
-        return self.neuron_bytes * self.capacity * self.layers
+        return self.neuron_bytes * self.capacity
 
     @property
     def total(self) -> int:
@@ -68,14 +70,13 @@ class Plan:
 
 
 def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
-    """Bytes of one neuron's components once decoded (packed words kept, floats in
-    the compute dtype)."""
+    """Bytes of one neuron's components once decoded (packed words and the float
+    modes' uint8 scales kept, floats in the compute dtype)."""
     total = 0
     for c in components:
         for part, size in c.encoding.parts(c.length):
-            total += (
-                size if part == "packed" else size // c.encoding.itemsize * dtype.size
-            )
+            kept = part == "packed" or c.encoding.dtype == "uint8"
+            total += size if kept else size // c.encoding.itemsize * dtype.size
     return total
 
 
@@ -89,7 +90,7 @@ def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
         size
         for c in components
         for part, size in c.encoding.parts(c.length)
-        if part != "packed"
+        if part != "packed" and c.encoding.dtype != "uint8"
     )
     return stored + converted + decoded_bytes(components, dtype)
 
@@ -106,63 +107,110 @@ def working_bytes(config: dict, hidden: int, layers: int, dtype: mx.Dtype) -> in
     return (kv + step) * dtype.size
 
 
+BUDGET_FORMS = (
+    "bytes with a unit (8GiB, 500MB, 1.5G; powers of 1024, as RAM is sized), a byte "
+    "count (123456), a fraction of the store's size on disk in (0, 1] (0.5), or a "
+    "percentage of that size (125%)"
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_BUDGET = re.compile(
+    r"(?P<number>[0-9]*\.?[0-9]+)\s*(?:(?P<percent>%)|(?P<unit>(?:[KMGT]I?)?)(?P<b>B?))"
+)
+
+
 def parse_budget(text: Union[str, int, float, None], store_bytes: int) -> Optional[int]:
-    """`8GiB`, `500MB`, `123456` (bytes) or `0.5` (a fraction of the store's size)."""
+    """A DRAM budget in bytes, from what a user may write.
+
+    Args:
+        text: ``None`` (no budget); bytes with a unit (``"8GiB"``, ``"500MB"``,
+            ``"1.5G"``, ``"4096B"``: K, M, G and T are powers of 1024); an integer
+            byte count (``123456``); a fraction of the store's size on disk in (0, 1]
+            (``0.5``, ``"0.5"``; 1 is the whole store); or a percentage of that size
+            (``"125%"``).
+        store_bytes: the store's size on disk, which fractions and percentages scale.
+
+    Returns:
+        The budget in bytes, or ``None``.
+
+    Raises:
+        FlashError: for anything else (``2.5``, zero, negative, ``nan``, ``inf``).
+    """
     if text is None:
         return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
+    read = _read_budget(text)
+    if read is None:
+        raise FlashError(
+            f"cannot read the DRAM budget {text!r}", fix=f"give {BUDGET_FORMS}"
+        )
+    value, share = read
+    return max(1, int(value * store_bytes)) if share else int(value)
+
+
+def _read_budget(text: Union[str, int, float]) -> Optional[Tuple[float, bool]]:
+    """(bytes, False) or (share of the store, True); None when `text` is no budget."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        return None
+    if isinstance(text, int):
+        number, integer, suffix = float(text), True, ""
+    elif isinstance(text, float):
+        number, integer, suffix = text, False, ""
     else:
-        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-        units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-        scale = next((u for k, u in units.items() if t.endswith(k)), None)
-        try:
-            if scale is not None:
-                return int(float(t[:-1]) * scale)
-            value = float(t)
-        except ValueError:
-            raise FlashError(
-                f"cannot read the DRAM budget {text!r}",
-                fix="give bytes (8GiB, 500MB, 123456) or a fraction of the model (0.5)",
-            ) from None
-    return int(value * store_bytes) if 0 < value <= 1 else int(value)
+        m = _BUDGET.fullmatch(text.strip().upper())
+        if m is None:
+            return None
+        number, integer = float(m["number"]), m["number"].isdigit()
+        suffix = "%" if m["percent"] else m["unit"] + m["b"]
+    if not 0 < number < math.inf:
+        return None
+    if suffix == "%":
+        return number / 100, True
+    if suffix:  # a unit, or a plain B
+        return number * _UNITS[suffix[:1].replace("B", "")], False
+    if integer and number > 1:  # a byte count
+        return number, False
+    return (number, True) if number <= 1 else None
 
 
 def plan(
     store: BundleStore,
     budget: Optional[int],
     dense: int,
-    cached: List[Component],
-    resident: List[Component],
+    cached: List[List[Component]],
+    resident: List[List[Component]],
     dtype: mx.Dtype,
     predictors: int = 0,
     working: int = 0,
 ) -> Plan:
-    """Size the neuron caches so that everything fits `budget` (bytes, or None)."""
+    """Size the neuron caches so that everything fits `budget` (bytes, or None).
+
+    `cached` and `resident` are each layer's components (layers may be encoded
+    differently); every layer gets the same number of cache slots."""
     m = store.manifest
     n_ff = max(layer.neurons for layer in m.layers)
+    neurons = [layer.neurons for layer in m.layers]
     p = Plan(
         budget=budget,
         dense=dense,
         staging=len(store.reader.buffer),
-        scratch=n_ff * sum(c.nbytes for c in cached),
-        resident=sum(l.neurons for l in m.layers) * decoded_bytes(resident, dtype),
+        scratch=n_ff * max(sum(c.nbytes for c in cs) for cs in cached),
+        resident=sum(n * decoded_bytes(cs, dtype) for n, cs in zip(neurons, resident)),
         predictors=predictors,
         working=working,
-        transient=n_ff * in_flight_bytes(cached, dtype),
-        neuron_bytes=decoded_bytes(cached, dtype),
+        transient=n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
+        neuron_bytes=sum(decoded_bytes(cs, dtype) for cs in cached),
         capacity=n_ff,
         layers=len(m.layers),
     )
     if budget is None:
         return p
     room = budget - (p.total - p.caches)
-    p.capacity = min(n_ff, max(0, room) // (p.neuron_bytes * p.layers))
+    p.capacity = min(n_ff, max(0, room) // p.neuron_bytes)
     if p.capacity < 1:
-        minimum = p.total - p.caches + p.neuron_bytes * p.layers
+        minimum = p.total - p.caches + p.neuron_bytes
         raise FlashError(
             f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
-            f"buffers, working memory, predictors and resident rows alone need {(minimum - p.neuron_bytes * p.layers) / 2**20:.0f} MiB",
+            "buffers, working memory, predictors and resident rows alone need "
+            f"{(minimum - p.neuron_bytes) / 2**20:.0f} MiB",
             store.path,
             f"give --dram-budget of at least {minimum / 2**20:.0f} MiB (one neuron per "
             "layer), or use a store with a smaller dense part",

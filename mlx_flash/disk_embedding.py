@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import FlashError
+from .store.encoding import dequantize, quant_params
 from .store.safety import check_safetensors
 
 PREFIX = "model.embed_tokens."
@@ -38,10 +39,10 @@ class Rows:
 class DiskEmbedding(nn.Module):
     """`nn.Embedding` / `nn.QuantizedEmbedding` whose rows stay in `path`."""
 
-    def __init__(self, path: Path, tensors: Dict[str, Rows], group_size, bits):
+    def __init__(self, path: Path, tensors: Dict[str, Rows], encoding=None):
         super().__init__()
         self._path, self._tensors = Path(path), tensors
-        self._group_size, self._bits = group_size, bits
+        self._encoding = encoding  # None: a float table
         self._fd = os.open(self._path, os.O_RDONLY)
         self.compute_dtype: Optional[mx.Dtype] = None  # set by `load`
         self.bytes_read = 0
@@ -70,13 +71,14 @@ class DiskEmbedding(nn.Module):
         flat = np.array(ids).reshape(-1)  # the token ids, on the host
         unique, inverse = np.unique(flat, return_inverse=True)
         weight = self._rows("weight", unique)
-        if "scales" in self._tensors:
-            rows = mx.dequantize(
-                weight,
-                self._rows("scales", unique),
-                self._rows("biases", unique),
-                group_size=self._group_size,
-                bits=self._bits,
+        if self._encoding is not None:
+            parts = [weight] + [
+                self._rows(p, unique)
+                for p in ("scales", "biases")
+                if p in self._tensors
+            ]
+            rows = dequantize(
+                tuple(parts), self._encoding.group_size * parts[1].shape[-1]
             )
         else:
             rows = weight
@@ -108,11 +110,25 @@ def disk_embedding(
             )
         itemsize = np.dtype(_NUMPY.get(dtype, np.uint16)).itemsize
         tensors[part] = Rows(offset, shape[1] * itemsize, dtype, shape[1])
-    quantized = "scales" in tensors
-    if quantized != ("biases" in tensors):
-        raise FlashError("the embedding has scales or biases but not both", path)
-    group_size = bits = None
-    if quantized:
-        group_size = dims // tensors["scales"].width
-        bits = tensors["weight"].width * 32 // dims
-    return DiskEmbedding(path, tensors, group_size, bits)
+    if "biases" in tensors and "scales" not in tensors:
+        raise FlashError("the embedding has biases but no scales", path)
+    encoding = None
+    if "scales" in tensors:  # affine, or a float mode (uint8 scales, no biases)
+        shapes = [
+            (1, tensors[p].width)
+            for p in ("weight", "scales", "biases")
+            if p in tensors
+        ]
+        dtypes = {
+            "U32": mx.uint32,
+            "U8": mx.uint8,
+            "F32": mx.float32,
+            "F16": mx.float16,
+            "BF16": mx.bfloat16,
+        }
+        probe = tuple(
+            mx.zeros(s, dtypes[tensors[p].dtype])
+            for s, p in zip(shapes, ("weight", "scales", "biases"))
+        )
+        encoding = quant_params(probe, dims)
+    return DiskEmbedding(path, tensors, encoding)

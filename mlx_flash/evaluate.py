@@ -205,7 +205,7 @@ def selector_costs(model, ps, shadow_bits, activation) -> List[Dict]:
     m, layers = store.manifest, len(model.layers)
     ffn, stored = model.layers[0].mlp, store.read_layer(0, mx.float32)
     x = mx.random.normal((1, m.hidden_size))
-    gate, enc = stored[m.rows[0]], m.components[m.rows[0]].encoding
+    gate, enc = stored[m.rows[0]], m.layers[0].components[m.rows[0]].encoding
     kind = f"{enc.bits}-bit" if enc.quantized else enc.dtype
     gate_bytes = sum(a.nbytes for a in gate) if isinstance(gate, tuple) else gate.nbytes
     costs = [

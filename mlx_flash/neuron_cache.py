@@ -60,6 +60,9 @@ class NeuronCache:
                 if part == "packed":
                     arr = mx.zeros((capacity, size // 4), mx.uint32)
                     stored = None
+                elif c.encoding.dtype == "uint8":  # a float mode's scales: kept
+                    arr = mx.zeros((capacity, size), mx.uint8)
+                    stored = None
                 else:
                     arr = mx.zeros((capacity, size // c.encoding.itemsize), dtype)
                     stored = c.encoding.dtype
@@ -114,7 +117,7 @@ class NeuronCache:
         for view, a, b, stored in self._fillers:
             raw = np.ascontiguousarray(bundles[:, a:b])
             if stored is None:
-                view[slots] = raw.view(np.uint32)
+                view[slots] = raw.view(view.dtype)
             else:
                 view[slots] = to_float(raw, stored, view.dtype)
 

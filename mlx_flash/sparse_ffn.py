@@ -20,7 +20,7 @@ from .neuron_cache import NeuronCache
 from .predictor import PREDICTOR_BITS, load_predictors
 from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
 from .stats import FlashStats
-from .store.format import Encoding, Weight, decode_bundles
+from .store.format import Weight, decode_bundles, matmul
 from .store.store import BundleStore
 
 # Reading unneeded neurons is cheaper than another request up to about this many bytes
@@ -61,7 +61,8 @@ class FlashFFN(nn.Module):
         m = store.manifest
         self._store, self._layer, self._stats = store, layer, stats
         self.rows, self.column, self.gated = m.rows, m.column, len(m.rows) == 2
-        self._encodings = {n: c.encoding for n, c in m.components.items()}
+        components = m.layers[layer].components
+        self._encodings = {n: c.encoding for n, c in components.items()}
         self.activation = ACTIVATIONS[m.activation]
         self._selector, self._cache, self._sections = None, None, []
         self._gap, self._scratch = 0, None
@@ -194,22 +195,6 @@ class FlashFFN(nn.Module):
         return matmul(x, rows, self._encodings[name], transpose=True)
 
 
-def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:
-    """`x @ w.T` (transpose) or `x @ w` for a float or affine-quantized `w`."""
-    if enc.quantized:
-        packed, scales, biases = w
-        return mx.quantized_matmul(
-            x,
-            packed,
-            scales,
-            biases,
-            transpose=transpose,
-            group_size=enc.group_size,
-            bits=enc.bits,
-        )
-    return x @ (w.T if transpose else w)
-
-
 def configure_flash(
     model: nn.Module,
     store: BundleStore,
@@ -232,9 +217,9 @@ def configure_flash(
         predictors = load_predictors(
             store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
         )
-    sections = m.layers[0].sections
+    sections = m.layers[0].sections  # every layer has the same sections
     cached_sections = list(range(len(sections)))
-    resident = []
+    apart = []
     if selector == "gate":  # sections holding only gate/fc1 rows stay resident
         first = {m.rows[0], m.rows[0] + ".bias"}
         apart = [k for k, s in enumerate(sections) if set(s.components) <= first]
@@ -245,9 +230,13 @@ def configure_flash(
                 store.path,
                 "convert the model with `python -m mlx_flash.convert ... --layout gate`",
             )
-        resident = [c for k in apart for c in m.section_components(sections[k])]
         cached_sections = [k for k in cached_sections if k not in apart]
-    cached = [c for k in cached_sections for c in m.section_components(sections[k])]
+
+    def components(layer, chosen):
+        return [c for k in chosen for c in layer.section_components(layer.sections[k])]
+
+    cached = [components(layer, cached_sections) for layer in m.layers]
+    resident = [components(layer, apart) for layer in m.layers]
     dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
     p = plan(
         store,
@@ -264,19 +253,18 @@ def configure_flash(
     # `capacity` neurons of each layer stay cached, the rest stream every token.
     if not use_cache:
         p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
-    # the layers take turns: one scratch serves them all
-    n_ff = max(l.neurons for l in m.layers)
-    scratch = np.empty((n_ff, p.scratch // n_ff), np.uint8) if use_cache else None
+    # the layers take turns: one scratch serves them all, each viewing its own width
+    scratch = np.empty(p.scratch, np.uint8) if use_cache else None
     if selector == "lowrank":  # a calibrated recall, unless a fraction is asked for
         if recall is None and fraction is None and threshold is None:
             recall = 0.9
     elif fraction is None and threshold is None and len(m.rows) == 2:
         fraction = 0.5  # gated models have no exact zeros
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
-    if gap is None:
-        gap_bytes = GAP_BYTES if gap_bytes is None else gap_bytes
-        gap = gap_bytes // sum(sections[k].bundle_bytes for k in cached_sections)
+    gap_bytes = GAP_BYTES if gap_bytes is None else gap_bytes
     for i, layer in enumerate(model.layers):
+        entry = m.layers[i]
+        layer_gap = gap_bytes // entry.bundle_bytes(cached_sections) if gap is None else gap
         ffn, n = layer.mlp, m.layers[i].neurons
         if selector == "all":
             select = AllSelector(n)
@@ -287,12 +275,16 @@ def configure_flash(
             select = LowRankSelector(predictors.predictors[i], fraction, cut)
         else:
             rows = store.read_neurons(i, np.arange(n), apart)
-            decoded = decode_bundles(rows, resident, dtype)
+            decoded = decode_bundles(rows, resident[i], dtype)
             bias = decoded.get(m.rows[0] + ".bias")
             bias = None if bias is None else bias.reshape(-1)
             select = GateSelector(ffn, decoded[m.rows[0]], bias, fraction, threshold)
         cache = None
         if use_cache:
-            cache = NeuronCache(cached, n, min(p.capacity, n), cache_dtype, window)
-        ffn.configure(select, cache, cached_sections, gap, scratch)
+            cache = NeuronCache(cached[i], n, min(p.capacity, n), cache_dtype, window)
+        rows = None
+        if scratch is not None:
+            width = entry.bundle_bytes(cached_sections)
+            rows = scratch[: n * width].reshape(n, width)
+        ffn.configure(select, cache, cached_sections, layer_gap, rows)
     return p

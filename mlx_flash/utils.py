@@ -2,11 +2,13 @@
 
 import ctypes
 import hashlib
+import math
+import numbers
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,8 +24,9 @@ from .sparse_ffn import FlashFFN, configure_flash
 from .stats import FlashStats
 from .store.format import DENSE_NAME
 from .store.convert import convert
-from .store.sources import download
-from .store.store import BundleStore, is_store, read_manifest
+from .store.aligned_safetensors import without_pads
+from .store.sources import locate
+from .store.store import BundleStore, is_current, is_store, read_manifest
 
 
 def get_classes(config: dict):
@@ -62,6 +65,7 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                         inner.embed_tokens = table
 
             def sanitize(self, weights):
+                weights = without_pads(weights)  # the dense part's alignment
                 if hasattr(super(), "sanitize"):
                     weights = super().sanitize(weights)
                 if isinstance(disk_table(self), DiskEmbedding):  # never loaded
@@ -118,22 +122,46 @@ def resolve_store(
     path = Path(path_or_hf_repo).expanduser()
     if is_store(path):
         return path
-    if not path.exists():
-        path = download(str(path_or_hf_repo), revision)  # FlashError if not a hub id
-    path = path.resolve()
+    path = locate(path_or_hf_repo, revision).resolve()  # owner/name: from the hub
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(f"{path}|{stamp}".encode()).hexdigest()[:12]
     target = cache_root() / "stores" / f"{path.stem}-{key}"
-    if not is_store(target):
+    if not is_store(target) or not is_current(target):
+        # (a store of an older format in the cache is converted again, from its source)
         if progress:
             print(f"[mlx_flash] converting {path} into {target} (once)", flush=True)
         try:
             convert(path, target, overwrite=target.exists(), progress=progress)
         except FlashError:
-            if not is_store(target):  # another process may have finished it first
+            if not is_current(target):  # another process may have finished it first
                 raise
     return target
+
+
+# The flash options' accepted values (a rule, an example), checked where they come in:
+# `load`'s keyword arguments and the command-line flags (generate.add_flash_args)
+OPTION_RULES: Dict[str, Tuple[type, str, str, Callable[[float], bool]]] = {
+    "fraction": (float, "a share in (0, 1]", "0.5", lambda v: 0 < v <= 1),
+    "recall": (float, "a share in (0, 1)", "0.9", lambda v: 0 < v < 1),
+    "threshold": (float, "a finite number", "0.1", math.isfinite),
+    "window": (int, "a whole number of tokens, at least 1", "4", lambda v: v >= 1),
+    "threads": (int, "a whole number, at least 1", "4", lambda v: v >= 1),
+    "gap": (int, "a whole number of neurons, at least 0", "8", lambda v: v >= 0),
+}
+
+
+def check_option(name: str, value: Any) -> None:
+    """FlashError unless `value` is None or what OPTION_RULES accepts for `name`."""
+    if value is None:
+        return
+    kind, rule, example, ok = OPTION_RULES[name]
+    number = numbers.Integral if kind is int else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, number) or not ok(value):
+        raise FlashError(
+            f"{name} must be {rule}, not {value!r}",
+            fix=f"give {rule}, e.g. {name}={example} (--{name} {example})",
+        )
 
 
 def load(
@@ -185,8 +213,10 @@ def load(
             (default 0.9 unless `fraction` or `threshold` is given).
         window: keep exactly the last `window` tokens' neurons (the paper's strict
             windowing); default: keep as many recent neurons as the cache holds.
-        dram_budget: bytes, ``"8GiB"``, or a fraction of the store's size; the neuron
-            caches are sized to fit. Default: caches hold a whole layer.
+        dram_budget: bytes with a unit (``"8GiB"``, ``"500MB"``: powers of 1024), a
+            byte count, a fraction in (0, 1] of the store's size on disk, or a
+            percentage of that size (``"125%"``); the neuron caches are sized to
+            fit. Default: caches hold a whole layer.
         gap: read up to this many unneeded neurons to merge two reads into one
             (default: the probe's gap in bytes, else ~24 KiB worth).
         reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
@@ -196,6 +226,11 @@ def load(
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
     """
+    options = dict(fraction=fraction, recall=recall, threshold=threshold)
+    options.update(window=window, threads=threads, gap=gap)
+    for name, value in options.items():
+        check_option(name, value)
+    parse_budget(dram_budget, 1)  # refuses a bad budget before anything is converted
     if (model_config or {}).get("quantize_activations"):
         raise FlashError(
             "activation quantization does not apply: the FFN is computed from bundles",

@@ -107,7 +107,7 @@ def test_corrupted_bundles_fail_verification(store):
     data = bytearray(path.read_bytes())
     data[4096 + 100] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(FlashError, match="layer 0: checksum mismatch"):
+    with pytest.raises(FlashError, match="layer 0, neurons 0-.* match their checksum"):
         BundleStore(store).verify()
 
 
@@ -179,10 +179,28 @@ def test_inapplicable_options(store):
         (lambda d: d.update(layers=[]), "no layers"),
         (lambda d: d["layers"][0]["sections"][0].update(offset="4096"), "integers"),
         (
-            lambda d: d["components"]["up_proj"]["encoding"].update(bits=4.0),
-            "unsupported quantization",
+            lambda d: d["layers"][0]["components"]["up_proj"]["encoding"].update(
+                bits=4.0
+            ),
+            "unsupported encoding",
         ),
-        (lambda d: d["components"]["up_proj"].update(length=65), "length 65"),
+        (
+            lambda d: d["layers"][1]["components"]["up_proj"].update(length=65),
+            "length 65",
+        ),
+        (
+            lambda d: d["layers"][1]["components"]["up_proj"]["encoding"].update(
+                mode="affine", bits=7, group_size=64
+            ),
+            "unsupported encoding",
+        ),
+        (
+            lambda d: d["extensions"].append(
+                {"name": "experts", "offset": 1 << 20, "bytes": 8, "required": True,
+                 "meta": {}}
+            ),
+            "needs the 'experts' extension",
+        ),
     ],
 )
 def test_inconsistent_manifest(store, edit, message):

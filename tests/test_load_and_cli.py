@@ -75,7 +75,7 @@ def test_generate_command(tmp_path, capsys):
         ]
     )
     inspect_main([str(tmp_path / "store")])
-    assert "verified: every checksum" in capsys.readouterr().out
+    assert "matches its checksum" in capsys.readouterr().out
     argv = [
         "--model",
         str(tmp_path / "store"),

@@ -6,18 +6,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_flash.neuron_cache import NeuronCache
-from mlx_flash.store.format import Component, Encoding, encode_rows
+from mlx_flash.store.format import Component, Encoding, encode, to_bytes
 
 N, D = 48, 64
 COMPONENTS = [
     Component("gate_proj", D, Encoding("float16", 4, 32)),
     Component("up_proj", D, Encoding("bfloat16")),
-    Component("down_proj", D, Encoding("float16")),
+    Component("down_proj", D, Encoding("uint8", 8, 32, "mxfp8")),  # uint8 scales
 ]
 mx.random.seed(0)
 WEIGHTS = {c.name: mx.random.normal((N, D)) for c in COMPONENTS}
 BUNDLES = np.concatenate(
-    [encode_rows(WEIGHTS[c.name], c.encoding, D) for c in COMPONENTS], axis=1
+    [to_bytes(encode(WEIGHTS[c.name], c.encoding, D)[0]) for c in COMPONENTS], axis=1
 )
 REFERENCE = NeuronCache(COMPONENTS, N, N, mx.float32)
 REFERENCE.fill(np.arange(N), BUNDLES)

@@ -58,7 +58,9 @@ def test_store_keeps_the_gguf_rows_exactly(smollm2):
     assert mx.array_equal(
         rows["gate_proj"][1], source[name + ".scales"].astype(mx.float32)
     )
-    assert model.flash_store.manifest.components["down_proj"].encoding.bits == 8
+    down = model.flash_store.manifest.layers[3].components["down_proj"]
+    assert down.encoding.bits == 8 and not down.origin.exact  # a named lossy step
+    assert model.flash_store.manifest.layers[3].components["gate_proj"].origin.exact
 
 
 def test_the_main_job_on_the_embedded_default(smollm2, capsys):

@@ -86,7 +86,7 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
     expected = greedy(roomy)
     plan = roomy.flash_plan
     budget = (
-        plan.total - plan.caches + plan.neuron_bytes * 2 * 20
+        plan.total - plan.caches + plan.neuron_bytes * 20
     )  # 20 slots
     model, _ = load(
         str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False

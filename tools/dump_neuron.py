@@ -25,7 +25,7 @@ def main():
         start = section.offset + args.neuron * section.bundle_bytes
         raw = np.frombuffer(store.reader.read(start, section.bundle_bytes), np.uint8)
         print(f"bytes {start}-{start + section.bundle_bytes} ({section.bundle_bytes} B)")
-        comps = m.section_components(section)
+        comps = entry.section_components(section)
         for c, (at, size) in zip(comps, bundle_offsets(comps).values()):
             w = decode_rows(raw[None, at : at + size], c, mx.float32)
             values = np.array(dequantize(w, c.length))[0]

@@ -4,14 +4,16 @@ Every source becomes the same thing: a Hugging Face config dict, weights under H
 Face names (quantized ones as MLX affine triples), and tokenizer files.
 """
 
+import functools
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional, Union
+from typing import Dict, Optional, Union
 
 import mlx.core as mx
 
 from ..errors import FlashError
+from .encoding import Origin  # noqa: F401  (re-exported: sources fill it)
 from .safety import check_safetensors, read_json_object
 
 TOKENIZER_FILES = (
@@ -28,19 +30,6 @@ TOKENIZER_FILES = (
 )
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
-class Origin(NamedTuple):
-    """Where one tensor's values came from, and whether they are the source's own.
-
-    `kind` is the source's type ("Q5_0", "Q6_K", "F16", "bfloat16", "affine q4 g64",
-    "mxfp4 g32"); `exact` is True when the weights as read equal the source's values
-    bit for bit; `note` names the lossy step when they do not.
-    """
-
-    kind: str
-    exact: bool = True
-    note: str = ""
 
 
 @dataclass
@@ -60,41 +49,123 @@ def open_source(
     float_dtype: str = "float16",
 ) -> Source:
     """Read a model from a local directory, a GGUF file or a Hugging Face hub id."""
-    path = Path(path_or_repo).expanduser()
+    path = locate(path_or_repo, revision)
     if path.is_file() and path.suffix == ".gguf":
         return _open_gguf(path, float_dtype)
     if path.is_dir():
         return _open_dir(path)
-    if path.exists():
-        raise FlashError(
-            "not a model: expected a directory with config.json and safetensors, or a .gguf file",
-            path,
-        )
-    if _looks_like_repo(str(path_or_repo)):
-        return _open_dir(download(str(path_or_repo), revision))
     raise FlashError(
-        "no such file or directory", path, "check the path or give a hub id (org/name)"
+        "not a model: expected a directory with config.json and safetensors, or a "
+        ".gguf file",
+        path,
+    )
+
+
+def locate(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """The local file or directory a user named, or a hub id's downloaded snapshot.
+
+    Only an ``owner/name`` id goes to the hub; anything else that does not exist is a
+    FlashError ("no such file or directory") naming the path, never a hub lookup.
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_repo(str(path_or_repo)):
+        return download(str(path_or_repo), revision)
+    raise FlashError(
+        "no such file or directory",
+        path.absolute(),
+        "check the path (a hub id is owner/name, e.g. "
+        "mlx-community/SmolLM2-135M-Instruct-8bit)",
     )
 
 
 def download(repo: str, revision: Optional[str] = None) -> Path:
-    """Fetch a hub repository's config, tokenizer and safetensors (or find it cached)."""
-    from huggingface_hub import snapshot_download
+    """Fetch a hub repository's config, tokenizer and safetensors (or find it cached).
+
+    Raises:
+        FlashError: that is also the exception huggingface_hub raised
+            (`RepositoryNotFoundError`, `GatedRepoError`, `RevisionNotFoundError`,
+            `LocalEntryNotFoundError`, ...), so that code written for mlx-lm, which
+            lets those through, still catches it.
+    """
+    import huggingface_hub
 
     try:
-        return Path(
-            snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+        snapshot = huggingface_hub.snapshot_download(
+            repo, revision=revision, allow_patterns=HUB_PATTERNS
         )
     except Exception as e:  # offline, unknown repo, gated repo: all the same to a user
-        raise FlashError(
-            f"cannot get {repo!r} from the Hugging Face hub ({type(e).__name__}: {e})",
-            fix="check the repo id and the network, or pass a local directory or .gguf file",
+        at = f" at revision {revision!r}" if revision else ""
+        raise hub_error(
+            e,
+            f"cannot get {repo!r}{at} from the Hugging Face hub "
+            f"({type(e).__name__}: {e})",
+            f"no local file or directory {repo!r} exists either: check the repo id, "
+            "the revision, your access (huggingface-cli login) and the network, or "
+            "pass a local directory or .gguf file",
         ) from None
+    return Path(snapshot)
+
+
+def hub_error(error: Exception, message: str, fix: str) -> FlashError:
+    """A FlashError that is also an instance of `error`'s class, with its state.
+
+    The hub's constructors want HTTP responses, so the instance is made without them:
+    it takes `error`'s attributes, and FlashError's message, path, fix and text.
+    """
+    plain = FlashError(message, fix=fix)
+    try:
+        cls = _flash_class(type(error))
+        flash = cls.__new__(cls)
+    except TypeError:  # a class that cannot be combined with FlashError
+        return plain
+    flash.__dict__.update(error.__dict__)
+    flash.__dict__.update(plain.__dict__)
+    flash.args = plain.args
+    if isinstance(error, OSError):
+        flash.errno, flash.strerror, flash.filename = (
+            error.errno,
+            error.strerror,
+            error.filename,
+        )
+    return flash
+
+
+@functools.cache
+def _flash_class(cls: type) -> type:
+    """`Flash<Name>`: a subclass of both FlashError and the exception class `cls`,
+    whose text is FlashError's (OSError's would print only its errno)."""
+    if issubclass(cls, FlashError):
+        return cls
+    return type(
+        f"Flash{cls.__name__}",
+        (FlashError, cls),
+        {"__module__": FlashError.__module__, "__str__": BaseException.__str__},
+    )
+
+
+# file names, never hub ids: "org/model.gguf" is a local path that does not exist
+FILE_SUFFIXES = frozenset(
+    {".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+    | {".npz", ".npy", ".onnx", ".h5", ".txt", ".model", ".msgpack", ".gz", ".zip"}
+)
 
 
 def _looks_like_repo(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+    """True for a hub id ``owner/name``: one slash, hub characters, no file suffix."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.count("/") != 1 or text.startswith((".", "~")) or "\\" in text:
+        return False
+    if Path(text).suffix.lower() in FILE_SUFFIXES:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return all(text.split("/"))
 
 
 def _open_dir(path: Path) -> Source:

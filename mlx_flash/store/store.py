@@ -1,7 +1,6 @@
 """`BundleStore`: an opened store directory, checked before any FFN byte is trusted."""
 
 import contextlib
-import hashlib
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -13,8 +12,8 @@ from .format import (
     ALIGN,
     BUNDLES_NAME,
     DENSE_NAME,
+    FORMAT_VERSION,
     HEADER_BYTES,
-    HEADER_FIELDS,
     MANIFEST_NAME,
     Manifest,
     Weight,
@@ -22,6 +21,7 @@ from .format import (
     check_header,
     decode_bundles,
 )
+from .checksums import mismatches, meta_error, table_digest
 from .reader import READERS
 from .safety import (
     MAX_JSON_BYTES,
@@ -48,6 +48,16 @@ def align_down(n: int) -> int:
 
 def is_store(path: Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def is_current(path: Path) -> bool:
+    """Whether the store at `path` is of this mlx_flash's format version (a cheap
+    look at its manifest: the full checks are `read_manifest`'s)."""
+    try:
+        d = read_json_object(Path(path) / MANIFEST_NAME)
+    except FlashError:
+        return False
+    return d.get("format_version") == FORMAT_VERSION
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -93,6 +103,14 @@ def read_manifest(path: Path) -> Manifest:
             )
     check_model_files(path)
     check_safetensors(path / DENSE_NAME)
+    sums = manifest.extension("checksums")
+    if sums is not None:
+        sizes = {n: (path / n).stat().st_size for n in (BUNDLES_NAME, DENSE_NAME)}
+        why = meta_error(sums.meta, sums.bytes, sizes)
+        if why:
+            raise FlashError(
+                f"the checksums extension is inconsistent: {why}", manifest_path, _RECONVERT
+            )
     return manifest
 
 
@@ -171,7 +189,7 @@ class BundleStore:
             rows = np.frombuffer(raw, dtype=np.uint8).reshape(
                 entry.neurons, section.bundle_bytes
             )
-            components = self.manifest.section_components(section)
+            components = entry.section_components(section)
             weights.update(decode_bundles(rows, components, dtype))
             del rows, raw  # views into the staging buffer; decoding copied out
         return weights
@@ -223,49 +241,61 @@ class BundleStore:
         return rows
 
     def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
-        """Check every section's SHA-256 against the manifest and that the header's
-        tail and all alignment padding are zeros (reads the whole file)."""
+        """Check every 4 KiB block of the bundles and the dense part against the
+        store's block checksums (reads the whole store); `progress` receives the
+        bytes checked. A mismatch names the layer and neurons (or the dense file)."""
+        sums = self.manifest.extension("checksums")
         bundles = self.path / BUNDLES_NAME
-
-        def corrupt(what):
-            return FlashError(
-                f"{what}: the file is corrupted", bundles, "convert the model again"
+        if sums is None:
+            raise FlashError(
+                "the store has no checksums to verify", bundles, _RECONVERT
             )
+        raw = bytes(self.reader.read(sums.offset, sums.bytes))
+        if table_digest(raw) != sums.meta["digest"]:
+            raise FlashError(
+                "the checksum table itself is damaged: the file is corrupted",
+                bundles,
+                _RECONVERT,
+            )
+        table = np.frombuffer(raw, "<u8")
+        for name, start, stop in mismatches(self.path, sums.meta, table, progress):
+            raise FlashError(
+                f"bytes {start}-{stop} ({self.describe_bytes(name, start)}) do not "
+                "match their checksum: the file is corrupted",
+                self.path / name,
+                _RECONVERT,
+            )
+        self._check_zeros(sums.offset + sums.bytes, self.manifest.file_bytes)
 
-        end = HEADER_FIELDS  # the rest of the header is zeros
+    def describe_bytes(self, name: str, at: int) -> str:
+        """What byte `at` of a store file holds: a layer's neurons, the header, an
+        extension, the dense part."""
+        if name == DENSE_NAME:
+            return "the dense part"
+        if at < HEADER_BYTES:
+            return "the header"
         for i, entry in enumerate(self.manifest.layers):
-            for section in entry.sections:
-                self._check_zeros(end, section.offset, corrupt)
-                stop = section.offset + entry.neurons * section.bundle_bytes
-                h, step = hashlib.sha256(), self._verify_step(section)
-                for a in range(0, entry.neurons, step):
-                    b = min(a + step, entry.neurons)
-                    with self._naming(i, [(a, b)], [section]):
-                        raw = self.reader.read(
-                            section.offset + a * section.bundle_bytes,
-                            (b - a) * section.bundle_bytes,
-                        )
-                    h.update(raw)
-                    del raw
-                if h.hexdigest() != section.sha256:
-                    raise corrupt(
-                        f"layer {i}: checksum mismatch in bytes {section.offset}-{stop}"
-                    )
-                end = stop
-            if progress:
-                progress(i)
-        self._check_zeros(end, self.manifest.file_bytes, corrupt)
+            for s in entry.sections:
+                stop = s.offset + entry.neurons * s.bundle_bytes
+                if s.offset <= at < align_up(stop):
+                    first = max(0, (at - s.offset) // s.bundle_bytes)
+                    last = min(entry.neurons, (at + ALIGN - s.offset) // s.bundle_bytes)
+                    return f"layer {i}, neurons {first}-{min(last, entry.neurons - 1)}"
+        for e in self.manifest.extensions:
+            if e.offset <= at < align_up(e.offset + e.bytes):
+                return f"the {e.name} extension"
+        return "alignment padding"
 
-    def _verify_step(self, section) -> int:
-        """Neurons per read while verifying: what the staging buffer holds."""
-        return max(1, self.reader.capacity // section.bundle_bytes)
-
-    def _check_zeros(self, start: int, stop: int, corrupt) -> None:
-        while start < stop:
-            n = min(stop - start, self.reader.capacity)
-            if bytes(self.reader.read(start, n)) != bytes(n):
-                raise corrupt(f"bytes {start}-{start + n} should be zero padding")
-            start += n
+    def _check_zeros(self, start: int, stop: int) -> None:
+        """The bytes past the checksum table (its block's tail) must be zeros."""
+        if start < stop and bytes(self.reader.read(start, stop - start)) != bytes(
+            stop - start
+        ):
+            raise FlashError(
+                f"bytes {start}-{stop} should be zero padding: the file is corrupted",
+                self.path / BUNDLES_NAME,
+                _RECONVERT,
+            )
 
     @contextlib.contextmanager
     def _naming(self, layer: int, runs, sections) -> Iterator[None]:

@@ -1,0 +1,465 @@
+"""The manifest (`flash_config.json`) and the bundles file's header, format version 2
+(docs/FORMAT.md §2, §5-§8).
+
+Version 2 gives every layer its own encoding per component (mixed-bit recipes and
+Q4_K_M files need them), records where each tensor's values came from and whether that
+was exact, and lists optional typed extensions — aligned byte ranges of `ffn.bundles`
+that later features add without a version bump (the block checksums are the first). An
+extension a reader does not know is ignored unless it is marked `required`, in which
+case the store is refused by the extension's name.
+"""
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..errors import FlashError
+from .encoding import Component, Encoding, Origin
+
+MAGIC = b"MLXFLASH"
+MANIFEST_MAGIC = "mlx-flash-store"
+FORMAT_VERSION = 2
+ALIGN = 4096
+HEADER_BYTES = 4096
+MANIFEST_NAME = "flash_config.json"
+BUNDLES_NAME = "ffn.bundles"
+DENSE_NAME = "model.safetensors"
+ACTIVATIONS = ("silu", "gelu", "gelu_approx", "relu")  # what FlashFFN computes
+KNOWN_EXTENSIONS = ("checksums",)  # what this reader understands
+
+# magic, version, header bytes, file bytes, layers, layout digest
+_HEADER = struct.Struct("<8sIIQI32s")
+HEADER_FIELDS = _HEADER.size  # 60: the header bytes past these are zeros
+_RECONVERT = "convert the model again with `python -m mlx_flash.convert`"
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass
+class Section:
+    """One contiguous run of bundles in a layer: every neuron's `components`, in order."""
+
+    components: List[str]
+    offset: int
+    bundle_bytes: int
+
+
+@dataclass
+class LayerEntry:
+    neurons: int
+    components: Dict[str, Component]
+    sections: List[Section]
+
+    def section_components(self, section: Section) -> List[Component]:
+        return [self.components[name] for name in section.components]
+
+    def bundle_bytes(self, sections: Optional[List[int]] = None) -> int:
+        chosen = range(len(self.sections)) if sections is None else sections
+        return sum(self.sections[k].bundle_bytes for k in chosen)
+
+    @property
+    def end(self) -> int:
+        s = self.sections[-1]
+        return s.offset + self.neurons * s.bundle_bytes
+
+
+@dataclass
+class Extension:
+    """An optional typed byte range of `ffn.bundles` (4 KiB-aligned, after the layers);
+    `meta` holds its type's own parameters."""
+
+    name: str
+    offset: int
+    bytes: int
+    required: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """`flash_config.json`: everything needed to find and trust one byte of the store."""
+
+    architecture: str
+    activation: str
+    rows: List[str]  # input projections, one row per neuron (gate_proj, up_proj / fc1)
+    column: str  # output projection, one column per neuron (down_proj / fc2)
+    hidden_size: int
+    intermediate_size: int
+    layout: str
+    layers: List[LayerEntry]
+    dense: Dict[str, Origin] = field(default_factory=dict)  # tensor base name ->
+    extensions: List[Extension] = field(default_factory=list)
+    file_bytes: int = 0
+    out_bias: bool = False
+    source: dict = field(default_factory=dict)
+
+    def extension(self, name: str) -> Optional[Extension]:
+        return next((e for e in self.extensions if e.name == name), None)
+
+    def lossy_steps(self) -> List[str]:
+        """Every inexact step the conversion took, one line per (tensor kind, step):
+        what the converter prints, `inspect` shows and docs/FORMAT.md §5 defines."""
+        steps: Dict[tuple, list] = {}
+        for i, layer in enumerate(self.layers):
+            for c in layer.components.values():
+                if not c.origin.exact:
+                    key = (c.name, c.origin.kind, c.origin.note)
+                    steps.setdefault(key, []).append((i, c.origin.error))
+        for name, o in self.dense.items():
+            if not o.exact:
+                steps.setdefault(("dense", o.kind, o.note), []).append((name, o.error))
+        lines = []
+        for (what, kind, note), where in steps.items():
+            errors = [e for _, e in where if e is not None]
+            worst = f", max |Δw| {max(errors):.3g}" if errors else ""
+            count = (
+                f"{len(where)} layers" if what != "dense" else f"{len(where)} tensors"
+            )
+            lines.append(f"{what} ({kind}, {count}): {note}{worst}")
+        return lines
+
+    def to_json(self) -> str:
+        d = {
+            "magic": MANIFEST_MAGIC,
+            "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
+            "activation": self.activation,
+            "rows": self.rows,
+            "column": self.column,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "layout": self.layout,
+            "layers": [
+                {
+                    "neurons": l.neurons,
+                    "components": {
+                        n: {
+                            "length": c.length,
+                            "encoding": c.encoding.to_dict(),
+                            "origin": c.origin._asdict(),
+                        }
+                        for n, c in l.components.items()
+                    },
+                    "sections": [s.__dict__ for s in l.sections],
+                }
+                for l in self.layers
+            ],
+            "dense": {k: o._asdict() for k, o in self.dense.items()},
+            "extensions": [e.__dict__ for e in self.extensions],
+            "file_bytes": self.file_bytes,
+            "out_bias": self.out_bias,
+            "source": self.source,
+        }
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "Manifest":
+        """Parse a manifest, checking its structure and the type of every field;
+        `validate` then checks that the values are consistent."""
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError) as e:  # also: too many digits, too deep
+            raise FlashError(
+                f"the manifest is not valid JSON ({e})", path, _RECONVERT
+            ) from None
+        if not isinstance(d, dict) or d.get("magic") != MANIFEST_MAGIC:
+            raise FlashError("not an mlx_flash manifest (bad magic)", path, _RECONVERT)
+        version = d.get("format_version")
+        if version != FORMAT_VERSION or type(version) is not int:
+            raise FlashError(
+                f"store format version {version!r}; this mlx_flash reads version "
+                f"{FORMAT_VERSION}",
+                path,
+                reconvert_fix(d.get("source"), path.parent),
+            )
+        why = _structure_error(d)
+        if why:
+            raise FlashError(f"the manifest is malformed: {why}", path, _RECONVERT)
+        try:
+            layers = [
+                LayerEntry(
+                    l["neurons"],
+                    {
+                        n: Component(
+                            n,
+                            c["length"],
+                            Encoding(**c["encoding"]),
+                            Origin(**c["origin"]),
+                        )
+                        for n, c in l["components"].items()
+                    },
+                    [Section(**s) for s in l["sections"]],
+                )
+                for l in d["layers"]
+            ]
+            dense = {k: Origin(**o) for k, o in d["dense"].items()}
+            extensions = [Extension(**e) for e in d["extensions"]]
+        except TypeError as e:  # a wrong key or an unhashable value inside
+            raise FlashError(
+                f"the manifest is malformed ({e})", path, _RECONVERT
+            ) from None
+        keep = {k: d[k] for k in _REQUIRED if k not in _PARSED}
+        optional = {k: d[k] for k in _OPTIONAL if k in d}
+        return cls(
+            **keep, **optional, layers=layers, dense=dense, extensions=extensions
+        )
+
+    def validate(self, path: Path) -> None:
+        """Reject a manifest whose layout cannot be right, before any byte is read.
+
+        Every size is checked to be a positive integer and every section and
+        extension to lie, in order, inside `file_bytes`; the caller then checks
+        `file_bytes` against the file itself. So nothing sized from the manifest can
+        exceed the file.
+        """
+
+        def bad(why):
+            return FlashError(f"the manifest is inconsistent: {why}", path, _RECONVERT)
+
+        for key in ("hidden_size", "intermediate_size", "file_bytes"):
+            if not _positive_int(getattr(self, key)):
+                raise bad(f"{key} must be a positive integer")
+        if self.activation not in ACTIVATIONS:
+            raise bad(f"unknown activation {self.activation!r}")
+        if not self.layers:
+            raise bad("no layers")
+        projections = self.rows + [self.column]
+        if len(self.rows) not in (1, 2) or len(set(projections)) != len(projections):
+            raise bad(
+                f"rows {self.rows} and column {self.column!r} must be 1 or 2 "
+                "distinct input projections and one output projection"
+            )
+        allowed = set(projections) | {r + ".bias" for r in self.rows}
+        end = HEADER_BYTES
+        for i, layer in enumerate(self.layers):
+            if not _positive_int(layer.neurons):
+                raise bad(f"layer {i} has no neurons")
+            if layer.neurons != self.intermediate_size:
+                raise bad(
+                    f"layer {i} has {layer.neurons} neurons, intermediate_size is "
+                    f"{self.intermediate_size}"
+                )
+            for name in projections:
+                if name not in layer.components:
+                    raise bad(f"layer {i} has no component {name!r}")
+            for name, c in layer.components.items():
+                if name not in allowed:
+                    raise bad(
+                        f"layer {i}: component {name!r} is none of {sorted(allowed)}"
+                    )
+                expected = 1 if name.endswith(".bias") else self.hidden_size
+                if not _positive_int(c.length) or c.length != expected:
+                    raise bad(
+                        f"layer {i}: component {name} has length {c.length!r}, "
+                        f"expected {expected}"
+                    )
+                if expected == 1 and c.encoding.quantized:
+                    raise bad(f"layer {i}: the bias {name} cannot be quantized")
+            named = sorted(n for s in layer.sections for n in s.components)
+            if named != sorted(layer.components):
+                raise bad(
+                    f"layer {i} stores {named}, expected {sorted(layer.components)} "
+                    "once each"
+                )
+            for s in layer.sections:
+                if not all(type(v) is int for v in (s.offset, s.bundle_bytes)):
+                    raise bad(f"layer {i}: offsets and sizes must be integers")
+                if not s.components:
+                    raise bad(f"layer {i}: a section holds no component")
+                if s.bundle_bytes != sum(c.nbytes for c in layer.section_components(s)):
+                    raise bad(f"layer {i}: bundle size disagrees with its components")
+                if s.offset % ALIGN or s.offset < end:
+                    raise bad(f"layer {i}: section offset {s.offset} is misplaced")
+                end = s.offset + layer.neurons * s.bundle_bytes
+        if end > self.file_bytes:
+            raise FlashError(
+                "the manifest points past the end of the bundles file", path, _RECONVERT
+            )
+        for e in self.extensions:
+            if not (_positive_int(e.bytes) and type(e.offset) is int):
+                raise bad(f"extension {e.name!r}: offset and bytes must be integers")
+            if e.offset % ALIGN or e.offset < end:
+                raise bad(f"extension {e.name!r}: offset {e.offset} is misplaced")
+            if e.required and e.name not in KNOWN_EXTENSIONS:
+                raise FlashError(
+                    f"the store needs the {e.name!r} extension, which this version of "
+                    "mlx_flash cannot read",
+                    path,
+                    "upgrade mlx_flash, or convert the model again with this version",
+                )
+            end = e.offset + e.bytes
+        if self.file_bytes % ALIGN:
+            raise bad(f"file_bytes {self.file_bytes} is not a multiple of {ALIGN}")
+        if end > self.file_bytes:
+            raise FlashError(
+                "the manifest points past the end of the bundles file", path, _RECONVERT
+            )
+
+    def layout_digest(self) -> bytes:
+        """SHA-256 of the byte layout (docs/FORMAT.md §6): ties the bundles file to
+        this manifest. Origins, extension parameters and `source` are not covered."""
+        layout = [
+            [
+                l.neurons,
+                {n: [c.length, c.encoding.to_dict()] for n, c in l.components.items()},
+                [[s.components, s.offset, s.bundle_bytes] for s in l.sections],
+            ]
+            for l in self.layers
+        ]
+        ext = [[e.name, e.offset, e.bytes, e.required] for e in self.extensions]
+        blob = json.dumps([layout, ext, self.file_bytes], sort_keys=True).encode()
+        return hashlib.sha256(blob).digest()
+
+
+def reconvert_fix(source, store: Path) -> str:
+    """The command that rebuilds a store, naming its source when the manifest knows it."""
+    src = source.get("path") if isinstance(source, dict) else None
+    if isinstance(src, str) and src:
+        return (
+            f"convert it again: python -m mlx_flash.convert {src} -o {store} "
+            "--overwrite (a store in mlx_flash's cache is re-converted by itself)"
+        )
+    return _RECONVERT
+
+
+_REQUIRED = {
+    "magic": str,
+    "format_version": int,
+    "architecture": str,
+    "activation": str,
+    "rows": list,
+    "column": str,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "layout": str,
+    "layers": list,
+    "dense": dict,
+    "extensions": list,
+}
+_PARSED = ("magic", "format_version", "layers", "dense", "extensions")
+_OPTIONAL = {"file_bytes": int, "out_bias": bool, "source": dict}
+_COMPONENT_KEYS = {"length", "encoding", "origin"}
+_ENCODING_KEYS = {"mode", "dtype", "bits", "group_size"}
+_ORIGIN_KEYS = {"kind", "exact", "note", "error"}
+_SECTION_KEYS = {"components", "offset", "bundle_bytes"}
+_EXTENSION_KEYS = {"name", "offset", "bytes", "required", "meta"}
+
+
+def _positive_int(v) -> bool:
+    return type(v) is int and v > 0
+
+
+def _origin_error(o) -> str:
+    if not isinstance(o, dict) or set(o) != _ORIGIN_KEYS:
+        return f"must have exactly {sorted(_ORIGIN_KEYS)}"
+    if not (isinstance(o["kind"], str) and isinstance(o["note"], str)):
+        return "kind and note must be strings"
+    if not isinstance(o["exact"], bool):
+        return "exact must be true or false"
+    if o["error"] is not None and type(o["error"]) not in (int, float):
+        return "error must be a number or null"
+    return ""
+
+
+def _structure_error(d: dict) -> str:
+    """What is wrong with the shape of a parsed manifest (keys, containers, strings),
+    or "". Integer values are left to `Manifest.validate` and `Encoding`."""
+    unknown = sorted(set(d) - set(_REQUIRED) - set(_OPTIONAL))
+    missing = sorted(set(_REQUIRED) - set(d))
+    if unknown or missing:
+        return f"unknown keys {unknown}, missing keys {missing}"
+    for key, kind in {**_REQUIRED, **_OPTIONAL}.items():
+        if key in d and kind is not int and not isinstance(d[key], kind):
+            return f"{key} must be a {kind.__name__}"
+    if not all(isinstance(r, str) for r in d["rows"]):
+        return "rows must be strings"
+    for i, layer in enumerate(d["layers"]):
+        if not isinstance(layer, dict) or set(layer) != {
+            "neurons",
+            "components",
+            "sections",
+        }:
+            return f"layer {i} must have exactly neurons, components and sections"
+        if not isinstance(layer["components"], dict):
+            return f"layer {i}: components must be an object"
+        for name, c in layer["components"].items():
+            if not isinstance(c, dict) or set(c) != _COMPONENT_KEYS:
+                return (
+                    f"layer {i}, component {name!r}: expected {sorted(_COMPONENT_KEYS)}"
+                )
+            e = c["encoding"]
+            if not isinstance(e, dict) or set(e) != _ENCODING_KEYS:
+                return f"layer {i}, component {name!r}: the encoding needs {sorted(_ENCODING_KEYS)}"
+            if not (isinstance(e["mode"], str) and isinstance(e["dtype"], str)):
+                return f"layer {i}, component {name!r}: mode and dtype must be strings"
+            why = _origin_error(c["origin"])
+            if why:
+                return f"layer {i}, component {name!r}: the origin {why}"
+        if not isinstance(layer["sections"], list) or not layer["sections"]:
+            return f"layer {i}: sections must be a non-empty list"
+        for s in layer["sections"]:
+            if not isinstance(s, dict) or set(s) != _SECTION_KEYS:
+                return f"layer {i}: a section must have exactly {sorted(_SECTION_KEYS)}"
+            comps = s["components"]
+            if not isinstance(comps, list) or not all(
+                isinstance(c, str) for c in comps
+            ):
+                return f"layer {i}: section components must be a list of names"
+    for name, o in d["dense"].items():
+        why = _origin_error(o)
+        if why:
+            return f"dense tensor {name!r}: the origin {why}"
+    for e in d["extensions"]:
+        if not isinstance(e, dict) or set(e) != _EXTENSION_KEYS:
+            return f"an extension must have exactly {sorted(_EXTENSION_KEYS)}"
+        if not isinstance(e["name"], str) or not isinstance(e["meta"], dict):
+            return "an extension's name must be a string and its meta an object"
+        if not isinstance(e["required"], bool):
+            return "an extension's required must be true or false"
+    return ""
+
+
+def pack_header(manifest: Manifest) -> bytes:
+    head = _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER_BYTES,
+        manifest.file_bytes,
+        len(manifest.layers),
+        manifest.layout_digest(),
+    )
+    return head.ljust(HEADER_BYTES, b"\0")
+
+
+def check_header(head: bytes, manifest: Manifest, path: Path) -> None:
+    """The cheap check run at every load: magic, version, sizes and layout digest."""
+    if len(head) < _HEADER.size:
+        raise FlashError(
+            "the bundles file is shorter than its header", path, _RECONVERT
+        )
+    magic, version, header_bytes, file_bytes, layers, digest = _HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise FlashError("not an mlx_flash bundles file (bad magic)", path, _RECONVERT)
+    if version != FORMAT_VERSION:
+        raise FlashError(
+            f"bundles format version {version}, expected {FORMAT_VERSION}",
+            path,
+            _RECONVERT,
+        )
+    if (header_bytes, file_bytes, layers) != (
+        HEADER_BYTES,
+        manifest.file_bytes,
+        len(manifest.layers),
+    ):
+        raise FlashError(
+            "the bundles file and flash_config.json disagree on sizes", path, _RECONVERT
+        )
+    if digest != manifest.layout_digest():
+        raise FlashError(
+            "the bundles file was written for another manifest", path, _RECONVERT
+        )
