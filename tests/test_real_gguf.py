@@ -23,11 +23,12 @@ from gguf import quants
 from mlx_lm.generate import generate_step
 
 import mlx_flash
+from mlx_flash.store.aligned_safetensors import without_pads
 from mlx_flash.store.convert import convert
 from mlx_flash.store.format import DENSE_NAME
 from mlx_flash.store.gguf_file import hf_name, read_header
 from mlx_flash.store.gguf_quants import EXACT_BITS
-from mlx_flash.store.store import BundleStore
+from mlx_flash.store.store import BundleStore, read_manifest
 
 pytestmark = pytest.mark.real
 
@@ -145,56 +146,52 @@ def assert_source_values(got: np.ndarray, qtype, expected: np.ndarray, name: str
         assert (np.abs(got - expected) <= bound).all(), name
 
 
+def dense_part(directory: Path) -> dict:
+    return without_pads(mx.load(str(directory / DENSE_NAME)))
+
+
 def test_dense_part_is_the_gguf_values(converted):
-    """The store's dense part (ASSUMED: one safetensors file, `DENSE_NAME`, as in
-    v1): every non-FFN tensor of the file."""
-    dense = triples(mx.load(str(converted.store / DENSE_NAME)))
+    """The store's dense part: every non-FFN tensor of the file, with its origin."""
+    dense = triples(dense_part(converted.store))
     expected = {k for k in converted.reference if k.rsplit(".", 2)[-2] not in FFN}
     assert set(dense) == expected
+    origins = read_manifest(converted.store).dense
     for name, w in dense.items():
         length = converted.reference[name].shape[-1]
         qtype = converted.types[name]
         assert_source_values(values(w, length), qtype, converted.reference[name], name)
         assert isinstance(w, tuple) == (qtype in EXACT_BITS), name
-
-
-def recorded_encoding(manifest, layer: int, component: str):
-    """How the manifest says `component` of `layer` is stored: an object with
-    ``dtype``, ``bits`` and ``group_size`` and, from format v2 on, ``exact``.
-
-    ASSUMED (v2 is being written): a per-layer ``manifest.layers[i].encodings``
-    mapping component -> encoding, or else v1's one ``manifest.components[c]``
-    ``.encoding`` for the whole store; ``exact`` None where the manifest has none.
-    """
-    per_layer = getattr(manifest.layers[layer], "encodings", None) or {}
-    encoding = per_layer.get(component) or manifest.components[component].encoding
-    return encoding, getattr(encoding, "exact", None)
+        if name.endswith(".weight"):  # the manifest keys modules (a bias: F32)
+            origin = origins[name.removesuffix(".weight")]
+            assert origin[:2] == (qtype.name, qtype in EXACT_TYPES), name
 
 
 def test_ffn_rows_are_the_gguf_values(converted):
-    """gate/up rows exactly the file's; down, re-laid per neuron, as read where the
-    manifest says it is exact, else within one quantization step (or the float
-    rounding) of the encoding it records."""
+    """gate/up rows exactly the file's; down, re-laid per neuron, exactly where its
+    origin in the manifest says so, else within one quantization step (or the float
+    rounding) of the encoding the manifest records for that layer."""
     store = BundleStore(converted.store)
     try:
         hidden = store.manifest.hidden_size
-        for i in range(store.num_layers):
-            rows = store.read_layer(i, mx.float32)
+        for i, layer in enumerate(store.manifest.layers):
+            rows, components = store.read_layer(i, mx.float32), layer.components
             for c in ("gate_proj", "up_proj"):
                 name = f"model.layers.{i}.mlp.{c}.weight"
-                assert converted.types[name] in EXACT_BITS, name  # Q5_0 in both
+                qtype = converted.types[name]
+                assert qtype in EXACT_BITS, name  # Q5_0 in both
                 got = values(rows[c], hidden)
                 np.testing.assert_array_equal(got, converted.reference[name], name)
-                assert recorded_encoding(store.manifest, i, c)[1] in (True, None)
+                assert components[c].origin[:2] == (qtype.name, True), name
             name = f"model.layers.{i}.mlp.down_proj.weight"
             expected = converted.reference[name].T  # (n_ff, hidden): one row a neuron
             got = values(rows["down_proj"], hidden)
-            encoding, exact = recorded_encoding(store.manifest, i, "down_proj")
+            down = components["down_proj"]
+            assert down.origin.kind == converted.types[name].name, name
             # a fallback source type (Q6_K) was rounded to float16 when read
             bound = np.zeros_like(expected)
             if converted.types[name] not in EXACT_TYPES:
                 bound += F16_STEP * np.abs(expected) + F16_TINY
-            if exact:
+            if down.origin.exact:
                 pass  # stored as read
             elif isinstance(rows["down_proj"], tuple):
                 # MLX's affine quantize keeps the larger end of a group exact and may
@@ -205,7 +202,7 @@ def test_ffn_rows_are_the_gguf_values(converted):
                 bound += 1.5 * step
             else:
                 rel = {"float32": 0, "float16": F16_STEP, "bfloat16": 2.0**-8}
-                bound += rel[encoding.dtype] * np.abs(expected) + F16_TINY
+                bound += rel[down.encoding.dtype] * np.abs(expected) + F16_TINY
             assert (np.abs(got - expected) <= bound).all(), name
     finally:
         store.close()
@@ -215,7 +212,7 @@ def test_dense_out_holds_what_the_store_computes_with(converted):
     """--dense-out: the store's dense tensors as they are, and its FFN exactly as the
     store's rows hold it (down included, in whatever form expresses it)."""
     dense_out = mx.load(str(converted.dense / "model.safetensors"))
-    store_dense = mx.load(str(converted.store / DENSE_NAME))
+    store_dense = dense_part(converted.store)
     ffn = triples({k: v for k, v in dense_out.items() if k.rsplit(".", 2)[-2] in FFN})
     assert set(dense_out) - set(store_dense) == {
         k for k in dense_out if k.rsplit(".", 2)[-2] in FFN
