@@ -77,6 +77,10 @@ class DiskEmbedding(nn.Module):
                 for p in ("scales", "biases")
                 if p in self._tensors
             ]
+            if self._encoding.has_biases:  # as mlx-lm's table after set_dtype: the
+                # scales in the compute dtype before dequantizing, not after
+                dtype = self.compute_dtype or mx.float32
+                parts = [parts[0]] + [p.astype(dtype) for p in parts[1:]]
             rows = dequantize(
                 tuple(parts), self._encoding.group_size * parts[1].shape[-1]
             )
