@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm.convert import MODEL_CONVERSION_DTYPES, QUANT_RECIPES
 
 from .errors import FlashError, exit_on_error
-from .store import convert as writer
+from .store import writer
 from .store.format import FFN_FORMATS
 from .store.quantize import QUANT_MODES, check_predicate, quant_settings
 
@@ -62,7 +62,7 @@ def convert(
         trust_remote_code: accepted for mlx-lm's sake; conversion never runs a
             model's own code.
         ffn_format, down_format, group_size, layout, dense_out, overwrite, progress:
-            the store's own options (see `mlx_flash.store.convert.convert`).
+            the store's own options (see `mlx_flash.store.writer.convert`).
 
     Returns:
         The store path.

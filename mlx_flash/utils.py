@@ -23,7 +23,7 @@ from .selectors import SELECTORS
 from .sparse_ffn import FlashFFN, configure_flash
 from .stats import FlashStats
 from .store.format import DENSE_NAME
-from .store.convert import convert
+from .store.writer import convert
 from .store.aligned_safetensors import without_pads
 from .store.sources import locate
 from .store.store import BundleStore, is_current, is_store, read_manifest

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_checkpoint
 
 from mlx_flash import FlashError, convert, load
-from mlx_flash.store import convert as convert_module
+from mlx_flash.store import writer as convert_module
 from mlx_flash.store.format import BUNDLES_NAME, MANIFEST_NAME
 from mlx_flash.store.store import BundleStore
 

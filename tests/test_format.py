@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from mlx_flash import FlashError, load
 from mlx_flash.store.aligned_safetensors import PAD_PREFIX
-from mlx_flash.store.convert import convert
+from mlx_flash.store.writer import convert
 from mlx_flash.store.encoding import (
     AFFINE_BITS,
     FLOAT_MODES,

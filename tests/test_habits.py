@@ -17,7 +17,7 @@ from huggingface_hub.errors import (
 from mlx_lm.convert import QUANT_RECIPES
 from mlx_lm.convert import convert as mlx_lm_convert
 
-import mlx_flash.store.convert as writer
+import mlx_flash.store.writer as writer
 from mlx_flash import FlashError, convert, load
 from mlx_flash.budget import parse_budget
 from mlx_flash.chat import main as chat_main

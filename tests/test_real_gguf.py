@@ -24,7 +24,7 @@ from mlx_lm.generate import generate_step
 
 import mlx_flash
 from mlx_flash.store.aligned_safetensors import without_pads
-from mlx_flash.store.convert import convert
+from mlx_flash.store.writer import convert
 from mlx_flash.store.format import DENSE_NAME
 from mlx_flash.store.gguf_file import hf_name, read_header
 from mlx_flash.store.gguf_quants import EXACT_BITS

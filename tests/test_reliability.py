@@ -36,7 +36,7 @@ from mlx_flash.predictor import (
     load_predictors,
     save,
 )
-from mlx_flash.store import convert as convert_module
+from mlx_flash.store import writer as convert_module
 from mlx_flash.store import store as store_module
 from mlx_flash.store.format import ALIGN, BUNDLES_NAME, DENSE_NAME, MANIFEST_NAME
 from mlx_flash.store.reader import MmapReader
@@ -660,7 +660,7 @@ def test_killed_conversion_is_cleaned_up_by_the_next(tmp_path):
     p = run_python(
         """
         import sys, time
-        from mlx_flash.store import convert as c
+        from mlx_flash.store import writer as c
         real, calls = c.encode_rows, []
         def slow(*args):
             calls.append(1)
