@@ -169,3 +169,15 @@ def test_an_older_store_in_the_cache_is_converted_again(hf, tmp_path):
     assert resolve_store(hf, progress=False) == cached
     assert json.loads((cached / MANIFEST_NAME).read_text())["format_version"] == 2
     load(str(hf), progress=False)
+
+
+def test_a_group_size_that_does_not_divide_the_rows_is_refused(hf, tmp_path):
+    """hidden 128 takes groups of 32-128; the check runs before any quantizing."""
+    with pytest.raises(FlashError, match="--group-size") as e:
+        convert(hf, tmp_path / "out", ffn_format="q3", group_size=256, progress=False)
+    assert "unsupported encoding" in str(e.value)
+    small = tmp_path / "small"
+    write_tiny(small, "llama")  # hidden 64
+    with pytest.raises(FlashError, match="does not split into groups of 128"):
+        convert(small, tmp_path / "out", ffn_format="q4", group_size=128, progress=False)
+    assert not (tmp_path / "out").exists()

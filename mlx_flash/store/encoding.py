@@ -72,8 +72,8 @@ class Encoding:
         if why:
             raise FlashError(
                 f"unsupported encoding: {why}",
-                fix="use float16/bfloat16/float32, affine q1-q6/q8 with a group size "
-                "of 32, 64 or 128, mxfp4, mxfp8 or nvfp4",
+                fix="pass --ffn-format/--down-format float16, bfloat16, float32, "
+                "q1-q6 or q8 (with --group-size 32, 64 or 128), mxfp4, mxfp8 or nvfp4",
             )
 
     def _invalid(self) -> str:
@@ -119,7 +119,8 @@ class Encoding:
             raise FlashError(
                 f"a row of {length} values does not split into groups of "
                 f"{self.group_size} (and {self.bits}-bit words)",
-                fix="choose a group size that divides the model's hidden size",
+                fix=f"pass a --group-size (32, 64 or 128) that divides {length}, or a "
+                "float --ffn-format/--down-format",
             )
         groups = length // self.group_size * self.itemsize
         parts = [("packed", length * self.bits // 8), ("scales", groups)]
@@ -146,7 +147,8 @@ class Encoding:
         if text in tuple(f"q{b}" for b in AFFINE_BITS):
             return cls(scale_dtype, int(text[1:]), group_size or 64, "affine")
         raise FlashError(
-            f"unknown FFN format {text!r}", fix="use one of " + ", ".join(FFN_FORMATS)
+            f"unknown FFN format {text!r}",
+            fix="pass --ffn-format/--down-format " + ", ".join(FFN_FORMATS),
         )
 
     def to_dict(self) -> dict:

@@ -274,6 +274,7 @@ def encode_component(
     else:
         length, rows = hidden, w
         enc = row_encoding(w, hidden, ffn_format, group_size)
+    enc.parts(length)  # a group size that does not divide the rows: a FlashError
     data, error = encode_rows(rows, enc, length)
     source = source or Origin(describe(w, n_ff if name == arch.column else length))
     return Component(name, length, enc, stored_origin(source, enc, error, relaid)), data
