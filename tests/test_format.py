@@ -181,3 +181,28 @@ def test_a_group_size_that_does_not_divide_the_rows_is_refused(hf, tmp_path):
     with pytest.raises(FlashError, match="does not split into groups of 128"):
         convert(small, tmp_path / "out", ffn_format="q4", group_size=128, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mixed_recipe_keeps_each_layers_own_bits(hf, tmp_path):
+    """mlx-lm's mixed_3_6 gives layers' down/v_proj different bits: each layer's
+    components record their own source type, rows are kept word for word, and the
+    dense part's mixed tensors are the source's."""
+    src = tmp_path / "mlx"
+    mlx_convert(str(hf), str(src), quantize=True, quant_predicate="mixed_3_6")
+    convert(src, tmp_path / "store", progress=False)
+    source = mx.load(str(src / "model.safetensors"))
+    store = BundleStore(tmp_path / "store")
+    seen = set()
+    for i, layer in enumerate(store.manifest.layers):
+        rows = store.read_layer(i, mx.float32)
+        for name in ("gate_proj", "up_proj"):
+            key, c = f"model.layers.{i}.mlp.{name}", layer.components[name]
+            assert c.encoding.bits * 128 == source[key + ".weight"].shape[-1] * 32
+            assert mx.array_equal(rows[name][0], source[key + ".weight"])
+        seen.add(layer.components["down_proj"].origin.kind)
+    assert len(seen) > 1, seen  # the recipe did mix bit widths, layer by layer
+    dense = mx.load(str(tmp_path / "store" / DENSE_NAME))
+    for k, v in source.items():
+        if ".mlp." not in k:
+            assert mx.array_equal(dense[k], v), k
+    store.close()

@@ -674,3 +674,51 @@ def test_real_smollm2_generates_paris(tmp_path):
     text = mlx_lm.generate(model, tok, prompt, max_tokens=24, sampler=make_sampler(0.0))
     print(text)
     assert "Paris" in text
+
+
+@pytest.mark.parametrize(
+    "options, exact_down",
+    [({}, False), ({"down_format": "float32", "dtype": "float32"}, True)],
+)
+def test_store_of_a_mixed_gguf_obeys_its_flags(mixed_gguf, tmp_path, options, exact_down):
+    """Every layer keeps its own gate/up type; `down` (Q6_K, Q4_K) is per-neuron q8 by
+    default (a named lossy step) and the gguf package's values exactly when asked."""
+    from mlx_flash import load
+    from mlx_flash.store.encoding import dequantize
+    from mlx_flash.store.store import BundleStore
+    from mlx_flash.store.writer import convert
+
+    def values(w, length):  # float32 values of a float or quantized weight
+        if isinstance(w, tuple):
+            w = (w[0],) + tuple(p.astype(mx.float32) for p in w[1:])
+        return dequantize(w, length).astype(mx.float32)
+
+    path, _ = mixed_gguf
+    convert(path, tmp_path / "store", progress=False, **options)
+    store = BundleStore(tmp_path / "store")
+    m, hidden = store.manifest, store.manifest.hidden_size
+    raw = read_gguf(path, float_dtype="float32").weights
+    for i in range(2):
+        rows = store.read_layer(i, mx.float32)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            c, key = m.layers[i].components[name], f"model.layers.{i}.mlp.{name}"
+            qtype = MIXED_TYPES[f"blk.{i}.ffn_{name[:-5]}"]
+            assert c.origin.kind == qtype.name
+            source = raw[key + ".weight"]
+            if key + ".scales" in raw:
+                source = tuple(raw[key + p] for p in (".weight", ".scales", ".biases"))
+            down = name == "down_proj"
+            want = values(source, m.intermediate_size if down else hidden)
+            got = values(rows[name], hidden)
+            if down:
+                got = got.T
+                assert c.origin.exact == exact_down and c.encoding.quantized != exact_down
+                tol = 0.0 if exact_down else 0.02  # q8 per neuron
+            else:
+                assert c.encoding.quantized == (qtype in EXACT)
+                tol = 0.0 if c.origin.exact else 1e-3  # a fallback rounded to float16
+                assert c.origin.exact == (qtype in EXACT or "dtype" in options)
+            assert mx.abs(got - want).max().item() <= tol, (i, name)
+    assert ("down_proj" in " ".join(m.lossy_steps())) != exact_down
+    store.close()
+    load(str(tmp_path / "store"), progress=False)
