@@ -8,7 +8,7 @@ import pytest
 from conftest import make_checkpoint
 
 from mlx_flash import FlashError, convert, load
-from mlx_flash.store import writer as convert_module
+from mlx_flash.store import components
 from mlx_flash.store.format import BUNDLES_NAME, MANIFEST_NAME
 from mlx_flash.store.store import BundleStore
 
@@ -78,7 +78,7 @@ def test_existing_output_refused(tmp_path, store):
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, failure):
     make_checkpoint(tmp_path / "hf", "llama")
-    real, calls = convert_module.encode_rows, []
+    real, calls = components.encode_rows, []
 
     def failing(*args):
         calls.append(1)
@@ -86,11 +86,11 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, failure):
             raise failure
         return real(*args)
 
-    monkeypatch.setattr(convert_module, "encode_rows", failing)
+    monkeypatch.setattr(components, "encode_rows", failing)
     with pytest.raises(type(failure)):
         convert(tmp_path / "hf", tmp_path / "out", progress=False)
     assert listing(tmp_path) == ["hf"]
-    monkeypatch.setattr(convert_module, "encode_rows", real)
+    monkeypatch.setattr(components, "encode_rows", real)
     convert(tmp_path / "hf", tmp_path / "out", progress=False)  # a rerun succeeds
 
 
@@ -217,7 +217,7 @@ def test_failed_store_write_removes_the_dense_output_too(tmp_path, monkeypatch):
     def failing(*args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(convert_module, "encode_rows", failing)
+    monkeypatch.setattr(components, "encode_rows", failing)
     with pytest.raises(RuntimeError):
         convert(
             tmp_path / "hf",

@@ -36,6 +36,7 @@ from mlx_flash.predictor import (
     load_predictors,
     save,
 )
+from mlx_flash.store import components
 from mlx_flash.store import writer as convert_module
 from mlx_flash.store import store as store_module
 from mlx_flash.store.format import ALIGN, BUNDLES_NAME, DENSE_NAME, MANIFEST_NAME
@@ -626,7 +627,7 @@ def test_after_a_failed_read_the_next_generation_is_exact(gate_store, monkeypatc
 
 def test_sigint_during_conversion_leaves_nothing(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "hf", "llama")
-    real, calls = convert_module.encode_rows, []
+    real, calls = components.encode_rows, []
 
     def interrupted(*args):
         calls.append(1)
@@ -634,11 +635,11 @@ def test_sigint_during_conversion_leaves_nothing(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGINT)  # a real signal: Ctrl-C
         return real(*args)
 
-    monkeypatch.setattr(convert_module, "encode_rows", interrupted)
+    monkeypatch.setattr(components, "encode_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(tmp_path / "hf", tmp_path / "out", progress=False)
     assert listing(tmp_path) == ["hf"]
-    monkeypatch.setattr(convert_module, "encode_rows", real)
+    monkeypatch.setattr(components, "encode_rows", real)
     convert(tmp_path / "hf", tmp_path / "out", progress=False)
 
 
@@ -660,7 +661,8 @@ def test_killed_conversion_is_cleaned_up_by_the_next(tmp_path):
     p = run_python(
         """
         import sys, time
-        from mlx_flash.store import writer as c
+        from mlx_flash.store import components as c
+        from mlx_flash.store.writer import convert
         real, calls = c.encode_rows, []
         def slow(*args):
             calls.append(1)
@@ -669,7 +671,7 @@ def test_killed_conversion_is_cleaned_up_by_the_next(tmp_path):
                 time.sleep(120)
             return real(*args)
         c.encode_rows = slow
-        c.convert(sys.argv[1], sys.argv[2], progress=False)
+        convert(sys.argv[1], sys.argv[2], progress=False)
         """,
         tmp_path / "hf",
         tmp_path / "out",

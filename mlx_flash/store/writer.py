@@ -9,10 +9,8 @@ into the same place removes what such a process left.
 import contextlib
 import errno
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -26,27 +24,21 @@ from .format import (
     ALIGN,
     BUNDLES_NAME,
     DENSE_NAME,
-    DTYPE_NAMES,
-    FLOAT_DTYPES,
     HEADER_BYTES,
     MANIFEST_NAME,
-    Component,
     Encoding,
     Extension,
     LayerEntry,
     Manifest,
-    Origin,
     Section,
     Weight,
     align_up,
-    dequantize,
-    encode,
     pack_header,
-    quant_params,
-    to_bytes,
 )
 from .safety import check_safetensors, clean_config
+from .components import dense_origins, encode_component
 from .sources import Source, open_source
+from .staging import _staged
 
 LAYOUTS = ("bundled", "split", "gate")
 
@@ -226,13 +218,6 @@ def write_store(
     return manifest
 
 
-def encode_rows(w: Weight, enc: Encoding, length: int) -> Tuple[np.ndarray, float]:
-    """Rows of a component as their stored bytes (n, nbytes) uint8, and the largest
-    |Δw| the encoding cost (0.0: exact)."""
-    parts, error = encode(w, enc, length)
-    return to_bytes(parts), error
-
-
 def layout_sections(order: List[str], first: str, layout: str) -> List[List[str]]:
     """Components per section: ``bundled`` one section; ``split`` one per component
     (the no-bundling ablation); ``gate`` the first row (gate/fc1, with its bias) apart,
@@ -243,124 +228,6 @@ def layout_sections(order: List[str], first: str, layout: str) -> List[List[str]
         return [[n] for n in order]
     head = [n for n in order if n in (first, first + ".bias")]
     return [head, [n for n in order if n not in head]]
-
-
-def encode_component(
-    name: str,
-    w: Weight,
-    arch: FFNArch,
-    hidden: int,
-    n_ff: int,
-    formats: Tuple[str, str, Optional[int]],
-    source: Optional[Origin],
-) -> Tuple[Component, np.ndarray]:
-    """One component of one layer as stored: its Component and bytes (n_ff, B) uint8.
-
-    `w` is the source's own weight: a row projection (n_ff, hidden), the output
-    projection (hidden, n_ff), whose columns become rows (paper §3.2), or a bias.
-    """
-    ffn_format, down_format, group_size = formats
-    # quantized in the source, even when read as floats (GGUF types with no MLX form)
-    quantized = isinstance(w, tuple) or not _float_kind(source)
-    relaid = name == arch.column and quantized
-    if name.endswith(".bias"):
-        length, enc, rows = 1, Encoding("float32"), w.reshape(-1, 1)
-    elif name == arch.column:
-        fmt = down_format
-        if fmt == "auto" and not quantized:
-            fmt = ffn_format  # a float source's columns follow the rows' format
-        length, enc = hidden, column_encoding(w, n_ff, fmt, group_size, quantized)
-        rows = dequantize(w, n_ff).T  # a quantized source is re-laid per neuron
-    else:
-        length, rows = hidden, w
-        enc = row_encoding(w, hidden, ffn_format, group_size)
-    enc.parts(length)  # a group size that does not divide the rows: a FlashError
-    data, error = encode_rows(rows, enc, length)
-    source = source or Origin(describe(w, n_ff if name == arch.column else length))
-    return Component(name, length, enc, stored_origin(source, enc, error, relaid)), data
-
-
-def row_encoding(
-    w: Weight, length: int, fmt: str, group_size: Optional[int]
-) -> Encoding:
-    """A row projection's encoding: ``auto`` keeps the source's, bit for bit."""
-    source = quant_params(w, length) if isinstance(w, tuple) else None
-    if fmt != "auto":
-        return Encoding.parse(fmt, group_size or (source and source.group_size))
-    if source is not None:
-        return source
-    if w.dtype not in DTYPE_NAMES:
-        raise FlashError(
-            f"unsupported weight dtype {w.dtype}",
-            fix="use float16, bfloat16 or float32 weights",
-        )
-    return Encoding(DTYPE_NAMES[w.dtype])
-
-
-def column_encoding(
-    w: Weight, n_ff: int, fmt: str, group_size: Optional[int], quantized: bool
-) -> Encoding:
-    """The output projection's encoding. A quantized source's groups run along the
-    neuron axis, so its columns cannot be kept: ``auto`` stores them per neuron as
-    affine 8-bit with float16 scales in the source's group size (32 where it had
-    none MLX takes: a named lossy step; ``float32`` keeps them exact)."""
-    if not quantized:
-        return row_encoding(w, n_ff, fmt, group_size)
-    group = 32
-    if isinstance(w, tuple) and quant_params(w, n_ff).group_size in (64, 128):
-        group = quant_params(w, n_ff).group_size
-    if fmt == "auto":
-        return Encoding("float16", 8, group_size or group)
-    return Encoding.parse(fmt, group_size or group)
-
-
-def _float_kind(origin: Optional[Origin]) -> bool:
-    """Whether a source tensor was stored as floats (F16, bfloat16, ...), not as a
-    quantized type read back as floats."""
-    floats = {"F64", "F32", "F16", "BF16", "float64", *FLOAT_DTYPES}
-    return origin is None or origin.kind in floats
-
-
-def stored_origin(source: Origin, enc: Encoding, error: float, relaid: bool) -> Origin:
-    """A stored component's origin: the source's, plus this store's own step when it
-    changed a value (`error` > 0)."""
-    steps = [source.note] if source.note else []
-    if relaid:
-        steps.append(f"dequantized, transposed, stored per neuron as {enc.describe()}")
-    elif error > 0:
-        steps.append(f"stored as {enc.describe()}")
-    exact = source.exact and error == 0
-    return Origin(
-        source.kind,
-        exact,
-        "; ".join(steps) if not exact else source.note,
-        error if error > 0 else source.error,
-    )
-
-
-def describe(w: Weight, length: int) -> str:
-    """A source tensor's type, in the words of `Origin.kind`."""
-    if isinstance(w, tuple):
-        return quant_params(w, length).describe()
-    return DTYPE_NAMES.get(w.dtype, str(w.dtype).removeprefix("mlx.core."))
-
-
-def dense_origins(src: Source, dense: Dict[str, mx.array]) -> Dict[str, Origin]:
-    """The origin of every dense tensor (by base name), the source's where it has one."""
-    q = src.config.get("quantization") or {}
-    out = {}
-    for base in sorted({k.rsplit(".", 1)[0] for k in dense}):
-        if base in src.origins:
-            out[base] = src.origins[base]
-        elif base + ".scales" in dense:
-            params = q.get(base) if isinstance(q.get(base), dict) else q
-            mode = params.get("mode", "affine")
-            bits = params.get("bits", 4)
-            out[base] = Origin(f"{mode} q{bits} g{params.get('group_size', 64)}")
-        else:
-            t = dense.get(base + ".weight", dense.get(base + ".bias"))
-            out[base] = Origin(describe(t, 1) if t is not None else "float")
-    return out
 
 
 def layer_weights(
@@ -447,49 +314,3 @@ def _clean_json_bytes(data: bytes, path: Path) -> bytes:
         return data
     clean = clean_config(d, path)
     return data if clean == d else json.dumps(clean, indent=2).encode()
-
-
-@contextlib.contextmanager
-def _staged(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `target`, renamed onto it only on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            if not overwrite:
-                raise FlashError("the output appeared while converting", target)
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_stale(target: Path) -> None:
-    """Remove what a killed conversion into `target` left: temporary directories
-    whose process no longer runs (their names end with its pid)."""
-    for pattern in (f".{target.name}.partial-*", f".{target.name}.old-*"):
-        for tmp in target.parent.glob(pattern):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _running(int(pid)):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours, from an earlier failed attempt in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
