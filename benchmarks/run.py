@@ -131,7 +131,7 @@ def prepare(name: str, formats, predictors) -> dict:
     q4-split store (python -m mlx_flash.train_predictors ~/.cache/mlx_flash/bench/
     NAME/q4-split --text ...), copied into every store but the gate ones."""
     from mlx_flash import convert
-    from mlx_flash.store.store import is_store
+    from mlx_flash.store.store import is_current
 
     gguf = model_gguf(name)
     root = bench_cache() / name
@@ -140,7 +140,7 @@ def prepare(name: str, formats, predictors) -> dict:
         if store.split("-")[0] not in formats:
             continue
         path = root / store
-        if not is_store(path):
+        if not is_current(path):  # (a store of an older format is rebuilt)
             dense = root / "dense" if not (root / "dense").exists() else None
             print(f"[bench] converting {gguf.name} -> {path}", flush=True)
             convert(
