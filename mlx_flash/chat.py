@@ -28,7 +28,8 @@ from mlx_lm.sample_utils import make_sampler
 from .default_model import DEFAULT_MODEL, default_model_path
 from .blas import prefer_fast_blas
 from .errors import exit_on_error
-from .generate import add_flash_args, load_kwargs
+from .generate import load_kwargs
+from .options import add_flash_args
 from .stats import FlashStats
 from .utils import load
 

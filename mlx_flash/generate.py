@@ -4,10 +4,8 @@ Takes every `mlx_lm.generate` flag (the parser is mlx-lm's own) plus ours; flags
 cannot apply to a flash model raise a clear error.
 """
 
-import argparse
 import json
 import sys
-from typing import Callable, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generate
@@ -18,10 +16,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from .default_model import DEFAULT_MODEL, default_model_path
 from .blas import prefer_fast_blas
-from .budget import BUDGET_FORMS, parse_budget
 from .errors import FlashError, exit_on_error
-from .selectors import SELECTORS
-from .utils import OPTION_RULES, check_option, load
+from .options import FlashOptions, add_flash_args
+from .utils import load
 
 
 def setup_arg_parser():
@@ -39,122 +36,9 @@ def setup_arg_parser():
     return parser
 
 
-def add_flash_args(parser):
-    """Add the flash options, one argument group, to an mlx-lm parser."""
-    flash = parser.add_argument_group("mlx_flash")
-    flash.add_argument(
-        "--compute-dtype",
-        choices=["float32", "float16", "bfloat16"],
-        default=None,
-        help="Dtype of the computation (default: float32 on CPU, the model's on GPU)",
-    )
-    flash.add_argument(
-        "--threads",
-        type=flag_type("threads"),
-        default=None,
-        help="Parallel reads in flight (default: from `python -m mlx_flash.probe`, "
-        "else 4)",
-    )
-    flash.add_argument(
-        "--selector",
-        choices=SELECTORS,
-        default="all",
-        help="How each token's neurons are chosen: all (naive), oracle (true top "
-        "activations, a reference), gate (resident gate rows; needs --layout gate) "
-        "or lowrank (learned predictors; see mlx_flash.train_predictors)",
-    )
-    flash.add_argument(
-        "--fraction",
-        type=flag_type("fraction"),
-        default=None,
-        help="Share of FFN neurons used per token (gated models; default 0.5)",
-    )
-    flash.add_argument(
-        "--threshold",
-        type=flag_type("threshold"),
-        default=None,
-        help="Select |activation| > this (lowrank: predicted logit > this)",
-    )
-    flash.add_argument(
-        "--recall",
-        type=flag_type("recall"),
-        default=None,
-        help="lowrank: each layer's threshold calibrated for this recall "
-        "(0.5, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99; default 0.9)",
-    )
-    flash.add_argument(
-        "--window",
-        type=flag_type("window"),
-        default=None,
-        help="Keep exactly the neurons of the last K tokens (paper's windowing); "
-        "default: as many recent neurons as the cache holds",
-    )
-    flash.add_argument(
-        "--dram-budget",
-        type=dram_budget,
-        default=None,
-        help="DRAM for the model: bytes with a unit (8GiB, 500MB, 1.5G: powers of "
-        "1024), a byte count (123456), a fraction in (0, 1] of the store's size on "
-        "disk (0.5: half of it), or a percentage of that size (125%%)",
-    )
-    flash.add_argument(
-        "--gap",
-        type=flag_type("gap"),
-        default=None,
-        help="Read up to N unneeded neurons to merge reads (default: the probe's "
-        "gap, else ~24 KiB worth)",
-    )
-    flash.add_argument(
-        "--reader",
-        choices=["direct", "mmap"],
-        default="direct",
-        help="direct: preadv bypassing the page cache (default); mmap: the OS pages it",
-    )
-    flash.add_argument(
-        "--verify",
-        action="store_true",
-        help="Check every checksum of the store before generating (reads it all)",
-    )
-    flash.add_argument(
-        "--stats", action="store_true", help="Print per-token I/O, memory and compute"
-    )
-    return flash
-
-
-def flag_type(name: str) -> Callable[[str], Union[int, float]]:
-    """An argparse `type` for the flash option `name`: its number, or one clear
-    error (exit status 2) stating the rule of `utils.OPTION_RULES`."""
-    kind, rule = OPTION_RULES[name][:2]
-
-    def parse(text: str) -> Union[int, float]:
-        try:
-            value = kind(text)
-            check_option(name, value)
-        except (ValueError, FlashError):
-            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}") from None
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-def dram_budget(text: str) -> str:
-    """An argparse `type` for --dram-budget: `text`, once `parse_budget` reads it."""
-    try:
-        parse_budget(text, 1)
-    except FlashError:
-        raise argparse.ArgumentTypeError(
-            f"cannot read {text!r}: give {BUDGET_FORMS}"
-        ) from None
-    return text
-
-
 def load_kwargs(args) -> dict:
-    """The flash keyword arguments of `load`, from the parsed flash options."""
-    names = "threads selector fraction threshold recall window dram_budget gap reader verify"
-    kwargs = {name: getattr(args, name) for name in names.split()}
-    dtype = args.compute_dtype
-    return {"compute_dtype": getattr(mx, dtype) if dtype else None, **kwargs}
+    """`load`'s flash keyword arguments from the parsed flash options."""
+    return {"options": FlashOptions.from_args(args)}
 
 
 def check_applicable(args) -> None:

@@ -10,10 +10,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import DEFAULT_GAP_BYTES as DEFAULT_GAP  # without a probe
+from .options import DEFAULT_THREADS
 from .store.reader import CHUNK
 
 SCHEMA, VERSION = "mlx-flash-probe", 1
-DEFAULT_THREADS, DEFAULT_GAP = 4, 24 << 10  # without a probe (sparse_ffn.GAP_BYTES)
 MAX_THREADS, MAX_GAP = 32, 1 << 20
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 NEAR_BEST = 0.95  # fewer threads win when they reach this share of the best throughput

@@ -38,7 +38,8 @@ from .chat import MODEL_HELP
 from .default_model import default_model_path
 from .blas import prefer_fast_blas
 from .errors import FlashError, exit_on_error
-from .generate import add_flash_args, load_kwargs
+from .generate import load_kwargs
+from .options import add_flash_args
 from .server_checks import (
     MAX_BODY_BYTES,
     APIError,

@@ -14,20 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .budget import Plan, plan
-from .errors import FlashError
 from .neuron_cache import NeuronCache
-from .predictor import PREDICTOR_BITS, load_predictors
-from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
 from .stats import FlashStats
 from .store.format import Weight, decode_bundles, matmul
 from .store.store import BundleStore
-
-# Reading unneeded neurons is cheaper than another request up to about this many bytes
-# (SmolLM2, gate 25%, window 4 on this machine's virtio disk: io 74 ms/token with no gap,
-# 31 ms with 23 KiB; issue #5's probe will tune it per disk).
-GAP_BYTES = 24 << 10
-
 
 ACTIVATIONS = {
     "silu": nn.silu,
@@ -69,7 +59,7 @@ class FlashFFN(nn.Module):
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
 
-    def configure(
+    def setup(
         self,
         selector,
         cache: Optional[NeuronCache],
@@ -193,98 +183,3 @@ class FlashFFN(nn.Module):
 
     def matmul_rows(self, x: mx.array, rows: Weight, name: str) -> mx.array:
         return matmul(x, rows, self._encodings[name], transpose=True)
-
-
-def configure_flash(
-    model: nn.Module,
-    store: BundleStore,
-    dtype: mx.Dtype,
-    selector: str,
-    fraction: Optional[float],
-    threshold: Optional[float],
-    window: Optional[int],
-    budget: Optional[int],
-    gap: Optional[int],
-    recall: Optional[float] = None,
-    gap_bytes: int = None,
-    working: int = 0,
-) -> Plan:
-    """Plan the DRAM budget and give every FlashFFN its selector and neuron cache."""
-    m = store.manifest
-    predictors = None
-    if selector == "lowrank":
-        neurons = [l.neurons for l in m.layers]
-        predictors = load_predictors(
-            store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
-        )
-    sections = m.layers[0].sections  # every layer has the same sections
-    cached_sections = list(range(len(sections)))
-    apart = []
-    if selector == "gate":  # sections holding only gate/fc1 rows stay resident
-        first = {m.rows[0], m.rows[0] + ".bias"}
-        apart = [k for k, s in enumerate(sections) if set(s.components) <= first]
-        if m.rows[0] not in [c for k in apart for c in sections[k].components]:
-            raise FlashError(
-                "the gate selector keeps gate/fc1 rows resident and reads the rest: "
-                "it needs a store whose gate rows are stored apart",
-                store.path,
-                "convert the model with `python -m mlx_flash.convert ... --layout gate`",
-            )
-        cached_sections = [k for k in cached_sections if k not in apart]
-
-    def components(layer, chosen):
-        return [c for k in chosen for c in layer.section_components(layer.sections[k])]
-
-    cached = [components(layer, cached_sections) for layer in m.layers]
-    resident = [components(layer, apart) for layer in m.layers]
-    dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-    p = plan(
-        store,
-        budget,
-        dense,
-        cached,
-        resident,
-        dtype,
-        predictors.nbytes if predictors else 0,
-        working,
-    )
-    use_cache = selector != "all" or window is not None or budget is not None
-    # `all` with caches smaller than a layer is the paper's hybrid: the first
-    # `capacity` neurons of each layer stay cached, the rest stream every token.
-    if not use_cache:
-        p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
-    # the layers take turns: one scratch serves them all, each viewing its own width
-    scratch = np.empty(p.scratch, np.uint8) if use_cache else None
-    if selector == "lowrank":  # a calibrated recall, unless a fraction is asked for
-        if recall is None and fraction is None and threshold is None:
-            recall = 0.9
-    elif fraction is None and threshold is None and len(m.rows) == 2:
-        fraction = 0.5  # gated models have no exact zeros
-    cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
-    gap_bytes = GAP_BYTES if gap_bytes is None else gap_bytes
-    for i, layer in enumerate(model.layers):
-        entry = m.layers[i]
-        layer_gap = gap_bytes // entry.bundle_bytes(cached_sections) if gap is None else gap
-        ffn, n = layer.mlp, m.layers[i].neurons
-        if selector == "all":
-            select = AllSelector(n)
-        elif selector == "oracle":
-            select = OracleSelector(ffn, fraction, threshold)
-        elif selector == "lowrank":
-            cut = threshold if recall is None else predictors.threshold(i, recall)
-            select = LowRankSelector(predictors.predictors[i], fraction, cut)
-        else:
-            rows = store.read_neurons(i, np.arange(n), apart)
-            decoded = decode_bundles(rows, resident[i], dtype)
-            bias = decoded.get(m.rows[0] + ".bias")
-            bias = None if bias is None else bias.reshape(-1)
-            select = GateSelector(ffn, decoded[m.rows[0]], bias, fraction, threshold)
-        cache = None
-        if use_cache:
-            cache = NeuronCache(cached[i], n, min(p.capacity, n), cache_dtype, window)
-        rows = None
-        if scratch is not None:
-            width = entry.bundle_bytes(cached_sections)
-            rows = scratch[: n * width].reshape(n, width)
-        ffn.configure(select, cache, cached_sections, layer_gap, rows)
-    return p

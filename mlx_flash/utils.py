@@ -2,13 +2,11 @@
 
 import ctypes
 import hashlib
-import math
-import numbers
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,8 +17,9 @@ from .budget import parse_budget, working_bytes
 from .disk_embedding import PREFIX, DiskEmbedding, disk_embedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
-from .selectors import SELECTORS
-from .sparse_ffn import FlashFFN, configure_flash
+from .flash_setup import setup
+from .options import FlashOptions
+from .sparse_ffn import FlashFFN
 from .stats import FlashStats
 from .store.format import DENSE_NAME
 from .store.writer import convert
@@ -63,6 +62,28 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                     )
                     if table is not None:
                         inner.embed_tokens = table
+
+            def setup_flash(self, options, budget, tuning, config):
+                """The compute dtype, the DRAM plan and every layer's selector and
+                cache (`flash_setup.setup`); the model keeps them as attributes."""
+                name = options.compute_dtype
+                dtype = getattr(mx, name) if name else default_compute_dtype(self)
+                self.set_dtype(dtype)
+                if isinstance(disk_table(self), DiskEmbedding):
+                    disk_table(self).compute_dtype = dtype
+                working = working_bytes(
+                    config, store.manifest.hidden_size, len(self.layers), dtype
+                )
+                self.flash_plan = setup(
+                    self, store, options, dtype, budget, tuning.gap_bytes, working
+                )
+                if budget is not None:  # MLX would keep freed buffers for reuse
+                    # beside the next layer's (its cache held 58 MiB more than the
+                    # plan on Qwen2.5-Coder-1.5B); without it: no measurable cost on
+                    # the CPU backend (465-478 vs 485 ms/token)
+                    mx.set_cache_limit(0)
+                self.flash_tuning, self.flash_stats = tuning, stats
+                self.flash_store = store
 
             def sanitize(self, weights):
                 weights = without_pads(weights)  # the dense part's alignment
@@ -139,31 +160,6 @@ def resolve_store(
     return target
 
 
-# The flash options' accepted values (a rule, an example), checked where they come in:
-# `load`'s keyword arguments and the command-line flags (generate.add_flash_args)
-OPTION_RULES: Dict[str, Tuple[type, str, str, Callable[[float], bool]]] = {
-    "fraction": (float, "a share in (0, 1]", "0.5", lambda v: 0 < v <= 1),
-    "recall": (float, "a share in (0, 1)", "0.9", lambda v: 0 < v < 1),
-    "threshold": (float, "a finite number", "0.1", math.isfinite),
-    "window": (int, "a whole number of tokens, at least 1", "4", lambda v: v >= 1),
-    "threads": (int, "a whole number, at least 1", "4", lambda v: v >= 1),
-    "gap": (int, "a whole number of neurons, at least 0", "8", lambda v: v >= 0),
-}
-
-
-def check_option(name: str, value: Any) -> None:
-    """FlashError unless `value` is None or what OPTION_RULES accepts for `name`."""
-    if value is None:
-        return
-    kind, rule, example, ok = OPTION_RULES[name]
-    number = numbers.Integral if kind is int else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, number) or not ok(value):
-        raise FlashError(
-            f"{name} must be {rule}, not {value!r}",
-            fix=f"give {rule}, e.g. {name}={example} (--{name} {example})",
-        )
-
-
 def load(
     path_or_hf_repo: str,
     tokenizer_config: Optional[Dict[str, Any]] = None,
@@ -174,18 +170,9 @@ def load(
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     *,
-    compute_dtype: Optional[mx.Dtype] = None,
-    threads: Optional[int] = None,
+    options: Optional[FlashOptions] = None,
     progress: bool = True,
-    selector: str = "all",
-    fraction: Optional[float] = None,
-    threshold: Optional[float] = None,
-    recall: Optional[float] = None,
-    window: Optional[int] = None,
-    dram_budget: Union[str, int, float, None] = None,
-    gap: Optional[int] = None,
-    reader: str = "direct",
-    verify: bool = False,
+    **flash: Any,
 ) -> Union[
     Tuple[nn.Module, TokenizerWrapper],
     Tuple[nn.Module, TokenizerWrapper, Dict[str, Any]],
@@ -197,40 +184,19 @@ def load(
             file (converted into the cache on first use).
         tokenizer_config, model_config, adapter_path, lazy, return_config, revision,
             trust_remote_code: as in `mlx_lm.load`.
-        compute_dtype: dtype of the computation (default: float32 on CPU, the model's
-            own dtype on a GPU).
-        threads: parallel reads in flight (default: from the disk's probe result,
-            `python -m mlx_flash.probe`, else 4).
+        options: the flash options (`FlashOptions`): how neurons are selected,
+            cached and read, and the DRAM budget.
         progress: show conversion progress (and the DRAM plan).
-        selector: ``all`` (every neuron), ``oracle``, ``gate`` (needs a store
-            converted with ``--layout gate``) or ``lowrank`` (needs predictors
-            trained with ``python -m mlx_flash.train_predictors``).
-        fraction: share of neurons selected per token (gated models; default 0.5;
-            with ``lowrank``: the top share by predicted logit).
-        threshold: select neurons whose |activation| (``lowrank``: logit) exceeds
-            this instead.
-        recall: ``lowrank``: use each layer's threshold calibrated for this recall
-            (default 0.9 unless `fraction` or `threshold` is given).
-        window: keep exactly the last `window` tokens' neurons (the paper's strict
-            windowing); default: keep as many recent neurons as the cache holds.
-        dram_budget: bytes with a unit (``"8GiB"``, ``"500MB"``: powers of 1024), a
-            byte count, a fraction in (0, 1] of the store's size on disk, or a
-            percentage of that size (``"125%"``); the neuron caches are sized to
-            fit. Default: caches hold a whole layer.
-        gap: read up to this many unneeded neurons to merge two reads into one
-            (default: the probe's gap in bytes, else ~24 KiB worth).
-        reader: ``direct`` (page cache bypassed: the default) or ``mmap``.
-        verify: check every section's SHA-256 before use (reads the whole store;
-            sizes, header and layout digest are always checked).
+        **flash: the same options as keywords instead (``selector="gate"``,
+            ``dram_budget="2GiB"``, ``compute_dtype=mx.float32``, ...); see
+            `FlashOptions` for each one's meaning and default.
 
     Returns:
-        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
+        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``;
+        the model carries ``flash_plan``, ``flash_stats``, ``flash_tuning`` and
+        ``flash_store``.
     """
-    options = dict(fraction=fraction, recall=recall, threshold=threshold)
-    options.update(window=window, threads=threads, gap=gap)
-    for name, value in options.items():
-        check_option(name, value)
-    parse_budget(dram_budget, 1)  # refuses a bad budget before anything is converted
+    options = flash_options(options, flash)
     if (model_config or {}).get("quantize_activations"):
         raise FlashError(
             "activation quantization does not apply: the FFN is computed from bundles",
@@ -239,10 +205,6 @@ def load(
     store_path = resolve_store(path_or_hf_repo, revision, progress)
     # checks config.json (and refuses model code) before anyone parses it
     manifest = read_manifest(store_path)
-    if selector not in SELECTORS:
-        raise FlashError(
-            f"unknown selector {selector!r}", fix="use " + ", ".join(SELECTORS)
-        )
     # first: its load's transient peak then stacks on nothing the plan holds
     tokenizer = load_tokenizer(
         store_path,
@@ -250,18 +212,54 @@ def load(
         eos_token_ids=load_config(store_path).get("eos_token_id"),
     )
     release_memory()
-    bundle_bytes = sum(s.bundle_bytes for s in manifest.layers[0].sections)
-    tuning = reader_settings(load_probe(store_path), bundle_bytes)
-    if threads is not None:
-        tuning = replace(
-            tuning, threads=threads, source=tuning.source + "; threads given"
+    model, config = load_flash_model(store_path, manifest, options, lazy, model_config)
+    if progress and (options.dram_budget is not None or options.selector != "all"):
+        print(model.flash_plan.describe(), flush=True)
+    if adapter_path is not None:
+        _load_adapters(model, adapter_path)
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def flash_options(options: Optional[FlashOptions], flash: Dict[str, Any]) -> FlashOptions:
+    """`load`'s options: given whole, or as keywords (an MLX dtype may name the
+    compute dtype); every value is checked here, before anything is converted."""
+    if options is not None and flash:
+        raise FlashError(
+            f"give the flash options either as options= or as keywords, not both "
+            f"({', '.join(flash)})"
         )
-    if gap is not None:
+    dtype = flash.get("compute_dtype")
+    if isinstance(dtype, mx.Dtype):
+        flash = {**flash, "compute_dtype": str(dtype).removeprefix("mlx.core.")}
+    unknown = sorted(set(flash) - set(FlashOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"load() got unexpected keyword arguments {unknown}")
+    return options or FlashOptions(**flash)
+
+
+def load_flash_model(
+    store_path: Path,
+    manifest,
+    options: FlashOptions,
+    lazy: bool = False,
+    model_config: Optional[Dict[str, Any]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """mlx-lm's `load_model` on a store: the dense part loaded, every FFN a FlashFFN
+    on the opened store, then the model's own flash setup (its plan and caches)."""
+    bundle_bytes = manifest.layers[0].bundle_bytes()
+    tuning = reader_settings(load_probe(store_path), bundle_bytes)
+    if options.threads is not None:
         tuning = replace(
-            tuning, gap_bytes=gap * bundle_bytes, source=tuning.source + "; gap given"
+            tuning, threads=options.threads, source=tuning.source + "; threads given"
+        )
+    if options.gap is not None:
+        tuning = replace(
+            tuning,
+            gap_bytes=options.gap * bundle_bytes,
+            source=tuning.source + "; gap given",
         )
     store = BundleStore(
-        store_path, tuning.threads, reader, verify=verify, manifest=manifest
+        store_path, tuning.threads, options.reader, options.verify, manifest
     )
     stats = FlashStats()
     try:
@@ -274,40 +272,12 @@ def load(
     except ValueError as e:  # weights that do not fit the config's shapes
         raise FlashError(
             f"the dense part does not match config.json ({e})",
-            store_path / "model.safetensors",
+            store_path / DENSE_NAME,
             "convert the model again",
         ) from None
-    dtype = compute_dtype or default_compute_dtype(model)
-    model.set_dtype(dtype)
-    if isinstance(disk_table(model), DiskEmbedding):
-        disk_table(model).compute_dtype = dtype
-    budget = parse_budget(dram_budget, store_bytes(store_path))
-    model.flash_plan = configure_flash(
-        model,
-        store,
-        dtype,
-        selector,
-        fraction,
-        threshold,
-        window,
-        budget,
-        gap,
-        recall,
-        tuning.gap_bytes,
-        working_bytes(config, manifest.hidden_size, len(model.layers), dtype),
-    )
-    model.flash_tuning = tuning
-    if budget is not None:  # MLX would keep freed buffers for reuse beside the next
-        # layer's (its cache held 58 MiB more than the plan on Qwen2.5-Coder-1.5B);
-        # without it: no measurable cost on the CPU backend (465-478 vs 485 ms/token)
-        mx.set_cache_limit(0)
-    if progress and (budget is not None or selector != "all"):
-        print(model.flash_plan.describe(), flush=True)
-    model.flash_stats = stats
-    if adapter_path is not None:
-        _load_adapters(model, adapter_path)
-    model.flash_store = store
-    return (model, tokenizer, config) if return_config else (model, tokenizer)
+    budget = parse_budget(options.dram_budget, store_bytes(store_path))
+    model.setup_flash(options, budget, tuning, config)
+    return model, config
 
 
 def store_bytes(path: Path) -> int:

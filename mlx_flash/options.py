@@ -1,0 +1,194 @@
+"""The flash options, named once: read by the command line, `load` and the DRAM plan.
+
+`FlashOptions` is to mlx_flash what `ModelArgs` is to an mlx-lm model: one dataclass
+with the defaults, the checks and the help text, from which `add_flash_args` builds
+the argument group every command shares (generate, chat, server) and `from_args` reads
+it back. `load(path, selector="gate", ...)` builds one from its keyword arguments.
+"""
+
+import argparse
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Union
+
+from .budget import BUDGET_FORMS, parse_budget
+from .errors import FlashError
+from .selectors import SELECTORS
+from .store.reader import READERS as _READER_CLASSES
+
+READERS = tuple(_READER_CLASSES)
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_FRACTION = 0.5  # gated models have no exact zeros: the top half by |activation|
+DEFAULT_RECALL = 0.9  # lowrank: each layer's threshold calibrated for this recall
+DEFAULT_THREADS = 4  # reads in flight without a probe (`python -m mlx_flash.probe`)
+# Reading unneeded neurons is cheaper than another request up to about this many bytes
+# (SmolLM2, gate 25%, window 4 on this machine's virtio disk: io 74 ms/token with no
+# gap, 31 ms with 23 KiB); the probe tunes it per disk.
+DEFAULT_GAP_BYTES = 24 << 10
+
+
+def _number(kind: type, rule: str, example: str, ok: Callable) -> dict:
+    return {"kind": kind, "rule": rule, "example": example, "ok": ok}
+
+
+def _option(help: str, default: Any = None, **check) -> Any:
+    return field(default=default, metadata={"help": help, **check})
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    """How a flash model selects, caches and reads its neurons.
+
+    Every field is checked when the options are made: a bad value is one
+    `FlashError` naming the option and the accepted values.
+    """
+
+    selector: str = _option(
+        "How each token's neurons are chosen: all (every neuron; exact), oracle (true "
+        "top activations, a reference), gate (resident gate rows; needs a store "
+        "converted with --layout gate) or lowrank (learned predictors; see "
+        "mlx_flash.train_predictors)",
+        "all",
+        choices=SELECTORS,
+    )
+    fraction: Optional[float] = _option(
+        f"Share of FFN neurons used per token (gated models; default "
+        f"{DEFAULT_FRACTION}; lowrank: the top share by predicted logit)",
+        number=_number(float, "a share in (0, 1]", "0.5", lambda v: 0 < v <= 1),
+    )
+    threshold: Optional[float] = _option(
+        "Select |activation| > this (lowrank: predicted logit > this)",
+        number=_number(float, "a finite number", "0.1", math.isfinite),
+    )
+    recall: Optional[float] = _option(
+        "lowrank: each layer's threshold calibrated for this recall (0.5, 0.8, 0.85, "
+        f"0.9, 0.95, 0.98, 0.99; default {DEFAULT_RECALL})",
+        number=_number(float, "a share in (0, 1)", "0.9", lambda v: 0 < v < 1),
+    )
+    window: Optional[int] = _option(
+        "Keep exactly the neurons of the last K tokens (the paper's windowing); "
+        "default: as many recent neurons as the cache holds",
+        number=_number(int, "a whole number of tokens, at least 1", "4", lambda v: v >= 1),
+    )
+    dram_budget: Union[str, int, float, None] = _option(
+        "DRAM for the model: bytes with a unit (8GiB, 500MB, 1.5G: powers of 1024), a "
+        "byte count (123456), a fraction in (0, 1] of the store's size on disk (0.5: "
+        "half of it), or a percentage of that size (125%%)",
+        budget=True,
+    )
+    gap: Optional[int] = _option(
+        "Read up to N unneeded neurons to merge reads (default: the probe's gap, else "
+        f"~{DEFAULT_GAP_BYTES >> 10} KiB worth)",
+        number=_number(int, "a whole number of neurons, at least 0", "8", lambda v: v >= 0),
+    )
+    reader: str = _option(
+        "direct: preadv bypassing the page cache (default); mmap: the OS pages it",
+        "direct",
+        choices=READERS,
+    )
+    threads: Optional[int] = _option(
+        "Parallel reads in flight (default: from `python -m mlx_flash.probe`, else "
+        f"{DEFAULT_THREADS})",
+        number=_number(int, "a whole number, at least 1", "4", lambda v: v >= 1),
+    )
+    verify: bool = _option(
+        "Check every checksum of the store before generating (reads it all)", False
+    )
+    compute_dtype: Optional[str] = _option(
+        "Dtype of the computation (default: float32 on CPU, the model's on GPU)",
+        choices=COMPUTE_DTYPES,
+    )
+
+    def __post_init__(self):
+        for f in fields(self):
+            check(f.name, getattr(self, f.name))
+
+    def fraction_for(self, gated: bool) -> Optional[float]:
+        """The share of neurons to select: as given, else the default for a gated
+        model when no threshold (or, for lowrank, no recall) decides instead."""
+        if self.fraction is not None or self.threshold is not None:
+            return self.fraction
+        if self.selector == "lowrank":
+            return None  # a calibrated recall decides
+        return DEFAULT_FRACTION if gated else None
+
+    def recall_for(self) -> Optional[float]:
+        """lowrank's calibrated recall: as given, else the default unless a fraction
+        or a threshold is asked for instead."""
+        if self.selector != "lowrank" or self.recall is not None:
+            return self.recall
+        return None if (self.fraction, self.threshold) != (None, None) else DEFAULT_RECALL
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FlashOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def check(name: str, value: Any) -> None:
+    """FlashError unless `value` is acceptable for the option `name` (None is)."""
+    meta = {f.name: f.metadata for f in fields(FlashOptions)}[name]
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise FlashError(
+            f"unknown {name} {value!r}", fix="use " + ", ".join(meta["choices"])
+        )
+    if meta.get("budget"):
+        parse_budget(value, 1)
+    if "number" in meta:
+        n = meta["number"]
+        kind = numbers.Integral if n["kind"] is int else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not n["ok"](value):
+            raise FlashError(
+                f"{name} must be {n['rule']}, not {value!r}",
+                fix=f"give {n['rule']}, e.g. {name}={n['example']} "
+                f"(--{name.replace('_', '-')} {n['example']})",
+            )
+
+
+def add_flash_args(parser: argparse.ArgumentParser):
+    """Add the flash options, one argument group, to an mlx-lm parser; every value is
+    checked as it is read (a bad one: exit status 2 and one line)."""
+    group = parser.add_argument_group("mlx_flash")
+    defaults = FlashOptions()
+    for f in fields(FlashOptions):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type is bool or f.default is False:
+            group.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kwargs = {"default": getattr(defaults, f.name), "help": meta["help"]}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        else:
+            kwargs["type"] = _flag_type(f.name)
+        group.add_argument(flag, **kwargs)
+    group.add_argument(
+        "--stats", action="store_true", help="Print per-token I/O, memory and compute"
+    )
+    return group
+
+
+def _flag_type(name: str) -> Callable[[str], Any]:
+    """An argparse `type` for the option `name`: its value, or one clear error."""
+    meta = {f.name: f.metadata for f in fields(FlashOptions)}[name]
+
+    def parse(text: str):
+        if meta.get("budget"):
+            try:
+                parse_budget(text, 1)
+            except FlashError:
+                raise argparse.ArgumentTypeError(
+                    f"cannot read {text!r}: give {BUDGET_FORMS}"
+                ) from None
+            return text
+        rule = meta["number"]["rule"]
+        try:
+            value = meta["number"]["kind"](text)
+            check(name, value)
+        except (ValueError, FlashError):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}") from None
+        return value
+
+    parse.__name__ = name
+    return parse
