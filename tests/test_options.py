@@ -1,0 +1,80 @@
+"""The flash options are named once: the command line, `load` and the setup agree."""
+
+import argparse
+from dataclasses import fields
+
+import mlx.core as mx
+import pytest
+from conftest import make_checkpoint
+
+from mlx_flash import FlashError, load
+from mlx_flash.options import (
+    DEFAULT_FRACTION,
+    DEFAULT_RECALL,
+    FlashOptions,
+    add_flash_args,
+)
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_flash_args(parser)
+    return FlashOptions.from_args(parser.parse_args(list(argv)))
+
+
+def test_every_option_is_a_flag_with_the_same_default():
+    assert parse() == FlashOptions()
+    flags = {
+        "selector": "gate",
+        "fraction": "0.25",
+        "threshold": "0.5",
+        "recall": "0.95",
+        "window": "4",
+        "dram_budget": "125%",
+        "gap": "3",
+        "reader": "mmap",
+        "threads": "2",
+        "compute_dtype": "float16",
+    }
+    argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
+    got = parse(*argv, "--verify")
+    assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
+    assert (got.fraction, got.window, got.threads) == (0.25, 4, 2)
+    assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify"}
+
+
+@pytest.mark.parametrize(
+    "selector, given, fraction, recall",
+    [
+        ("oracle", {}, DEFAULT_FRACTION, None),
+        ("oracle", {"threshold": 0.1}, None, None),
+        ("lowrank", {}, None, DEFAULT_RECALL),
+        ("lowrank", {"fraction": 0.3}, 0.3, None),
+        ("lowrank", {"recall": 0.8}, None, 0.8),
+    ],
+)
+def test_defaults_are_decided_in_one_place(selector, given, fraction, recall):
+    options = FlashOptions(selector=selector, **given)
+    assert options.fraction_for(gated=True) == fraction
+    assert options.recall_for() == recall
+    assert FlashOptions(selector="oracle").fraction_for(gated=False) is None  # ReLU
+
+
+@pytest.mark.parametrize(
+    "bad", [{"fraction": 0}, {"window": 0}, {"selector": "magic"}, {"dram_budget": -5}]
+)
+def test_bad_options_are_refused_when_made(bad):
+    with pytest.raises(FlashError):
+        FlashOptions(**bad)
+
+
+def test_load_takes_options_or_keywords_not_both(tmp_path):
+    make_checkpoint(tmp_path / "hf", "llama")
+    a, _ = load(str(tmp_path / "hf"), options=FlashOptions(selector="oracle"))
+    b, _ = load(str(tmp_path / "hf"), selector="oracle", compute_dtype=mx.float32)
+    x = mx.array([[1, 2, 3, 4]])
+    assert mx.array_equal(a(x), b(x))
+    with pytest.raises(FlashError, match="not both"):
+        load(str(tmp_path / "hf"), options=FlashOptions(), selector="oracle")
+    with pytest.raises(TypeError, match="unexpected"):
+        load(str(tmp_path / "hf"), selectr="oracle")
