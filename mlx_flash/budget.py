@@ -3,7 +3,9 @@ decoding's working memory + neuron caches ≤ budget."""
 
 import math
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
@@ -116,6 +118,51 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _BUDGET = re.compile(
     r"(?P<number>[0-9]*\.?[0-9]+)\s*(?:(?P<percent>%)|(?P<unit>(?:[KMGT]I?)?)(?P<b>B?))"
 )
+
+
+# Without --dram-budget the plan takes this share of the memory actually available at
+# load (the rest stays for the process's own overhead and everything else running)
+DEFAULT_BUDGET_SHARE = 0.75
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still use: on Linux the smaller of MemAvailable and
+    what its cgroup's limit leaves (v2 or v1); on macOS Metal's recommended working
+    set; None where neither can be read."""
+    if sys.platform == "darwin":
+        try:
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+        except (AttributeError, KeyError, RuntimeError, TypeError):
+            return None
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap != "max" and int(cap) < 1 << 60:  # v1 says "no limit" with 2^63
+                found.append(int(cap) - int(Path(usage).read_text()))
+                break
+        except (OSError, ValueError):
+            continue
+    return max(0, min(found)) if found else None
+
+
+def default_budget() -> Optional[int]:
+    """The DRAM budget when none is given: `DEFAULT_BUDGET_SHARE` of the memory
+    available (None, no budget, where it cannot be known)."""
+    available = available_memory()
+    return None if available is None else int(available * DEFAULT_BUDGET_SHARE)
 
 
 def parse_budget(text: Union[str, int, float, None], store_bytes: int) -> Optional[int]:

@@ -95,9 +95,11 @@ def setup(
     """Plan the DRAM `budget` (bytes, or None) and give every layer's FlashFFN its
     selector, its neuron cache and its view of the shared scratch.
 
-    Without a cache (`all`, no budget, no window: the paper's naive baseline) each
-    layer streams whole; `all` with caches smaller than a layer is the paper's
-    hybrid: the first `capacity` neurons of each layer stay cached, the rest stream.
+    `naive` (the paper's baseline) has no cache: each layer streams whole. Otherwise
+    every layer has a cache the plan sizes: with `all` (the exact default) a cache of
+    the whole layer computes from its slots with no reads after the first token, and
+    a smaller one is the paper's hybrid (the first `capacity` neurons stay cached,
+    the rest stream every token).
     """
     m = store.manifest
     sections = split_sections(store, options.selector)
@@ -118,8 +120,7 @@ def setup(
         predictors.nbytes if predictors else 0,
         working,
     )
-    use_cache = options.selector != "all" or options.window is not None
-    use_cache = use_cache or budget is not None
+    use_cache = not options.naive
     if not use_cache:
         p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
     # the layers take turns: one scratch serves them all, each viewing its own width

@@ -74,7 +74,9 @@ class FlashOptions:
     dram_budget: Union[str, int, float, None] = _option(
         "DRAM for the model: bytes with a unit (8GiB, 500MB, 1.5G: powers of 1024), a "
         "byte count (123456), a fraction in (0, 1] of the store's size on disk (0.5: "
-        "half of it), or a percentage of that size (125%%)",
+        "half of it), or a percentage of that size (125%%). Default: 75%% of the "
+        "memory available at load (within the cgroup's limit on Linux, Metal's "
+        "recommended working set on macOS)",
         budget=True,
     )
     gap: Optional[int] = _option(
@@ -95,6 +97,12 @@ class FlashOptions:
     verify: bool = _option(
         "Check every checksum of the store before generating (reads it all)", False
     )
+    naive: bool = _option(
+        "Stream every layer's FFN whole every token, with no caches and no budget: "
+        "the paper's naive baseline (default: the exact `all` selection with as "
+        "much of the FFN cached as the budget holds)",
+        False,
+    )
     compute_dtype: Optional[str] = _option(
         "Dtype of the computation (default: float32 on CPU, the model's on GPU)",
         choices=COMPUTE_DTYPES,
@@ -103,6 +111,16 @@ class FlashOptions:
     def __post_init__(self):
         for f in fields(self):
             check(f.name, getattr(self, f.name))
+        if self.naive and (
+            self.selector != "all"
+            or self.window is not None
+            or self.dram_budget is not None
+        ):
+            raise FlashError(
+                "naive streams every neuron of every layer each token: it takes no "
+                "selector, window or budget",
+                fix="drop --naive, or --selector/--window/--dram-budget",
+            )
 
     def fraction_for(self, gated: bool) -> Optional[float]:
         """The share of neurons to select: as given, else the default for a gated

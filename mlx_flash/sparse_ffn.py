@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .neuron_cache import NeuronCache
+from .selectors import AllSelector
 from .stats import FlashStats
 from .store.format import Weight, decode_bundles, matmul
 from .store.store import BundleStore
@@ -56,6 +57,7 @@ class FlashFFN(nn.Module):
         self.activation = ACTIVATIONS[m.activation]
         self._selector, self._cache, self._sections = None, None, []
         self._gap, self._scratch = 0, None
+        self._whole = False  # the cache holds every neuron and the selector takes all
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
 
@@ -70,11 +72,12 @@ class FlashFFN(nn.Module):
         """Sparse decoding: `selector` picks ids, `cache` holds the bundle `sections`,
         read rows land in `scratch` (n_neurons, bytes of `sections`) before caching."""
         self._selector, self._cache, self._sections = selector, cache, sections
-        self._gap, self._scratch = gap, scratch
+        self._gap, self._scratch, self._whole = gap, scratch, False
 
     def forget(self) -> None:
         """Empty the neuron cache: after a step interrupted between admitting neurons
         and reading them, its slots cannot be trusted."""
+        self._whole = False
         if self._cache is not None:
             self._cache.clear()
 
@@ -82,6 +85,8 @@ class FlashFFN(nn.Module):
         B, L, _ = x.shape
         if B * L > 1:  # prefill or a batch: accounted apart from decoding
             with self._stats.timed("prefill"):
+                if self._whole:  # the cache holds the layer: nothing to read
+                    return self._evaluated(self._from_cache(x))
                 return self._evaluated(self._dense(x))
         if self._layer == 0:
             self._stats.tokens += 1
@@ -113,6 +118,11 @@ class FlashFFN(nn.Module):
         beyond it streamed through a scratch read, so a small budget costs I/O, never
         quality."""
         stats, cache = self._stats, self._cache
+        if self._whole:
+            stats.selected += cache.capacity
+            stats.hits += cache.capacity
+            with stats.timed("compute"):
+                return self._from_cache(x)
         with stats.timed("compute"):
             mx.eval(x)  # the attention before: its time is not the selector's
         with stats.timed("select"):
@@ -137,6 +147,11 @@ class FlashFFN(nn.Module):
         stats.selected += len(selection.ids)
         stats.loaded += len(load_ids) + len(extra)
         stats.hits += len(ids) - len(load_ids)
+        self._whole = (
+            isinstance(self._selector, AllSelector)
+            and cache.window is None
+            and len(ids) == len(cache.slot_of)  # the cache holds the whole layer
+        )
         pre = selection.pre
         y = mx.zeros_like(x)
         with stats.timed("compute"):
@@ -149,6 +164,11 @@ class FlashFFN(nn.Module):
             with stats.timed("compute"):
                 y = y + self._partial(x, w, None if pre is None else pre[len(ids) :])
         return self.with_bias(y)
+
+    def _from_cache(self, x: mx.array) -> mx.array:
+        """Every neuron cached, every neuron used: no selection, no reads, no gather
+        (the FFN is a sum over neurons, so the slots' order does not matter)."""
+        return self.with_bias(self._partial(x, self._cache.arrays, None))
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
         with self._stats.timed("io"):

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
-from .budget import parse_budget, working_bytes
+from .budget import default_budget, parse_budget, working_bytes
 from .disk_embedding import PREFIX, DiskEmbedding, disk_embedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
@@ -276,6 +276,8 @@ def load_flash_model(
             "convert the model again",
         ) from None
     budget = parse_budget(options.dram_budget, store_bytes(store_path))
+    if budget is None and not options.naive:
+        budget = default_budget()
     model.setup_flash(options, budget, tuning, config)
     return model, config
 

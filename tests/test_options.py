@@ -40,7 +40,8 @@ def test_every_option_is_a_flag_with_the_same_default():
     got = parse(*argv, "--verify")
     assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
     assert (got.fraction, got.window, got.threads) == (0.25, 4, 2)
-    assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify"}
+    assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify", "naive"}
+    assert parse("--naive").naive
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,15 @@ def test_defaults_are_decided_in_one_place(selector, given, fraction, recall):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"fraction": 0}, {"window": 0}, {"selector": "magic"}, {"dram_budget": -5}]
+    "bad",
+    [
+        {"fraction": 0},
+        {"window": 0},
+        {"selector": "magic"},
+        {"dram_budget": -5},
+        {"naive": True, "selector": "gate"},
+        {"naive": True, "dram_budget": "1GiB"},
+    ],
 )
 def test_bad_options_are_refused_when_made(bad):
     with pytest.raises(FlashError):
@@ -78,3 +87,28 @@ def test_load_takes_options_or_keywords_not_both(tmp_path):
         load(str(tmp_path / "hf"), options=FlashOptions(), selector="oracle")
     with pytest.raises(TypeError, match="unexpected"):
         load(str(tmp_path / "hf"), selectr="oracle")
+
+
+def test_the_default_is_exact_and_never_naive(tmp_path):
+    """No flags: `all` with the whole layer cached under the default budget; after the
+    first token no reads, no selection, no gather. `naive` streams every token."""
+    make_checkpoint(tmp_path / "hf", "llama")
+    dense, _ = load(str(tmp_path / "hf"), naive=True)
+    model, _ = load(str(tmp_path / "hf"))
+    assert model.flash_plan.budget is not None  # a share of the memory available
+    assert model.layers[0].mlp._cache is not None and dense.layers[0].mlp._cache is None
+    from mlx_lm.generate import generate_step
+
+    def run(m):
+        m.flash_stats.reset()
+        steps = generate_step(
+            mx.array([1, 5, 9, 3]), m, max_tokens=8, sampler=lambda l: mx.argmax(l, -1)
+        )
+        return [int(t) for t, _ in steps]
+
+    assert run(model) == run(dense)
+    reads = model.flash_store.reader.stats.bytes
+    run(model)  # every neuron is cached now: not even the prefill reads
+    assert model.flash_store.reader.stats.bytes == reads
+    assert model.flash_stats.hits == model.flash_stats.selected > 0
+    assert dense.flash_stats.bytes > 0

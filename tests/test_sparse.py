@@ -48,7 +48,9 @@ def test_all_neurons_cached_reads_each_neuron_once(stores):
     assert greedy(model) == dense_tokens(store)
     s = model.flash_stats
     assert s.loaded == model.flash_store.manifest.intermediate_size * 2  # 2 layers
-    assert s.hits == s.selected - s.loaded and s.syncs == 2 * s.tokens
+    # one selection per layer for the first token; then every neuron is cached and
+    # `all` computes from the slots with no selection (no host sync) and no reads
+    assert s.hits == s.selected - s.loaded and s.syncs == 2
 
 
 @pytest.mark.parametrize("layout", ["split", "gate"])
