@@ -64,7 +64,8 @@ def main():
     for r in range(args.rounds):
         for name, (engine, _) in CONFIGS.items():
             spec = {"engine": engine, "path": paths[name], "tokens": args.tokens}
-            spec.update({"options": {}} if engine == "flash" else {"dtype": "float32"})
+            flash = {"options": {"naive": True}}  # the paper's baseline, not the default
+            spec.update(flash if engine == "flash" else {"dtype": "float32"})
             cmd = [sys.executable, WORKER, json.dumps(spec)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))

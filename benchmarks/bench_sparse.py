@@ -27,7 +27,7 @@ WORKER = str(Path(__file__).parent / "worker.py")
 # name: (store, load options)
 CONFIGS = {
     "mlx-lm dense (fp32)": ("dense", None),
-    "q4 naive (all)": ("q4-bundled", {}),
+    "q4 naive (all)": ("q4-bundled", {"naive": True}),
     "q4 gate 50%": ("q4-gate", {"selector": "gate", "fraction": 0.5}),
     "q4 gate 50% + window 4": (
         "q4-gate",
@@ -65,7 +65,7 @@ CONFIGS = {
         "q4-bundled",
         {"selector": "lowrank", "recall": 0.9, "dram_budget": 0.75},
     ),
-    "fp16 naive (all)": ("fp16-bundled", {}),
+    "fp16 naive (all)": ("fp16-bundled", {"naive": True}),
     "fp16 gate 50%": ("fp16-gate", {"selector": "gate", "fraction": 0.5}),
     "fp16 gate 50% + window 4": (
         "fp16-gate",
