@@ -40,12 +40,13 @@ def memory_limit(budget: int, allowance: int = RUNTIME_ALLOWANCE) -> int:
 
 
 def budget_words(fraction: float, file_bytes: int) -> str:
-    """How a budget reads in a table header, saying what it is a fraction of and how
-    mlx_flash receives it."""
+    """How a budget reads in a table header: what it is a fraction of and how mlx_flash
+    receives it (as bytes; its own `--dram-budget 0.5` would mean half of the
+    store)."""
     return (
         f"budget {fraction:.0%} of the {file_bytes / 1e6:.0f} MB GGUF file = "
         f"{budget_bytes(fraction, file_bytes) / MiB:.0f} MiB, passed to mlx_flash as "
-        "bytes (not as a fraction: its `--dram-budget 0.5` means half of the store)"
+        "bytes"
     )
 
 
