@@ -112,15 +112,17 @@ def window_start(samples: list[tuple], t: float, window: float = BUSY_WINDOW):
 
 
 def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has spent busy (user, nice, system, irq,
-    softirq; /proc/stat); None where there is no /proc/stat (macOS)."""
+    """CPU seconds the whole machine's processes have spent running (user, nice,
+    system in /proc/stat: interrupts are left out, as the benchmark's own disk
+    interrupts would otherwise count as another's); None without /proc/stat
+    (macOS)."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
     except OSError:
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    user, nice, system = map(int, fields[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
 def own_seconds() -> float:

@@ -394,6 +394,7 @@ def chart(result: dict, path: Path) -> None:
         names = [
             r["config"]
             + ("" if r["status"] == "ok" else f" [{status_word(r['status'])}]")
+            + busy_mark(r)
             for r in rows
         ]
         ms = [r.get("ms_per_token", 0) for r in rows]
@@ -416,6 +417,7 @@ def chart(result: dict, path: Path) -> None:
             f"{result['model']}, budget {b['fraction']:.0%} of the GGUF file"
         )
         ax_mb.barh(names, [r.get("disk_mb_per_token", 0) for r in rows], color=colors)
+        ax_mb.set_xlim(left=0)
         ax_mb.set_xlabel("MB read from the disk per token")
         ax_mb.set_yticklabels([])
     fig.tight_layout()

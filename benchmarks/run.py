@@ -138,8 +138,14 @@ def bench_cache() -> Path:
     return path
 
 
-def prepare(name: str, formats, predictors) -> dict:
-    """The GGUF, a dense mlx-lm directory of its weights and the stores (cached).
+def selected(rows: list, only: str | None) -> list:
+    """The configurations whose names contain one of `only`'s ;-separated parts."""
+    return [c for c in rows if not only or any(s in c[0] for s in only.split(";"))]
+
+
+def prepare(name: str, formats, predictors, wanted: set) -> dict:
+    """The GGUF, a dense mlx-lm directory of its weights and the `wanted` stores
+    (cached; only those the selected rows run on are converted).
     Predictors: from `predictors` (a store), else those trained into the cached
     q4-split store (python -m mlx_flash.train_predictors ~/.cache/mlx_flash/bench/
     NAME/q4-split --text ...), copied into every store but the gate ones."""
@@ -148,18 +154,26 @@ def prepare(name: str, formats, predictors) -> dict:
 
     gguf = model_gguf(name)
     root = bench_cache() / name
-    paths = {"gguf": str(gguf), "dense": str(root / "dense")}
-    for store, options in STORES.items():
-        if store.split("-")[0] not in formats:
-            continue
+    paths = {"gguf": str(gguf)}
+    need = [s for s in STORES if s in wanted and s.split("-")[0] in formats]
+    if "dense" in wanted and not (root / "dense").exists() and not need:
+        need = [f"{formats[0]}-split"]  # the dense directory comes with a store
+    for store in need:
         path = root / store
         if not is_current(path):  # (a store of an older format is rebuilt)
             dense = root / "dense" if not (root / "dense").exists() else None
             print(f"[bench] converting {gguf.name} -> {path}", flush=True)
             convert(
-                gguf, path, dense_out=dense, progress=False, overwrite=True, **options
+                gguf,
+                path,
+                dense_out=dense,
+                progress=False,
+                overwrite=True,
+                **STORES[store],
             )
         paths[store] = str(path)
+    if (root / "dense").exists():
+        paths["dense"] = str(root / "dense")
     source = Path(predictors) if predictors else root / "q4-split"
     if (source / "predictors.json").exists():
         for store, path in paths.items():
@@ -288,20 +302,22 @@ def summarize(runs: list) -> dict:
     return row
 
 
-def idle_footprints(paths: dict, env, have_llama: bool) -> tuple[dict, dict]:
-    """Per engine family ("mlx", "llama_cpp"): the RSS of a process that imports the
-    engine and loads the model's tokenizer, and that process's peak (the cgroup's,
-    which also counts the page cache of every file read meanwhile, reclaimable).
-    Information: the memory limit does not depend on them."""
+def idle_footprints(paths: dict, env, engines: set) -> tuple[dict, dict]:
+    """Per engine family in `engines` ("mlx", "llama_cpp"): the RSS of a process that
+    imports the engine and loads the model's tokenizer, and that process's peak (the
+    cgroup's, which also counts the page cache of every file read meanwhile,
+    reclaimable). Information: the memory limit does not depend on them."""
+    mlx_dir = paths.get("dense") or next(
+        (p for k, p in paths.items() if k in STORES), None
+    )
     idle, idle_peak = {}, {}
-    for engine in ("idle_mlx", "idle_llama_cpp"):
-        if engine == "idle_llama_cpp" and not have_llama:
+    for key, path in (("mlx", mlx_dir), ("llama_cpp", paths["gguf"])):
+        if key not in engines or path is None:
             continue
-        path = paths["gguf" if engine == "idle_llama_cpp" else "dense"]
+        engine = f"idle_{key}"
         r = one_run({"engine": engine, "path": path}, None, env, 120)
         if r["status"] != "ok":
             raise SystemExit(f"{engine}: {r['status']}")
-        key = engine.removeprefix("idle_")
         idle[key] = int(r["idle_rss_mb"] * 2**20)
         # (macOS: no cgroup; the process's own peak)
         idle_peak[key] = r["peak_bytes"] or int(r["peak_rss_mb"] * 2**20)
@@ -336,11 +352,7 @@ def run_budget(name, fraction, file_bytes, paths, first, args, env, meter) -> di
     budget = race.budget_bytes(fraction, file_bytes)
     lim = race.memory_limit(budget, args.allowance * 2**20)
     tokens = args.tokens or MODELS[name][2]
-    rows = [
-        c
-        for c in configs(args.formats, budget)
-        if not args.only or any(s in c[0] for s in args.only.split(";"))
-    ]
+    rows = selected(configs(args.formats, budget), args.only)
     if "predictors" not in paths:
         rows = [c for c in rows if c[3].get("selector") != "lowrank"]
     if first:  # rows without a limit do not depend on the budget: measured once
@@ -438,10 +450,13 @@ def run_model(name, args, env) -> dict:
     )
     if args.quick and not args.budgets:
         fractions = fractions[:1]
-    paths = prepare(name, args.formats, args.predictors)
-    have_llama = importlib.util.find_spec("llama_cpp") is not None
+    rows = selected(configs(args.formats, 0), args.only)
+    if importlib.util.find_spec("llama_cpp") is None:
+        rows = [c for c in rows if c[1] != "llama_cpp"]
+    paths = prepare(name, args.formats, args.predictors, {c[2] for c in rows})
     meter = race.CpuMeter()
-    idle, idle_peak = idle_footprints(paths, env, have_llama)
+    engines = {"llama_cpp" if c[1] == "llama_cpp" else "mlx" for c in rows}
+    idle, idle_peak = idle_footprints(paths, env, engines)
     allowance = args.allowance * 2**20
     for engine, over in race.over_allowance(idle, allowance).items():
         print(
