@@ -563,7 +563,8 @@ def main():
     p.add_argument(
         "--quick",
         action="store_true",
-        help="One round, 16 tokens, q4 only, each model's first budget",
+        help="One round, 16 tokens (unless --tokens), q4 only, each model's first "
+        "budget",
     )
     p.add_argument(
         "--label", default="", help="Said above the table (e.g. 'smoke run')"
@@ -599,7 +600,7 @@ def main():
             report.write_summary(results, paths[0].with_name(f"bench-summary{tag}.md"))
         return
     if args.quick:
-        args.rounds, args.tokens, args.formats = 1, 16, "q4"
+        args.rounds, args.tokens, args.formats = 1, args.tokens or 16, "q4"
     args.formats = args.formats.split(",")
     why = limit.available()
     if limit.unenforced():
