@@ -190,7 +190,13 @@ def summarize(runs: list) -> dict:
     busy = [r["round"] for r in runs if r.get("busy")]
     if not ok:
         last = runs[-1]
-        keep = ("others_cores_before", "others_cores_during", "load_1m")
+        keep = (
+            "peak_bytes",
+            "limit_bytes",
+            "others_cores_before",
+            "others_cores_during",
+            "load_1m",
+        )
         return {
             "status": last["status"],
             "rounds": len(runs),
