@@ -263,6 +263,8 @@ def llama_worker(spec: dict) -> dict:
             verbose=False,
         )
     load_s = time.perf_counter() - tic
+    if bool(llm.model_params.use_extra_bufts) != repack:  # a row must be what it says
+        raise SystemExit(f"llama-cpp-python did not take use_extra_bufts={repack}")
     loaded = {"loaded_rss_mb": rss_mb(), **rss_parts_mb()}
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
     steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
