@@ -3,20 +3,28 @@ and print one JSON line of measurements. Every harness in benchmarks/ runs each
 configuration as `python benchmarks/worker.py SPEC_JSON` in a fresh process.
 
 SPEC: {"engine": "flash" | "mlx_lm" | "llama_cpp" | "idle_mlx" | "idle_llama_cpp",
-       "path": store, mlx-lm dir or GGUF (idle: a store or a GGUF, for the tokenizer), "options": mlx_flash.load keywords,
+       "path": store, mlx-lm dir or GGUF (idle: a store or a GGUF, for the tokenizer),
+       "options": mlx_flash.load keywords,
        "dtype": "float32" (mlx-lm; default: the model's own), "tokens": N,
        "max_seconds": stop decoding after this long (at least 1 decode token),
-       "threads": llama.cpp threads, "fits": a budget in bytes that mlx_flash's
-       plan must fit (naive configurations, which take no budget), else it refuses}
+       "threads": llama.cpp threads, "repack": llama.cpp's CPU weight repacking
+       (`use_extra_bufts`; default true, as llama.cpp's), "fits": a budget in bytes
+       that mlx_flash's plan must fit (naive configurations, which take no budget),
+       else it refuses}
 
 Measured: load time, first-token time (prefill + first token), decode latency per token
 (median, p90), bytes this process read from the block device per decode token
 (/proc/self/io: direct reads, buffered reads and mmap page faults alike), peak RSS, the
-RSS after imports, and for mlx_flash the per-phase split from `model.flash_stats`.
+RSS after imports, and for mlx_flash the per-phase split from `model.flash_stats`; for
+llama.cpp the RSS after load (anonymous and file-backed apart), the repacking setting
+read back from the loaded model's params, and its buffers by type from its log
+(a `CPU_REPACK` model buffer is the repacked copy).
 """
 
+import contextlib
 import copy
 import json
+import re
 import resource
 import statistics
 import sys
@@ -166,26 +174,98 @@ def compute_dtype(model):
     return next(p.dtype for _, p in params if mx.issubdtype(p.dtype, mx.floating))
 
 
+BUFFER = re.compile(r"(\S+) (model|KV|compute) buffer size\s*=\s*([\d.]+) MiB")
+
+
+def rss_parts_mb() -> dict:
+    """Anonymous and file-backed resident memory now (Linux /proc/self/status): a
+    repacked weight is an anonymous copy, a mmapped one a file page."""
+    parts = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                key, kib = line.split()[:2]
+                parts[key.removesuffix(":").lower() + "_mb"] = int(kib) / 1024
+    except OSError:
+        pass
+    return parts
+
+
+@contextlib.contextmanager
+def model_params(**fields):
+    """Set fields of llama.cpp's `llama_model_params` that `Llama()` takes no keyword
+    for (`use_extra_bufts`, CPU weight repacking, in 0.3.36): `Llama.__init__` starts
+    from `llama_cpp.llama_model_default_params()`, so the defaults it gets carry them
+    while one model is constructed."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def patched():
+        params = default()
+        for key, value in fields.items():
+            setattr(params, key, value)
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+@contextlib.contextmanager
+def llama_log(lines: list):
+    """llama.cpp's log lines (every level) appended to `lines`, printed nowhere."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def keep(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(keep, None)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, None)
+
+
+def buffers_mib(lines: list) -> dict:
+    """{"model CPU_REPACK": MiB, "KV CPU": MiB, ...} from llama.cpp's load log."""
+    out = {}
+    for m in BUFFER.finditer("".join(lines)):
+        key = f"{m[2]} {m[1]}"
+        out[key] = out.get(key, 0.0) + float(m[3])
+    return out
+
+
 def llama_worker(spec: dict) -> dict:
     from llama_cpp import Llama
 
     idle = rss_mb()
     tic = time.perf_counter()
     threads = spec.get("threads", 2)
-    llm = Llama(
-        model_path=spec["path"],
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_ctx=max(512, 2 * spec["tokens"]),
-        # the default 512-token micro-batch reserves ~100 MB of logits/compute buffer
-        # (49k vocabulary); our prompts are short, so 64 keeps the comparison fair
-        n_batch=64,
-        n_ubatch=64,
-        use_mmap=True,
-        n_gpu_layers=0,
-        verbose=False,
-    )
+    repack = spec.get("repack", True)  # llama.cpp's default: on
+    log = []
+    with llama_log(log), model_params(use_extra_bufts=repack):
+        llm = Llama(
+            model_path=spec["path"],
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=max(512, 2 * spec["tokens"]),
+            # the default 512-token micro-batch reserves ~100 MB of logits/compute
+            # buffer (49k vocabulary); our prompts are short, so 64 keeps it fair
+            n_batch=64,
+            n_ubatch=64,
+            use_mmap=True,
+            n_gpu_layers=0,
+            verbose=False,
+        )
     load_s = time.perf_counter() - tic
+    if bool(llm.model_params.use_extra_bufts) != repack:  # a row must be what it says
+        raise SystemExit(f"llama-cpp-python did not take use_extra_bufts={repack}")
+    loaded = {"loaded_rss_mb": rss_mb(), **rss_parts_mb()}
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
     steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
     times, read, ids = decode(steps, spec["tokens"], spec.get("max_seconds", 1e9))
@@ -195,8 +275,12 @@ def llama_worker(spec: dict) -> dict:
         "disk_mb_per_token": read / max(1, len(times) - 1) / 1e6,
         "peak_rss_mb": peak_rss_mb(),
         "idle_rss_mb": idle,
+        **loaded,
         "text": llm.detokenize(ids).decode(errors="replace")[:80],
         "threads": threads,
+        # read back from the params the model was loaded with
+        "repack": bool(llm.model_params.use_extra_bufts),
+        "buffers_mib": buffers_mib(log),
     }
 
 
@@ -210,7 +294,6 @@ def idle_worker(spec: dict) -> dict:
         from mlx_lm.utils import load_tokenizer
 
         import mlx_flash  # noqa: F401
-
         from mlx_flash.utils import release_memory
 
         imported = rss_mb()

