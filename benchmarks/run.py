@@ -65,7 +65,7 @@ def configs(formats, budget: int):
     for f in formats:
         b = {"dram_budget": budget}
         rows += [
-            (f"{f} naive", "flash", f"{f}-split", {}, True),
+            (f"{f} naive", "flash", f"{f}-split", {"naive": True}, True),
             (f"{f} hybrid", "flash", f"{f}-split", {**b, "hybrid": True}, True),
             (f"{f} +predictor", "flash", f"{f}-split", {**LOWRANK, **b}, True),
             (
