@@ -38,6 +38,9 @@ class Plan:
     neuron_bytes: int  # one cached neuron of every layer, decoded (layers may differ)
     capacity: int  # cache slots per layer
     layers: int
+    # bytes read per decoded token once the caches are warm, where the plan alone
+    # knows it (`all`, `naive`); None where it depends on the selections
+    expected_bytes: Optional[int] = None
 
     @property
     def caches(self) -> int:
@@ -67,8 +70,13 @@ class Plan:
             f"(KV cache of {WORKING_TOKENS} tokens, logits, a layer's decoded neurons) "
             f"+ runtime {mb(RUNTIME)} + neuron caches "
             f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
-            f"{mb(self.total)}"
+            f"{mb(self.total)}; expected read per token: {self.expected()}"
         )
+
+    def expected(self) -> str:
+        if self.expected_bytes is None:
+            return "depends on the selections"
+        return f"{self.expected_bytes / 1e6:.2f} MB"
 
 
 def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:

@@ -19,7 +19,7 @@ from .neuron_cache import NeuronCache
 from .options import FlashOptions
 from .predictor import PREDICTOR_BITS, PredictorSet, load_predictors
 from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
-from .store.format import Component, LayerEntry, decode_bundles
+from .store.format import ALIGN, Component, LayerEntry, align_up, decode_bundles
 from .store.store import BundleStore
 
 
@@ -123,6 +123,7 @@ def setup(
     use_cache = not options.naive
     if not use_cache:
         p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
+    p.expected_bytes = expected_bytes(m.layers, sections, options, p.capacity)
     # the layers take turns: one scratch serves them all, each viewing its own width
     scratch = np.empty(p.scratch, np.uint8) if use_cache else None
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
@@ -139,3 +140,28 @@ def setup(
             rows = scratch[: n * width].reshape(n, width)
         ffn.setup(select, cache, sections.cached, gap, rows)
     return p
+
+
+def expected_bytes(
+    layers: List[LayerEntry], sections: Sections, options: FlashOptions, capacity: int
+) -> Optional[int]:
+    """Bytes read per decoded token once the caches are warm, where the plan alone
+    decides it: `naive` reads every layer whole; `all` the neurons its caches cannot
+    hold (the paper's hybrid streams the rest). Other selectors: None."""
+    if options.naive:  # each section read whole (aligned: it starts on a block)
+        return sum(
+            align_up(s.offset + layer.neurons * s.bundle_bytes) - s.offset
+            for layer in layers
+            for s in layer.sections
+        )
+    if options.selector != "all":
+        return None
+    total = 0
+    for layer in layers:  # the streamed tail [capacity, n) of each cached section,
+        for k in sections.cached:  # read as one run widened to 4 KiB for direct I/O
+            s = layer.sections[k]
+            if capacity < layer.neurons:
+                start = s.offset + capacity * s.bundle_bytes
+                stop = s.offset + layer.neurons * s.bundle_bytes
+                total += align_up(stop) - (start - start % ALIGN)
+    return total

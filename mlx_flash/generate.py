@@ -168,6 +168,11 @@ def print_stats(model) -> None:
     )
     print(f"[mlx_flash] reader: {model.flash_tuning.describe()}")
     print(model.flash_stats.summary())
+    tokens = max(model.flash_stats.tokens, 1)
+    print(
+        f"[mlx_flash] read per token: expected {model.flash_plan.expected()} (the "
+        f"plan, warm caches), measured {model.flash_stats.bytes / tokens / 1e6:.2f} MB"
+    )
 
 
 if __name__ == "__main__":

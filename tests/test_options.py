@@ -112,3 +112,34 @@ def test_the_default_is_exact_and_never_naive(tmp_path):
     assert model.flash_store.reader.stats.bytes == reads
     assert model.flash_stats.hits == model.flash_stats.selected > 0
     assert dense.flash_stats.bytes > 0
+
+
+@pytest.mark.parametrize("budget_slots", [None, 40])
+def test_expected_bytes_per_token_are_what_all_reads(tmp_path, budget_slots):
+    """`all`: the plan's expectation (warm caches) equals what decoding reads."""
+    make_checkpoint(tmp_path / "hf", "llama")
+    model, _ = load(str(tmp_path / "hf"), naive=True)
+    naive = model.flash_plan.expected_bytes
+    options = {}
+    if budget_slots:
+        p = load(str(tmp_path / "hf"))[0].flash_plan
+        options["dram_budget"] = p.total - p.caches + p.neuron_bytes * budget_slots
+    model, _ = load(str(tmp_path / "hf"), **options)
+    from mlx_lm.generate import generate_step
+
+    def decode(m, n):
+        steps = generate_step(
+            mx.array([1, 5, 9, 3]), m, max_tokens=n, sampler=lambda l: mx.argmax(l, -1)
+        )
+        return [int(t) for t, _ in steps]
+
+    decode(model, 2)  # warm the caches
+    model.flash_stats.reset()
+    decode(model, 6)
+    s = model.flash_stats
+    assert s.bytes / s.tokens == model.flash_plan.expected_bytes
+    dense, _ = load(str(tmp_path / "hf"), naive=True)
+    decode(dense, 6)
+    assert dense.flash_stats.bytes / dense.flash_stats.tokens == naive
+    assert (model.flash_plan.expected_bytes == 0) == (budget_slots is None)
+    assert 0 < model.flash_plan.expected_bytes < naive or budget_slots is None
