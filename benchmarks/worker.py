@@ -108,6 +108,8 @@ def mlx_worker(spec: dict) -> dict:
         options = dict(options or {})
         # the paper's hybrid is `all` under a budget: the runtime caches what fits
         hybrid = options.pop("hybrid", False)
+        # the context llama.cpp gets (n_ctx below): the plan holds its KV cache
+        options.setdefault("max_kv_size", max(512, 2 * spec["tokens"]))
         model, tokenizer = mlx_flash.load(spec["path"], progress=False, **options)
         # naive has no budget of its own: its arrays (the plan without the runtime's
         # estimated overhead) must fit this one, or it would only thrash under the limit

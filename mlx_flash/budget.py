@@ -17,8 +17,6 @@ from .store.store import BundleStore
 # Resident memory stays within the budget plus this documented constant: the Python
 # interpreter, MLX and numpy libraries and allocator slack, which no plan controls.
 SLACK = 160 << 20
-# mlx-lm's KV cache grows in steps of this many tokens: the plan holds the first step
-WORKING_TOKENS = 256
 # What decoding adds to a process beyond its arrays: the model's Python objects, the
 # reader's threads, library code paged in by the first token (measured ~10 MiB on
 # Qwen2.5-Coder-0.5B after the tokenizer's load, allocator trimmed)
@@ -67,7 +65,7 @@ class Plan:
             f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
             f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + predictors "
             f"{mb(self.predictors)} + working memory {mb(self.working + self.transient)} "
-            f"(KV cache of {WORKING_TOKENS} tokens, logits, a layer's decoded neurons) "
+            "(the KV cache of the context it holds, logits, a layer's decoded neurons) "
             f"+ runtime {mb(RUNTIME)} + neuron caches "
             f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
             f"{mb(self.total)}; expected read per token: {self.expected()}"
@@ -105,16 +103,12 @@ def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     return stored + converted + decoded_bytes(components, dtype)
 
 
-def working_bytes(config: dict, hidden: int, layers: int, dtype: mx.Dtype) -> int:
-    """MLX memory that decoding needs beside the weights: the KV cache's first step of
-    WORKING_TOKENS tokens, and one step's logits (with their log-softmax) and
-    activations. Past WORKING_TOKENS the KV cache grows by its per-token share."""
-    heads = config.get("num_attention_heads", 1)
-    head_dim = config.get("head_dim") or hidden // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    kv = 2 * layers * kv_heads * head_dim * WORKING_TOKENS
+def working_bytes(config: dict, hidden: int, kv_cache: int, dtype: mx.Dtype) -> int:
+    """MLX memory that decoding needs beside the weights: the KV cache for the
+    context the plan holds (`kv_cache` bytes, measured: `kv_cache.kv_cache_bytes`),
+    and one step's logits (with their log-softmax) and activations."""
     step = 2 * config.get("vocab_size", 0) + 8 * hidden
-    return (kv + step) * dtype.size
+    return kv_cache + step * dtype.size
 
 
 BUDGET_FORMS = (

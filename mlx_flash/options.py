@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 from .budget import BUDGET_FORMS, parse_budget
 from .errors import FlashError
+from .kv_cache import DEFAULT_CONTEXT
 from .selectors import SELECTORS
 from .store.reader import READERS as _READER_CLASSES
 
@@ -97,6 +98,12 @@ class FlashOptions:
     verify: bool = _option(
         "Check every checksum of the store before generating (reads it all)", False
     )
+    max_kv_size: Optional[int] = _option(
+        "Tokens of context the DRAM plan holds: the KV cache is allocated once for "
+        "them and rotates past them (keeping the first 4), as in mlx-lm; default: "
+        f"{DEFAULT_CONTEXT} tokens, refused past that",
+        number=_number(int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1),
+    )
     naive: bool = _option(
         "Stream every layer's FFN whole every token, with no caches and no budget: "
         "the paper's naive baseline (default: the exact `all` selection with as "
@@ -172,6 +179,8 @@ def add_flash_args(parser: argparse.ArgumentParser):
     defaults = FlashOptions()
     for f in fields(FlashOptions):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if flag in parser._option_string_actions:  # mlx-lm's own (--max-kv-size)
+            continue
         if f.type is bool or f.default is False:
             group.add_argument(flag, action="store_true", help=meta["help"])
             continue

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
@@ -18,6 +19,7 @@ from .disk_embedding import PREFIX, DiskEmbedding, disk_embedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
 from .flash_setup import setup
+from .kv_cache import bounded_caches, kv_cache_bytes
 from .options import FlashOptions
 from .sparse_ffn import FlashFFN
 from .stats import FlashStats
@@ -71,8 +73,9 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 self.set_dtype(dtype)
                 if isinstance(disk_table(self), DiskEmbedding):
                     disk_table(self).compute_dtype = dtype
+                self.flash_options = options
                 working = working_bytes(
-                    config, store.manifest.hidden_size, len(self.layers), dtype
+                    config, store.manifest.hidden_size, kv_cache_bytes(self), dtype
                 )
                 self.flash_plan = setup(
                     self, store, options, dtype, budget, tuning.gap_bytes, working
@@ -84,6 +87,13 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                     mx.set_cache_limit(0)
                 self.flash_tuning, self.flash_stats = tuning, stats
                 self.flash_store = store
+
+            def make_cache(self):
+                """The model's KV caches, bounded by the context the plan holds."""
+                own = getattr(super(), "make_cache", None)
+                base = own() if own else [KVCache() for _ in self.layers]
+                limit = getattr(self, "flash_options", None)
+                return bounded_caches(self, base, limit and limit.max_kv_size)
 
             def sanitize(self, weights):
                 weights = without_pads(weights)  # the dense part's alignment

@@ -35,11 +35,12 @@ def test_every_option_is_a_flag_with_the_same_default():
         "reader": "mmap",
         "threads": "2",
         "compute_dtype": "float16",
+        "max_kv_size": "512",
     }
     argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
     got = parse(*argv, "--verify")
     assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
-    assert (got.fraction, got.window, got.threads) == (0.25, 4, 2)
+    assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
     assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify", "naive"}
     assert parse("--naive").naive
 
@@ -143,3 +144,12 @@ def test_expected_bytes_per_token_are_what_all_reads(tmp_path, budget_slots):
     assert dense.flash_stats.bytes / dense.flash_stats.tokens == naive
     assert (model.flash_plan.expected_bytes == 0) == (budget_slots is None)
     assert 0 < model.flash_plan.expected_bytes < naive or budget_slots is None
+
+
+def test_a_flag_mlx_lm_already_has_is_read_not_added_again():
+    """generate's and chat's parsers are mlx-lm's, which has --max-kv-size: the flash
+    group leaves it to them and reads the same value."""
+    from mlx_flash.generate import setup_arg_parser
+
+    args = setup_arg_parser().parse_args(["--max-kv-size", "300", "--prompt", "x"])
+    assert FlashOptions.from_args(args).max_kv_size == 300

@@ -89,7 +89,9 @@ import sys
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_flash import load
-model, tok = load(sys.argv[1], selector="oracle", fraction=0.25, dram_budget=sys.argv[2])
+model, tok = load(
+    sys.argv[1], selector="oracle", fraction=0.25, dram_budget=sys.argv[2], max_kv_size=256
+)
 prompt = mx.array(tok.encode("The history of the city of Paris begins"))
 for _ in generate_step(prompt, model, max_tokens=24, sampler=lambda l: mx.argmax(l, -1)):
     pass

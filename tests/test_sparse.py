@@ -183,17 +183,40 @@ def test_mmap_reader_computes_the_same(stores):
     assert model.flash_store.reader.stats.bytes > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_plan_holds_the_kv_cache_of_its_first_step(stores, arch):
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma3_text"])
+def test_plan_holds_the_kv_cache_of_its_context(stores, arch, tmp_path):
     """The plan's working memory covers what decoding allocates beside the weights:
-    mlx-lm's KV cache for its first 256 tokens (and one step's logits)."""
+    the KV cache of the whole context it holds, allocated once (and one step's
+    logits); past that context: refused by default, rotating with max_kv_size."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlx_flash.budget import WORKING_TOKENS
+    from mlx_flash.kv_cache import DEFAULT_CONTEXT
 
-    model, _ = load(str(stores[arch, "bundled"]), progress=False)
+    path = stores.get((arch, "bundled"))
+    if path is None:
+        make_checkpoint(tmp_path / "hf", arch)
+        path = tmp_path / "hf"
+    model, _ = load(str(path), progress=False)
     cache = make_prompt_cache(model)
     model(mx.array([PROMPT]), cache=cache)
-    kv = sum(c.keys.nbytes + c.values.nbytes for c in cache)
-    assert cache[0].keys.shape[2] == WORKING_TOKENS  # the first step, allocated whole
+    kv = sum(c.nbytes for c in cache)
+    assert max(c.keys.shape[2] for c in cache) == DEFAULT_CONTEXT  # allocated whole
     assert kv <= model.flash_plan.working < kv + 64 * 1024
+    for _ in range(3):  # generating inside the context allocates nothing more
+        model(mx.array([[3]]), cache=cache)
+    assert sum(c.nbytes for c in cache) == kv
+
+
+def test_a_context_past_the_plan_is_refused_or_rotates(stores):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    path = str(stores["llama", "bundled"])
+    model, _ = load(path, max_kv_size=16, progress=False)
+    cache = make_prompt_cache(model)
+    for _ in range(40):  # rotates past 16 tokens: the cache never grows
+        model(mx.array([[3]]), cache=cache)
+    assert all(c.keys.shape[2] == 16 for c in cache)
+    model, _ = load(path, progress=False)
+    cache = make_prompt_cache(model)
+    with pytest.raises(FlashError, match="max-kv-size"):
+        model(mx.array([[3] * 3000]), cache=cache)
