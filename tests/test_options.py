@@ -153,3 +153,13 @@ def test_a_flag_mlx_lm_already_has_is_read_not_added_again():
 
     args = setup_arg_parser().parse_args(["--max-kv-size", "300", "--prompt", "x"])
     assert FlashOptions.from_args(args).max_kv_size == 300
+
+
+def test_the_default_budget_is_a_share_of_the_memory_available():
+    from mlx_flash.budget import DEFAULT_BUDGET_SHARE, available_memory, default_budget
+
+    available = available_memory()
+    assert available is None or default_budget() == int(available * DEFAULT_BUDGET_SHARE)
+    if available is not None:  # MemAvailable, within a cgroup's limit when there is one
+        meminfo = open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]
+        assert available <= int(meminfo) * 1024 * 1.1
