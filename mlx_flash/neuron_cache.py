@@ -1,4 +1,4 @@
-"""The neuron cache: one layer's recently used neurons, in preallocated DRAM (paper §3.1).
+"""The neuron cache: one layer's recently used neurons in preallocated DRAM (§3.1).
 
 Slots are rows of per-component MLX matrices allocated once; numpy views of those same
 buffers receive arriving bundles in place, so nothing is allocated while generating. An
@@ -6,6 +6,11 @@ id<->slot map says who lives where. By default the cache keeps as many recently 
 neurons as it holds, the least recently used leaving first. `strict=True` is the paper's
 windowing (§3.1): between tokens, exactly the neurons of the last `window` tokens stay,
 the others leave even with slots to spare.
+
+A cache may also have a hot part (PowerInfer, Song et al. 2023): neurons pinned once,
+from a neuron-frequency profile (`neuron_profile.py`), that always hit and never leave;
+the recency part works as above in the remaining slots. `SlotMap` is this bookkeeping
+alone, which the cache simulator (`cache_simulator.py`) runs without any weights.
 """
 
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ import numpy as np
 from .store.format import Component, Weight
 
 _NP = {"float16": np.float16, "float32": np.float32}
+_NEVER = np.iinfo(np.int64).max  # a pinned slot's last use
 
 
 @dataclass
@@ -25,7 +31,117 @@ class CacheStats:  # this layer's; the model-wide counters are in FlashStats
     evictions: int = 0
 
 
-class NeuronCache:
+class SlotMap:
+    """The bookkeeping of one layer's cache: which neuron is in which slot, who leaves.
+
+    Slots ``0 .. len(pinned) - 1`` are the hot part (PowerInfer's hot neurons, here
+    the neurons a profile found most often selected): pinned id ``k`` lives in slot
+    ``k``, always hits and never leaves. The other slots are the recency part: as
+    many recently used neurons as they hold, the least recently used leaving first,
+    or with `window` the paper's strict windowing (§3.1). Pure numpy, no buffers: the
+    cache simulator runs the same policy without any weights.
+
+    Args:
+        n_neurons: neurons in the layer.
+        capacity: slots, hot and recency parts together.
+        window: if given, between tokens only the recency part's neurons of the last
+            `window` tokens stay, even with slots to spare.
+        pinned: the hot part's neuron ids (unique; at most `capacity`), or None.
+    """
+
+    def __init__(
+        self,
+        n_neurons: int,
+        capacity: int,
+        window: Optional[int] = None,
+        pinned: Optional[np.ndarray] = None,
+    ):
+        pinned = np.zeros(0, np.int64) if pinned is None else np.asarray(pinned)
+        pinned = pinned.astype(np.int64).reshape(-1)
+        if len(pinned) > capacity or len(np.unique(pinned)) != len(pinned):
+            raise ValueError(f"{len(pinned)} pinned ids (unique?) for {capacity} slots")
+        if len(pinned) and not 0 <= pinned.min() <= pinned.max() < n_neurons:
+            raise ValueError(f"pinned ids outside the layer's {n_neurons} neurons")
+        self.capacity, self.window, self.pinned = capacity, window, pinned
+        self.slot_of = np.full(n_neurons, -1, np.int64)
+        self.id_of = np.full(capacity, -1, np.int64)
+        self.last_used = np.full(capacity, -1, np.int64)
+        self.is_pinned = np.zeros(n_neurons, bool)
+        self.is_pinned[pinned] = True
+        self.step, self.stats = 0, CacheStats()
+        self._place_pinned()
+
+    @property
+    def strict(self) -> bool:
+        return self.window is not None
+
+    @property
+    def recency_capacity(self) -> int:
+        """Slots of the recency part."""
+        return self.capacity - len(self.pinned)
+
+    def admissible(self, ids: np.ndarray) -> np.ndarray:
+        """Which of one token's `ids` (most important first) go through the cache: all
+        the pinned ones, and the first others that fit in the recency part. The rest
+        are the overflow, read past the cache. Without pinned ids: ``ids[:capacity]``.
+
+        Returns:
+            a bool mask over `ids`.
+        """
+        hot = self.is_pinned[ids]
+        return hot | (np.cumsum(~hot) <= self.recency_capacity)
+
+    def admit(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bookkeeping for one token's neurons `ids` (unique; those not pinned at most
+        `recency_capacity`: see `admissible`).
+
+        Returns:
+            ``(slots, load_ids, load_slots)``: the slot of every id, and the ids that
+            must be read from the store with the slots they go to.
+        """
+        recent = len(ids) - np.count_nonzero(self.is_pinned[ids])
+        assert recent <= self.recency_capacity, "cap the selection first (admissible)"
+        self.step += 1
+        slots = self.slot_of[ids]
+        hit = slots >= 0
+        recent = slots[hit]
+        self.last_used[recent[recent >= len(self.pinned)]] = self.step  # protects hits
+        load_ids = ids[~hit]
+        free = np.nonzero(self.last_used < self.step)[0]  # empty slots have -1
+        victims = free[np.argsort(self.last_used[free], kind="stable")][: len(load_ids)]
+        self.stats.evictions += int(np.count_nonzero(self.id_of[victims] >= 0))
+        self.release(victims)
+        self.id_of[victims], self.slot_of[load_ids] = load_ids, victims
+        self.last_used[victims] = self.step
+        slots[~hit] = victims
+        if self.strict:  # between tokens, hold only the last `window` tokens' neurons
+            self.release(np.nonzero(self.last_used <= self.step - self.window)[0])
+        self.stats.loads += len(load_ids)
+        return slots, load_ids, victims
+
+    def release(self, slots: np.ndarray) -> None:
+        """Empty these slots (their neurons are no longer cached); pinned slots stay."""
+        slots = slots[slots >= len(self.pinned)]
+        old = self.id_of[slots]
+        self.slot_of[old[old >= 0]] = -1
+        self.id_of[slots], self.last_used[slots] = -1, -1
+
+    def clear(self) -> None:
+        """Forget every neuron of the recency part (the buffers stay allocated). The
+        pinned ones stay: their slots are written once, never by a token's step."""
+        self.slot_of[:], self.id_of[:], self.last_used[:] = -1, -1, -1
+        self._place_pinned()
+
+    def cached_ids(self) -> np.ndarray:
+        return np.sort(self.id_of[self.id_of >= 0])
+
+    def _place_pinned(self) -> None:
+        k = len(self.pinned)
+        self.id_of[:k], self.slot_of[self.pinned] = self.pinned, np.arange(k)
+        self.last_used[:k] = _NEVER  # never a victim, never outside the window
+
+
+class NeuronCache(SlotMap):
     """Preallocated slots for up to `capacity` neurons of one layer.
 
     Args:
@@ -36,6 +152,9 @@ class NeuronCache:
         window: if given, the paper's strict windowing: between tokens only the neurons
             of the last `window` tokens stay, even with slots to spare. If None, the
             cache keeps as many recently used neurons as it holds.
+        pinned: the hot part's ids (`SlotMap`), or None. Their slots start empty: the
+            caller reads their bundles once and fills them,
+            ``cache.fill(np.arange(len(cache.pinned)), rows_of(cache.pinned))``.
     """
 
     def __init__(
@@ -45,12 +164,10 @@ class NeuronCache:
         capacity: int,
         dtype: mx.Dtype,
         window: Optional[int] = None,
+        pinned: Optional[np.ndarray] = None,
     ):
-        self.components, self.capacity, self.window = components, capacity, window
-        self.slot_of = np.full(n_neurons, -1, np.int64)
-        self.id_of = np.full(capacity, -1, np.int64)
-        self.last_used = np.full(capacity, -1, np.int64)
-        self.step, self.stats = 0, CacheStats()
+        super().__init__(n_neurons, capacity, window, pinned)
+        self.components = components
         self.arrays: Dict[str, Weight] = {}
         self._fillers = []  # (numpy view, bundle byte range, stored dtype)
         at = 0
@@ -73,43 +190,8 @@ class NeuronCache:
             self.arrays[c.name] = tuple(parts) if c.encoding.quantized else parts[0]
 
     @property
-    def strict(self) -> bool:
-        return self.window is not None
-
-    @property
     def nbytes(self) -> int:
         return sum(view.nbytes for view, *_ in self._fillers)
-
-    def admit(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Bookkeeping for one token's neurons `ids` (unique, at most `capacity`).
-
-        Returns:
-            ``(slots, load_ids, load_slots)``: the slot of every id, and the ids that
-            must be read from the store with the slots they go to.
-        """
-        assert len(ids) <= self.capacity, "cap the selection to the capacity first"
-        self.step += 1
-        slots = self.slot_of[ids]
-        hit = slots >= 0
-        self.last_used[slots[hit]] = self.step  # protects this token's hits
-        load_ids = ids[~hit]
-        free = np.nonzero(self.last_used < self.step)[0]  # empty slots have -1
-        victims = free[np.argsort(self.last_used[free], kind="stable")][: len(load_ids)]
-        self.stats.evictions += int(np.count_nonzero(self.id_of[victims] >= 0))
-        self.release(victims)
-        self.id_of[victims], self.slot_of[load_ids] = load_ids, victims
-        self.last_used[victims] = self.step
-        slots[~hit] = victims
-        if self.strict:  # between tokens, hold only the last `window` tokens' neurons
-            self.release(np.nonzero(self.last_used <= self.step - self.window)[0])
-        self.stats.loads += len(load_ids)
-        return slots, load_ids, victims
-
-    def release(self, slots: np.ndarray) -> None:
-        """Empty these slots (their neurons are no longer cached)."""
-        old = self.id_of[slots]
-        self.slot_of[old[old >= 0]] = -1
-        self.id_of[slots], self.last_used[slots] = -1, -1
 
     def fill(self, slots: np.ndarray, bundles: np.ndarray) -> None:
         """Copy bundles (len(slots), bundle_bytes) uint8 into their slots, decoded."""
@@ -122,20 +204,13 @@ class NeuronCache:
                 view[slots] = to_float(raw, stored, view.dtype)
 
     def gather(self, slots: np.ndarray) -> Dict[str, Weight]:
-        """The weights of the neurons in `slots`, in that order (copies, for compute)."""
+        """The weights of the neurons in `slots`, in that order (copies, to compute)."""
         index = mx.array(slots.astype(np.uint32))
         take = lambda a: mx.take(a, index, axis=0)  # noqa: E731
         return {
             name: tuple(map(take, w)) if isinstance(w, tuple) else take(w)
             for name, w in self.arrays.items()
         }
-
-    def clear(self) -> None:
-        """Forget every neuron (the buffers stay allocated)."""
-        self.slot_of[:], self.id_of[:], self.last_used[:] = -1, -1, -1
-
-    def cached_ids(self) -> np.ndarray:
-        return np.sort(self.id_of[self.id_of >= 0])
 
 
 def to_float(raw: np.ndarray, stored: str, target: np.dtype) -> np.ndarray:
