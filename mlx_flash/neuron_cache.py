@@ -80,16 +80,23 @@ class SlotMap:
         """Slots of the recency part."""
         return self.capacity - len(self.pinned)
 
-    def admissible(self, ids: np.ndarray) -> np.ndarray:
-        """Which of one token's `ids` (most important first) go through the cache: all
-        the pinned ones, and the first others that fit in the recency part. The rest
-        are the overflow, read past the cache. Without pinned ids: ``ids[:capacity]``.
+    def admissible(self, ids: np.ndarray, keep_cached: bool = True) -> np.ndarray:
+        """Which of one token's `ids` (most important first) go through the cache:
+        every pinned id; with `keep_cached` every id already cached (a hit costs no
+        slot); then the first others that fit in the recency part's remaining
+        slots. The rest is the overflow, read past the cache. With
+        ``keep_cached=False`` and no pinned ids this is ``ids[:capacity]``.
 
         Returns:
             a bool mask over `ids`.
         """
         hot = self.is_pinned[ids]
-        return hot | (np.cumsum(~hot) <= self.recency_capacity)
+        cached = (self.slot_of[ids] >= 0) & ~hot
+        if not keep_cached:
+            cached[:] = False
+        other = ~hot & ~cached
+        room = self.recency_capacity - np.count_nonzero(cached)
+        return hot | cached | (other & (np.cumsum(other) <= room))
 
     def admit(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bookkeeping for one token's neurons `ids` (unique; those not pinned at most
@@ -100,7 +107,7 @@ class SlotMap:
             must be read from the store with the slots they go to.
         """
         recent = len(ids) - np.count_nonzero(self.is_pinned[ids])
-        assert recent <= self.recency_capacity, "cap the selection first (admissible)"
+        assert recent <= self.recency_capacity, "route the selection first: admissible"
         self.step += 1
         slots = self.slot_of[ids]
         hit = slots >= 0

@@ -1,0 +1,140 @@
+"""Trace-driven simulation of the neuron caches: hit rate and bytes read per policy.
+
+A trace is what a selector chose, token by token, in every layer: ``trace[layer]
+[token]`` the ids of that token's neurons, most important first. Each layer's cache
+is simulated with `SlotMap`, the neuron cache's own bookkeeping, so a simulated
+policy is exactly what decoding would do, without weights, reads or MLX. A selected
+neuron is a hit when its slot already holds it, else a miss: read from the store,
+into the cache or, past its capacity, streamed (the overflow).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from .hot_set import FrequencyCounter, LayerCounts, propose_split
+from .neuron_cache import SlotMap
+
+Trace = Sequence[Sequence[np.ndarray]]  # trace[layer][token]: (n_selected,) ids
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One cache configuration, applied to every layer.
+
+    Args:
+        name: for tables.
+        capacity: slots per layer, hot and recency parts together.
+        window: the recency part's strict window (tokens), or None: LRU.
+        pinned: per layer, the hot part's ids; None: no hot part.
+        keep_cached: route cached ids through the cache first (`SlotMap.admissible`);
+            False is today's rule in sparse_ffn, ``ids[:capacity]``.
+    """
+
+    name: str
+    capacity: int
+    window: Optional[int] = None
+    pinned: Optional[Sequence[np.ndarray]] = None
+    keep_cached: bool = True
+
+    def slots(self, layer: int, neurons: int) -> SlotMap:
+        pinned = None if self.pinned is None else self.pinned[layer]
+        return SlotMap(neurons, min(self.capacity, neurons), self.window, pinned)
+
+
+def lru(capacity: int, keep_cached: bool = True) -> Policy:
+    name = "LRU" if keep_cached else "LRU, ids[:capacity] (today)"
+    return Policy(name, capacity, keep_cached=keep_cached)
+
+
+def window(capacity: int, tokens: int) -> Policy:
+    return Policy(f"window {tokens}", capacity, window=tokens)
+
+
+def hot(counts: Sequence[LayerCounts], capacity: int) -> Policy:
+    """Every slot pinned to the layer's most frequent neurons; no recency part."""
+    return Policy("hot", capacity, pinned=[c.hot_ids(capacity) for c in counts])
+
+
+def hot_recency(
+    counts: Sequence[LayerCounts],
+    capacity: int,
+    hot: Union[None, int, Sequence[int]] = None,
+    window: Optional[int] = None,
+) -> Policy:
+    """`hot` pinned slots per layer (an int for every layer, one per layer, or None:
+    `propose_split` per layer), the rest LRU (or a strict `window`)."""
+    if hot is None:
+        hot = [propose_split(c, capacity) for c in counts]
+    elif isinstance(hot, int):
+        hot = [hot] * len(counts)
+    pinned = [c.hot_ids(min(k, capacity)) for c, k in zip(counts, hot)]
+    share = np.mean([len(p) for p in pinned]) / max(capacity, 1)
+    recency = "LRU" if window is None else f"window {window}"
+    return Policy(f"hot {share:.0%} + {recency}", capacity, window, pinned)
+
+
+@dataclass
+class SimResult:
+    """What one policy did over a trace (all layers together)."""
+
+    policy: str
+    capacity: int
+    tokens: int
+    hits: int
+    misses: int
+    bytes: int  # misses x their layer's bundle bytes
+
+    @property
+    def selections(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.selections if self.selections else 0.0
+
+    @property
+    def mb_per_token(self) -> float:
+        return self.bytes / max(self.tokens, 1) / 1e6
+
+
+def simulate(
+    trace: Trace,
+    policy: Policy,
+    neurons: int,
+    bundle_bytes: Union[int, Sequence[int]],
+) -> SimResult:
+    """Replay `trace` through one cache per layer configured by `policy`.
+
+    Args:
+        trace: ``trace[layer][token]``, each token's ids most important first.
+        neurons: neurons per layer.
+        bundle_bytes: bytes read per missing neuron (one value, or one per layer).
+    """
+    if isinstance(bundle_bytes, int):
+        bundle_bytes = [bundle_bytes] * len(trace)
+    selected = misses = read = 0
+    for layer, tokens in enumerate(trace):
+        slots, layer_misses = policy.slots(layer, neurons), 0
+        for ids in tokens:
+            ids = np.asarray(ids, np.int64)
+            through = slots.admissible(ids, policy.keep_cached)
+            _, loaded, _ = slots.admit(ids[through])
+            layer_misses += len(ids) - np.count_nonzero(through) + len(loaded)
+            selected += len(ids)
+        misses += layer_misses
+        read += layer_misses * bundle_bytes[layer]
+    tokens = len(trace[0]) if len(trace) else 0
+    hits = selected - misses
+    return SimResult(policy.name, policy.capacity, tokens, hits, misses, read)
+
+
+def trace_counts(trace: Trace, neurons: int) -> List[LayerCounts]:
+    """The trace's own selection counts per layer (one sequence): the profile a
+    perfect calibration text would give."""
+    counter = FrequencyCounter([neurons] * len(trace))
+    for layer, tokens in enumerate(trace):
+        for ids in tokens:
+            counter.update(layer, ids)
+    return counter.layers
