@@ -10,7 +10,7 @@ gives the rest to the recency part; `propose_split` chooses `hot`.
 """
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +36,16 @@ class LayerCounts:
     def frequency(self) -> np.ndarray:
         """Each neuron's share of tokens that selected it: (n,) float64."""
         return self.selected / max(self.tokens, 1)
+
+    def chain(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Each neuron as a two-state chain: ``(p11, p01)``, the probabilities that a
+        token selects it when the previous token did, and when it did not."""
+        f = self.frequency()
+        first = self.selected * (self.pairs / max(self.tokens, 1))  # ... selected first
+        p11 = np.divide(self.repeated, first, out=f.copy(), where=first > 0)
+        p11 = np.clip(p11, 0, 1)
+        p01 = np.divide(f * (1 - p11), 1 - f, out=np.ones_like(f), where=f < 1)
+        return p11, np.clip(p01, 0, 1)
 
     def hot_ids(self, k: int) -> np.ndarray:
         """The `k` most frequently selected neurons, most frequent first (ties: the
@@ -79,7 +89,7 @@ class FrequencyCounter:
         c.selected += mask.sum(axis=(0, 1))
         c.repeated += (mask[:, 1:] & mask[:, :-1]).sum(axis=(0, 1))
         c.tokens += S * L
-        c.pairs += S * (L - 1)
+        c.pairs += S * max(L - 1, 0)
 
     def end_sequence(self) -> None:
         """The next token starts a new sequence (a reset prompt cache): no pair
@@ -87,49 +97,68 @@ class FrequencyCounter:
         self._open = [False] * len(self.layers)
 
 
-def split_curve(counts: LayerCounts, capacity: int) -> np.ndarray:
-    """Expected hits per token for every split of a layer's `capacity` slots: entry
-    `hot` pins the `hot` most frequent neurons (their frequencies add up), the other
-    ``capacity - hot`` slots are a recency part serving the rest.
+def lru_hits(f: np.ndarray, p11: np.ndarray, p01: np.ndarray, slots: int) -> float:
+    """Expected hits per token of an LRU of `slots` serving neurons of frequencies
+    `f`, each a two-state chain (selected or not) that stays selected with
+    probability `p11` and returns with probability `p01` per token.
 
-    The recency part follows a two-rate model: a slot holding a neuron the previous
-    token selected hits with the measured persistence of the unpinned neurons,
-    ``rho = P(selected at t | selected at t - 1)``; the previous token selected ``s``
-    of them on average, so ``min(slots, s)`` slots earn ``rho`` and any others the
-    background rate ``beta = P(selected at t | not selected at t - 1)``; at most ``s``
-    hits in all. Without locality (``rho`` is then the frequency-weighted frequency,
-    below the next neuron's own) pinning always wins; with it, recency slots can beat
-    the least frequent pinned neurons.
+    Che's approximation: the LRU holds about the neurons selected in the last ``T``
+    tokens, ``T`` such that their expected number is `slots`; a selected neuron hits
+    when one of those tokens selected it too. Below one token's worth of slots
+    (``T`` < 1) the slots hold part of the last token's selection: hits scale down.
+    """
+    s = float(f.sum())
+    if slots <= 0 or s == 0:
+        return 0.0
+    if slots <= s:
+        return slots / s * float((f * p11).sum())
+    if slots >= np.count_nonzero(f):
+        return s  # every neuron that is ever selected fits
+
+    def absent(T):  # P(not selected in the T - 1 tokens before the last one)
+        return np.power(1 - p01, T - 1)
+
+    lo, hi = 1.0, 2.0
+    while (1 - (1 - f) * absent(hi)).sum() < slots and hi < 1e9:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (1 - (1 - f) * absent(mid)).sum() < slots else (lo, mid)
+    return float((f * (1 - (1 - p11) * absent(lo))).sum())
+
+
+def split_curve(counts: LayerCounts, capacity: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Expected hits per token for splits of a layer's `capacity` slots: pinning the
+    `hot` most frequent neurons earns their frequencies; the other slots are an LRU
+    over the rest (`lru_hits`, each neuron's chain fitted to its counts).
+
+    Without locality (a neuron stays selected no more often than it is selected
+    at all) pinning wins; with it, an LRU slot can beat the least frequent pinned
+    neurons. At most 65 splits are evaluated, evenly spaced.
 
     Returns:
-        (capacity + 1,) float64.
+        ``(hot, hits)``: the pinned counts tried and their expected hits per token.
     """
     capacity = min(capacity, counts.neurons)
-    tokens = max(counts.tokens, 1)
     order = counts.hot_ids(counts.neurons)
-    hot = np.arange(capacity + 1)
-
-    def prefix(a: np.ndarray) -> np.ndarray:  # the sums over the `hot` pinned
-        return np.concatenate([[0], np.cumsum(a[order])])[hot]
-
-    pinned = prefix(counts.selected) / tokens
-    rest_selected = counts.selected.sum() - prefix(counts.selected)
-    rest_repeated = counts.repeated.sum() - prefix(counts.repeated)
-    s = rest_selected / tokens  # unpinned neurons selected per token
-    first = rest_selected * counts.pairs / tokens  # ... at the first token of a pair
-    rho = np.divide(rest_repeated, first, out=np.zeros_like(s), where=first > 0)
-    beta = s * (1 - rho) / np.maximum(counts.neurons - hot - s, 1e-9)
-    slots = capacity - hot
-    recency = rho * np.minimum(slots, s) + beta * np.maximum(0, slots - s)
-    return pinned + np.minimum(s, recency)
+    f = counts.frequency()[order]
+    p11, p01 = (p[order] for p in counts.chain())
+    pinned = np.concatenate([[0.0], np.cumsum(f)])
+    hot = np.unique(np.linspace(0, capacity, min(capacity, 64) + 1).round())
+    hot = hot.astype(np.int64)
+    hits = [pinned[k] + lru_hits(f[k:], p11[k:], p01[k:], capacity - k) for k in hot]
+    return hot, np.array(hits)
 
 
-def propose_split(counts: LayerCounts, capacity: int) -> int:
-    """How many of a layer's `capacity` slots to pin: the split that maximises
-    `split_curve`'s expected hits (ties go to pinning more: pinned neurons are read
-    once and cost no bookkeeping per token). With no counts yet, none. The planner's
-    starting point, from the counts alone; `cache_simulator` measures a split."""
+def propose_split(counts: LayerCounts, capacity: int, tolerance: float = 1e-3) -> int:
+    """How many of a layer's `capacity` slots to pin: the fewest whose expected hits
+    (`split_curve`) are within `tolerance` (relative) of the best split's. Among
+    near-equal splits the larger recency part wins: it adapts to the text at hand,
+    where the pinned set is fixed by the calibration text, and the model is least
+    accurate where the LRU is left about one token's worth of slots. With no counts
+    yet, none. The planner's starting point, from the counts alone;
+    `cache_simulator` measures a split on a trace."""
     if counts.tokens == 0:
         return 0
-    curve = split_curve(counts, capacity)
-    return int(len(curve) - 1 - np.argmax(curve[::-1]))
+    hot, hits = split_curve(counts, capacity)
+    return int(hot[np.argmax(hits >= hits.max() * (1 - tolerance))])

@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,3 +78,96 @@ def test_lru_evicts_the_oldest_first():
     assert loaded.tolist() == [4, 5]
     assert cache.cached_ids().tolist() == [0, 3, 4, 5]
     assert cache.stats.evictions == 2
+
+
+# The hot part: pinned ids (a profile's most frequent neurons) -------------------
+
+pinned_sets = st.lists(st.integers(0, N - 1), unique=True, max_size=12)
+
+
+def route(cache, ids, keep_cached=True):
+    ids = np.array(ids, np.int64)
+    return ids[cache.admissible(ids, keep_cached)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(selections, pinned_sets, st.integers(0, 20), st.integers(1, 5), st.booleans())
+def test_pinned_ids_always_hit_and_capacity_holds(
+    tokens, pinned, spare, window, strict
+):
+    capacity = len(pinned) + spare
+    if capacity == 0:
+        return
+    pinned = np.array(pinned, np.int64)
+    cache = NeuronCache(
+        COMPONENTS, N, capacity, mx.float32, window if strict else None, pinned
+    )
+    cache.fill(np.arange(len(pinned)), BUNDLES[pinned])  # once, by the caller
+    assert cache.slot_of[pinned].tolist() == list(range(len(pinned)))
+    for step, ids in enumerate(tokens):
+        ids = route(cache, ids)
+        slots, load_ids, load_slots = cache.admit(ids)
+        assert not set(load_ids.tolist()) & set(pinned.tolist())  # pinned: hits
+        assert (load_slots >= len(pinned)).all()  # arrivals never take a hot slot
+        cache.fill(load_slots, BUNDLES[load_ids])
+        cached = cache.id_of[cache.id_of >= 0]
+        assert len(cached) <= capacity and len(set(cached.tolist())) == len(cached)
+        assert set(pinned.tolist()) <= set(cached.tolist())
+        assert all(cache.slot_of[i] == s for s, i in enumerate(cache.id_of) if i >= 0)
+        got, want = cache.gather(slots), expected(ids)
+        for name in want:
+            for a, b in zip(parts(got[name]), parts(want[name])):
+                assert mx.array_equal(a, b)
+        if step == len(tokens) // 2:
+            cache.clear()  # an interrupted step: the recency part is forgotten
+            assert cache.cached_ids().tolist() == sorted(pinned.tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(selections, pinned_sets, st.integers(1, 20), st.integers(1, 5), st.booleans())
+def test_the_recency_part_behaves_as_a_cache_of_its_own_size(
+    tokens, pinned, spare, window, strict
+):
+    """Pinning P ids of C slots: the others see exactly a cache of C - P slots fed
+    the same tokens without the pinned ids."""
+    window = window if strict else None
+    ours = NeuronCache(COMPONENTS, N, len(pinned) + spare, mx.float32, window, pinned)
+    plain = NeuronCache(COMPONENTS, N, spare, mx.float32, window)
+    hot = set(pinned)
+    for ids in tokens:
+        ids = [i for i in ids if i not in hot][:spare] + [i for i in ids if i in hot]
+        _, ours_loaded, _ = ours.admit(np.array(ids, np.int64))
+        rest = np.array([i for i in ids if i not in hot], np.int64)
+        _, plain_loaded, _ = plain.admit(rest)
+        assert ours_loaded.tolist() == plain_loaded.tolist()
+        recency = set(ours.cached_ids().tolist()) - hot
+        assert recency == set(plain.cached_ids().tolist())
+    assert ours.stats == plain.stats
+
+
+@settings(max_examples=60, deadline=None)
+@given(selections, st.integers(1, 40), pinned_sets)
+def test_admissible_routes_hits_first_and_fits(tokens, capacity, pinned):
+    pinned = pinned[:capacity]
+    cache = NeuronCache(COMPONENTS, N, capacity, mx.float32, pinned=pinned)
+    plain = NeuronCache(COMPONENTS, N, capacity, mx.float32)
+    for ids in tokens:
+        ids = np.array(ids, np.int64)
+        # without a hot part and without keep_cached: today's ids[:capacity]
+        assert route(plain, ids, keep_cached=False).tolist() == ids[:capacity].tolist()
+        before = set(cache.cached_ids().tolist())
+        through = route(cache, ids)
+        # every cached id goes through (a hit costs no slot); the order is kept
+        assert set(ids.tolist()) & before <= set(through.tolist())
+        assert through.tolist() == [i for i in ids.tolist() if i in set(through)]
+        # an overflow only when the recency part is full
+        if len(through) < len(ids):
+            assert np.count_nonzero(~cache.is_pinned[through]) == cache.recency_capacity
+        cache.admit(through)  # would fail its assertion if it did not fit
+        plain.admit(ids[:capacity])
+
+
+def test_bad_pinned_ids_are_refused():
+    for pinned, capacity in (([1, 1], 4), ([0, 1, 2], 2), ([N], 4), ([-1], 4)):
+        with pytest.raises(ValueError):
+            NeuronCache(COMPONENTS, N, capacity, mx.float32, pinned=pinned)
