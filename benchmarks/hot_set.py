@@ -1,0 +1,348 @@
+"""The hot set (issue #14): cache hit rate and bytes read per token for LRU, window,
+hot and hot+recency caches of the same size, on the same trace.
+
+SmolLM2-135M (the default model's store). The neuron profile is measured on the
+first `--profile-tokens` tokens of WikiText-2 (sequences of 256); the trace on
+`--tokens` held-out tokens from `--skip` on (sequences of `--seq-len`, the first
+`--prompt` tokens of each a prompt, streamed dense as decoding does, the others
+decoded with the oracle selector: each token's top `fraction` by |act(gate) * up|,
+the FFN computed from those neurons only). Both are layer-by-layer passes
+(`mlx_flash.layerwise`). Each policy is simulated on the decoded tokens
+(`mlx_flash.cache_simulator`); MB/token counts the missing neurons' bundles.
+
+The check against real decoding: the first sequence decoded token by token by
+`mlx_flash.load(store, selector="oracle", fraction=0.5, dram_budget=...)`, its LRU
+caches sized to the table's 25%, and its FlashStats hit rate compared with the
+simulator's LRU on the trace's same tokens.
+
+    python benchmarks/hot_set.py [--text ../shared/data/corpora/wikitext2-test.txt]
+        [--profile-tokens 16384] [--skip 100000] [--tokens 2048] [--seq-len 1024]
+        [--check-tokens 256] [--out benchmarks/results]
+
+Writes hot-set.md and hot-set.json.
+"""
+
+import argparse
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+FRACTIONS = (0.5, 0.25)
+SIZES = (0.10, 0.25, 0.50)  # cache slots per layer, a share of the layer's neurons
+SPLITS = (0.25, 0.5, 0.75, 0.9)  # hot shares tried beside the proposed split
+
+
+def count_profiles(model, tokens, fractions):
+    """One layer-by-layer pass over `tokens`: each fraction's counts (dense model)."""
+    from mlx_flash.hot_set import FrequencyCounter
+    from mlx_flash.layerwise import Lane, run_layers
+    from mlx_flash.neuron_profile import selection_mask
+
+    m, L = model.flash_store.manifest, tokens.shape[1]
+    counters = {f: FrequencyCounter([e.neurons for e in m.layers]) for f in fractions}
+
+    def count(layer, x, a, pre, w):
+        for f, counter in counters.items():
+            mask = np.array(selection_mask(a, True, f))
+            counter.update_sequences(layer, mask.reshape(-1, L, mask.shape[-1]))
+
+    run_layers(model, tokens, [Lane(count)], progress=_dot)
+    return {f: c.layers for f, c in counters.items()}
+
+
+def collect_traces(model, tokens, fractions, prompt):
+    """Each fraction's lane: per layer (S, L, k) ids, most important first, of what
+    decoding with the oracle selects; the FFN uses only them past the prompt."""
+    from mlx_flash.layerwise import Lane, run_layers
+
+    S, L = tokens.shape
+    n = model.flash_store.manifest.intermediate_size
+    traces = {f: [] for f in fractions}
+
+    def lane(f):
+        k = max(1, round(f * n))
+
+        def hook(layer, x, a, pre, w):
+            scores = mx.abs(a)  # (N, n)
+            order = mx.argsort(-scores, axis=-1)[:, :k]
+            kth = mx.take_along_axis(scores, order[:, -1:], axis=-1)
+            in_prompt = (mx.arange(a.shape[0]) % L < prompt)[:, None]
+            ids = np.array(order.astype(mx.int16)).reshape(-1, L, k)
+            if layer == len(traces[f]):
+                traces[f].append(ids)
+            else:  # another batch of sequences of this layer
+                traces[f][layer] = np.concatenate([traces[f][layer], ids])
+            return ((scores >= kth) | in_prompt).astype(a.dtype)
+
+        return Lane(hook)
+
+    run_layers(model, tokens, [lane(f) for f in fractions], progress=_dot)
+    return traces
+
+
+def decoded(trace, prompt, sequences=None):
+    """trace[layer][token] of the decoded positions, sequences one after another."""
+    return [
+        [row for seq in layer[:sequences] for row in seq[prompt:]] for layer in trace
+    ]
+
+
+def table(trace, counts, n, bundle):
+    from mlx_flash.cache_simulator import (
+        Policy,
+        hot,
+        hot_recency,
+        lru,
+        simulate,
+        trace_counts,
+        window,
+    )
+
+    own = trace_counts(trace, n)
+    rows = []
+    for size in SIZES:
+        c = round(size * n)
+        policies = [
+            lru(c, keep_cached=False),
+            lru(c),
+            window(c, 4),
+            hot(counts, c),
+            hot_recency(counts, c),
+        ]
+        policies += [hot_recency(counts, c, round(s * c)) for s in SPLITS]
+        ceiling = hot(own, c).pinned  # no static set does better on this trace
+        policies.append(Policy("hot (the trace's own counts)", c, pinned=ceiling))
+        for p in policies:
+            tic = time.perf_counter()
+            r = simulate(trace, p, n, bundle)
+            rows.append({"size": size, "slots": c, "policy": p.name,
+                         "hit_rate": r.hit_rate, "mb_per_token": r.mb_per_token,
+                         "hits": int(r.hits), "misses": int(r.misses),
+                         "tokens": r.tokens, "seconds": time.perf_counter() - tic})  # fmt: skip
+            print(f"  {size:.0%} {p.name}: {r.hit_rate:.1%}, {r.mb_per_token:.2f} MB/token")
+    return rows
+
+
+def check_decoding(store, tokens, prompt, steps, trace, slots, n, bundle):
+    """Decode `tokens[0]` token by token with the LRU caches sized to `slots`; the
+    measured hit rate beside the simulator's on the trace and on what was chosen."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import mlx_flash
+    from mlx_flash.cache_simulator import lru, simulate
+
+    roomy, _ = mlx_flash.load(store, selector="oracle", fraction=0.5, progress=False)
+    p = roomy.flash_plan
+    budget = p.total - p.caches + p.neuron_bytes * slots
+    del roomy
+    model, _ = mlx_flash.load(
+        store, selector="oracle", fraction=0.5, dram_budget=budget, progress=False
+    )
+    assert model.flash_plan.capacity == slots, model.flash_plan.describe()
+    chosen = [[] for _ in model.layers]
+    for i, layer in enumerate(model.layers):  # record what decoding selects
+
+        def select(x, inner=layer.mlp._selector, i=i):
+            selection = inner(x)
+            chosen[i].append(selection.ids.copy())
+            return selection
+
+        layer.mlp._selector = select
+    row, cache = tokens[0], make_prompt_cache(model)
+    mx.eval(model(row[None, :prompt], cache=cache))  # the prompt: dense, no caches
+    before = model.flash_stats.tokens
+    tic = time.perf_counter()
+    for t in range(prompt, prompt + steps):
+        mx.eval(model(row[None, t : t + 1], cache=cache))
+    s = model.flash_stats
+    assert s.tokens - before == steps
+    policy = lru(slots, keep_cached=False)  # sparse_ffn's routing today
+    on_trace = simulate([layer[0, prompt : prompt + steps] for layer in trace],
+                        policy, n, bundle)  # fmt: skip
+    on_chosen = simulate(chosen, policy, n, bundle)
+    return {
+        "slots": slots,
+        "steps": steps,
+        "budget": budget,
+        "decoding": {"hits": s.hits, "selected": s.selected, "loaded": s.loaded,
+                     "hit_rate": s.hits / s.selected,
+                     "mb_read_per_token": s.bytes / steps / 1e6,
+                     "seconds": time.perf_counter() - tic},  # fmt: skip
+        "simulated_on_trace": {"hits": int(on_trace.hits), "hit_rate": on_trace.hit_rate,
+                               "mb_per_token": on_trace.mb_per_token},  # fmt: skip
+        "simulated_on_decodings_choices": {"hits": int(on_chosen.hits),
+                                           "hit_rate": on_chosen.hit_rate},  # fmt: skip
+    }
+
+
+def _dot(layer):
+    print(".", end="\n" if layer % 10 == 9 else "", flush=True)
+
+
+def markdown(result):
+    a = result["args"]
+    lines = [
+        "# Hot set: cache hit rate and bytes read per token (issue #14)",
+        "",
+        f"Reproduce: `{result['command']}`",
+        "",
+        f"SmolLM2-135M (`{result['store']}`, {result['neurons']} neurons x "
+        f"{result['layers']} layers, {result['bundle_bytes']} bytes per bundle; the "
+        f"whole FFN is {result['ffn_mb']:.1f} MB per token). Profile: the first "
+        f"{a['profile_tokens']} tokens of {Path(a['text']).name} (sequences of 256), "
+        "dense model. Trace: "
+        f"{a['tokens']} held-out tokens from token {a['skip']} (sequences of "
+        f"{a['seq_len']}, the first {a['prompt']} of each a dense prompt), "
+        f"{result['decoded_tokens']} decoded tokens simulated, oracle selection. "
+        "Cache sizes are slots per layer, a share of the layer's neurons. "
+        "`LRU, ids[:capacity] (today)` is the cache as sparse_ffn.py routes it "
+        "today (the first `capacity` ids by score go through the cache, the rest "
+        "is read even when cached); every other policy routes hits first "
+        "(`SlotMap.admissible`). `hot p% + LRU`: p% of the slots pinned to the "
+        "profile's most frequent neurons, the rest LRU; unlabelled p%: the split "
+        "`propose_split` chose per layer (the mean is shown). MB/token: the "
+        "missing neurons' bundles (no alignment).",
+        "",
+        f"Machine: {result['machine']}; {result['date']}; "
+        f"{result['seconds']:.0f} s in all.",
+        "",
+    ]
+    for f, rows in result["tables"].items():
+        lines += [f"## Oracle selection at fraction {f}", ""]
+        lines += ["| policy | " + " | ".join(f"{s:.0%} of a layer" for s in SIZES) + " |"]
+        lines += ["|---|" + "---|" * len(SIZES)]
+        by = {}
+        for r in rows:
+            by.setdefault(_policy_key(r["policy"]), {})[r["size"]] = r
+        for name, cells in by.items():
+            values = [
+                f"{cells[s]['hit_rate']:.1%}, {cells[s]['mb_per_token']:.2f} MB ({cells[s]['policy'].split(' + ')[0]})"
+                if name == "proposed split" else
+                f"{cells[s]['hit_rate']:.1%}, {cells[s]['mb_per_token']:.2f} MB"
+                for s in SIZES
+            ]  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(values) + " |")
+        lines += ["", "Hot + recency (proposed split) against LRU at the same size:", ""]
+        for s in SIZES:
+            cells = {_policy_key(r["policy"]): r for r in rows if r["size"] == s}
+            ours = cells["proposed split"]["hit_rate"]
+            today = cells["LRU, ids[:capacity] (today)"]["hit_rate"]
+            hits_first = cells["LRU"]["hit_rate"]
+            lines.append(
+                f"- {s:.0%}: {ours:.1%} vs {today:.1%} = {ours / max(today, 1e-9):.1f}x "
+                f"today's LRU; vs LRU routing hits first {hits_first:.1%} = "
+                f"{ours / max(hits_first, 1e-9):.1f}x"
+            )
+        lines.append("")
+    c = result["check"]
+    d, t, o = c["decoding"], c["simulated_on_trace"], c["simulated_on_decodings_choices"]
+    lines += [
+        "## Simulator against real decoding",
+        "",
+        f"`mlx_flash.load(store, selector=\"oracle\", fraction=0.5, dram_budget="
+        f"{c['budget']})` ({c['slots']} slots per layer, LRU as sparse_ffn routes it), "
+        f"the first held-out sequence: its {a['prompt']}-token prompt in one call "
+        f"(streamed dense), then {c['steps']} tokens decoded one by one.",
+        "",
+        "| | hit rate | hits |",
+        "|---|---|---|",
+        f"| decoding (FlashStats) | {d['hit_rate']:.2%} | {d['hits']} of {d['selected']} |",
+        f"| simulator, the layer-by-layer trace's same tokens | {t['hit_rate']:.2%} | {t['hits']} |",
+        f"| simulator, decoding's own selections | {o['hit_rate']:.2%} | {o['hits']} |",
+        "",
+        f"Trace against decoding: {t['hit_rate'] / d['hit_rate'] - 1:+.1%} (target: "
+        f"within 10%). Decoding read {d['mb_read_per_token']:.1f} MB per token (the "
+        "oracle reads every layer whole to choose: a ceiling, not a method).",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _policy_key(name):
+    if name.startswith("hot ") and "+" in name and name not in _FIXED_NAMES:
+        return "proposed split"
+    return name
+
+
+_FIXED_NAMES = {f"hot {s:.0%} + LRU" for s in SPLITS}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--text", default="../shared/data/corpora/wikitext2-test.txt")
+    p.add_argument("--profile-tokens", type=int, default=16384)
+    p.add_argument("--skip", type=int, default=100000)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--check-tokens", type=int, default=256)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    from mlx_flash.blas import prefer_fast_blas
+
+    prefer_fast_blas()
+    import mlx_flash
+    from mlx_flash.default_model import default_model_path
+    from mlx_flash.layerwise import for_many_tokens, text_tokens
+    from mlx_flash.neuron_profile import NeuronProfile, load_profile, save_profile
+
+    tic = time.perf_counter()
+    model, tokenizer = mlx_flash.load(str(default_model_path()), progress=False)
+    store, m = model.flash_store, model.flash_store.manifest
+    for_many_tokens(model)
+    n, layers = m.intermediate_size, len(m.layers)
+    bundle = [e.bundle_bytes() for e in m.layers]
+    raw = Path(args.text).read_bytes()
+    text = raw.decode("utf-8")
+    calibration = text_tokens(tokenizer, text, args.profile_tokens, 256)
+    held_out = text_tokens(tokenizer, text, args.tokens, args.seq_len, args.skip)
+    print(f"[hot_set] profiles on {calibration.size} tokens", flush=True)
+    profiles = count_profiles(model, calibration, FRACTIONS)
+    # the 0.5 profile goes through the store's files, as load will read it
+    about = {"name": Path(args.text).name, "sha256": hashlib.sha256(raw).hexdigest(),
+             "tokens": int(calibration.size), "skip": 0, "seq_len": 256}  # fmt: skip
+    target = {"kind": "top", "fraction": 0.5}
+    save_profile(store.path, m, NeuronProfile(profiles[0.5], target, about))
+    profiles[0.5] = load_profile(store.path, m).layers
+    print(f"[hot_set] traces on {held_out.size} tokens", flush=True)
+    traces = collect_traces(model, held_out, FRACTIONS, args.prompt)
+    del model
+    tables = {}
+    for f in FRACTIONS:
+        trace = decoded(traces[f], args.prompt)
+        print(f"[hot_set] fraction {f}: {len(trace[0])} decoded tokens", flush=True)
+        tables[str(f)] = table(trace, profiles[f], n, bundle)
+    print("[hot_set] real decoding", flush=True)
+    check = check_decoding(str(store.path), held_out, args.prompt, args.check_tokens,
+                           traces[0.5], round(0.25 * n), n, bundle)  # fmt: skip
+    print(json.dumps(check, indent=1))
+    result = {
+        "command": "python benchmarks/hot_set.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),  # fmt: skip
+        "args": {**vars(args), "prompt": args.prompt},
+        "store": store.path.name,
+        "neurons": n,
+        "layers": layers,
+        "bundle_bytes": bundle[0],
+        "ffn_mb": sum(bundle) * n / 1e6,
+        "decoded_tokens": len(decoded(traces[0.5], args.prompt)[0]),
+        "tables": tables,
+        "check": check,
+        "machine": f"{platform.machine()}, {platform.processor() or platform.system()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - tic,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hot-set.json").write_text(json.dumps(result, indent=1))
+    (out / "hot-set.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
