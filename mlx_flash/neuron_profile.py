@@ -26,7 +26,7 @@ from .blas import prefer_fast_blas
 from .errors import FlashError, exit_on_error
 from .hot_set import FrequencyCounter, LayerCounts
 from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
-from .predictor import top_fraction_targets
+from .predictor import _sha256, top_fraction_targets
 from .store.manifest import Manifest
 from .store.safety import check_safetensors, read_json_object
 
@@ -88,21 +88,22 @@ def measure(
 def save_profile(store: Path, manifest: Manifest, profile: NeuronProfile) -> None:
     """Write both files under temporary names and rename them into place; the
     manifest, renamed last, names the weights' SHA-256 and the store's identity."""
-    store = Path(store)
+    store, first = Path(store), profile.layers[0]
+    if any((c.tokens, c.pairs) != (first.tokens, first.pairs) for c in profile.layers):
+        raise ValueError("every layer's counts must cover the same tokens")
     tensors = {}
     for i, c in enumerate(profile.layers):
         tensors[f"layers.{i}.selected"] = mx.array(c.selected.astype(np.int32))
         tensors[f"layers.{i}.repeated"] = mx.array(c.repeated.astype(np.int32))
     tmp_w = store / ("tmp." + WEIGHTS_NAME)  # save_safetensors keeps this suffix
     tmp_m = store / (MANIFEST_NAME + ".tmp")
-    first = profile.layers[0]
     try:
         mx.save_safetensors(str(tmp_w), tensors)
         body = {
             "magic": MAGIC,
             "version": VERSION,
             "target": profile.target,
-            "text": profile.text,
+            "text": {**profile.text, "tokens": first.tokens},
             "pairs": first.pairs,
             "store": store_identity(manifest),
             "weights_sha256": _sha256(tmp_w),
@@ -193,14 +194,6 @@ def _manifest_error(m: dict) -> str:
     elif target.get("kind") != "relu":
         return f"unknown target {target.get('kind')!r}"
     return ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def setup_arg_parser():

@@ -18,8 +18,10 @@ from mlx_flash.neuron_cache import NeuronCache
 from mlx_flash.neuron_profile import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
+    NeuronProfile,
     load_profile,
     main,
+    save_profile,
     store_identity,
 )
 from mlx_flash.selectors import Selection
@@ -222,3 +224,23 @@ def test_the_hot_part_holds_exactly_the_profiles_top_neurons(stores):
             for x, y in zip(*(w if isinstance(w, tuple) else (w,) for w in (a, b))):
                 assert mx.array_equal(x, y)
     store.close()
+
+
+def test_online_counts_round_trip_through_the_store(copy):
+    """A FrequencyCounter's counts (a store without a profile, counted while
+    decoding) save and load as a profile; layers that disagree are refused."""
+    m = read_manifest(copy)
+    counter, rng = FrequencyCounter([128, 128]), np.random.default_rng(0)
+    for _ in range(40):
+        for layer in (0, 1):
+            counter.update(layer, rng.permutation(128)[: rng.integers(1, 64)])
+    text = {"name": "decoded", "sha256": "", "tokens": 40, "skip": 0, "seq_len": 40}
+    target = {"kind": "top", "fraction": 0.5}
+    save_profile(copy, m, NeuronProfile(counter.layers, target, text))
+    loaded = profile_of(copy)
+    for a, b in zip(loaded.layers, counter.layers):
+        assert (a.selected == b.selected).all() and (a.repeated == b.repeated).all()
+        assert (a.tokens, a.pairs) == (b.tokens, b.pairs) == (40, 39)
+    counter.update(0, np.array([1]))
+    with pytest.raises(ValueError):
+        save_profile(copy, m, NeuronProfile(counter.layers, target, text))
