@@ -12,8 +12,6 @@ Stored as ``neuron_profile.safetensors`` + ``neuron_profile.json`` (docs/FORMAT.
 
 import argparse
 import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -26,7 +24,8 @@ from .blas import prefer_fast_blas
 from .errors import FlashError, exit_on_error
 from .hot_set import FrequencyCounter, LayerCounts
 from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
-from .predictor import _sha256, top_fraction_targets
+from .predictor import top_fraction_targets
+from .sidecar import sha256_file, write_sidecar
 from .store.manifest import Manifest
 from .store.safety import check_safetensors, read_json_object
 
@@ -95,25 +94,20 @@ def save_profile(store: Path, manifest: Manifest, profile: NeuronProfile) -> Non
     for i, c in enumerate(profile.layers):
         tensors[f"layers.{i}.selected"] = mx.array(c.selected.astype(np.int32))
         tensors[f"layers.{i}.repeated"] = mx.array(c.repeated.astype(np.int32))
-    tmp_w = store / ("tmp." + WEIGHTS_NAME)  # save_safetensors keeps this suffix
-    tmp_m = store / (MANIFEST_NAME + ".tmp")
-    try:
-        mx.save_safetensors(str(tmp_w), tensors)
-        body = {
+    write_sidecar(
+        store,
+        WEIGHTS_NAME,
+        MANIFEST_NAME,
+        tensors,
+        {
             "magic": MAGIC,
             "version": VERSION,
             "target": profile.target,
             "text": {**profile.text, "tokens": first.tokens},
             "pairs": first.pairs,
             "store": store_identity(manifest),
-            "weights_sha256": _sha256(tmp_w),
-        }
-        tmp_m.write_text(json.dumps(body, indent=1))
-        os.replace(tmp_w, store / WEIGHTS_NAME)
-        os.replace(tmp_m, store / MANIFEST_NAME)
-    finally:
-        for t in (tmp_w, tmp_m):
-            t.unlink(missing_ok=True)
+        },
+    )
 
 
 def has_profile(store: Path) -> bool:
@@ -146,7 +140,7 @@ def load_profile(store: Path, manifest: Manifest) -> NeuronProfile:
                 path,
                 _FIX,
             )
-    if m["weights_sha256"] != _sha256(weights_path):
+    if m["weights_sha256"] != sha256_file(weights_path):
         raise FlashError(
             "the profile's counts do not match its manifest", weights_path, _FIX
         )

@@ -6,10 +6,7 @@ makes it the small MLP Deja Vu uses, ``none`` the paper's purely low-rank map.
 Stored in the model's store as ``predictors.safetensors`` + ``predictors.json``.
 """
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +18,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from .errors import FlashError
+from .sidecar import sha256_file, write_sidecar
 from .store.safety import check_safetensors, read_json_object
 
 WEIGHTS_NAME, MANIFEST_NAME = "predictors.safetensors", "predictors.json"
@@ -181,25 +179,20 @@ def save(store: Path, ps: PredictorSet) -> None:
         for i, p in enumerate(ps.predictors)
         for k, v in nn.utils.tree_flatten(p.parameters())
     }
-    tmp_w = store / ("tmp." + WEIGHTS_NAME)  # save_safetensors keeps this suffix
-    tmp_m = store / (MANIFEST_NAME + ".tmp")
-    try:
-        mx.save_safetensors(str(tmp_w), weights)
-        manifest = {
+    write_sidecar(
+        store,
+        WEIGHTS_NAME,
+        MANIFEST_NAME,
+        weights,
+        {
             "magic": MAGIC,
             "version": VERSION,
             "activation": ps.activation,
             "target": ps.target,
             "text": ps.text,
-            "weights_sha256": _sha256(tmp_w),
             "layers": [asdict(m) for m in ps.metrics],
-        }
-        tmp_m.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp_w, store / WEIGHTS_NAME)
-        os.replace(tmp_m, store / MANIFEST_NAME)
-    finally:
-        for t in (tmp_w, tmp_m):
-            t.unlink(missing_ok=True)
+        },
+    )
 
 
 def load_predictors(
@@ -227,7 +220,7 @@ def load_predictors(
     why = _manifest_error(m)
     if why:
         raise FlashError(f"the predictors manifest is malformed: {why}", path, fix)
-    if m["weights_sha256"] != _sha256(weights_path):
+    if m["weights_sha256"] != sha256_file(weights_path):
         raise FlashError(
             "the predictor weights do not match their manifest", weights_path, fix
         )
@@ -290,11 +283,3 @@ def _manifest_error(m: dict) -> str:
             if not isinstance(entry.get(key, {}), dict):
                 return f"layer {i}: {key} must be an object"
     return ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
