@@ -152,7 +152,7 @@ class FlashOptions:
 
 def check(name: str, value: Any) -> None:
     """FlashError unless `value` is acceptable for the option `name` (None is)."""
-    meta = {f.name: f.metadata for f in fields(FlashOptions)}[name]
+    meta = FlashOptions.__dataclass_fields__[name].metadata
     if value is None:
         return
     if "choices" in meta and value not in meta["choices"]:
@@ -198,7 +198,7 @@ def add_flash_args(parser: argparse.ArgumentParser):
 
 def _flag_type(name: str) -> Callable[[str], Any]:
     """An argparse `type` for the option `name`: its value, or one clear error."""
-    meta = {f.name: f.metadata for f in fields(FlashOptions)}[name]
+    meta = FlashOptions.__dataclass_fields__[name].metadata
 
     def parse(text: str):
         if meta.get("budget"):

@@ -95,9 +95,8 @@ def column_encoding(
     none MLX takes: a named lossy step; ``float32`` keeps them exact)."""
     if not quantized:
         return row_encoding(w, n_ff, fmt, group_size)
-    group = 32
-    if isinstance(w, tuple) and quant_params(w, n_ff).group_size in (64, 128):
-        group = quant_params(w, n_ff).group_size
+    source = quant_params(w, n_ff).group_size if isinstance(w, tuple) else 32
+    group = source if source in (64, 128) else 32
     if fmt == "auto":
         return Encoding("float16", 8, group_size or group)
     return Encoding.parse(fmt, group_size or group)
