@@ -214,6 +214,10 @@ def layer(i, **section):
         (lambda d: d["extensions"][0].update(offset=4097), "misplaced"),
         (lambda d: d["extensions"][0]["meta"].update(algorithm="md5"), "xxh3_64"),
         (lambda d: d["extensions"][0]["meta"]["ranges"].pop(), "blocks need"),
+        (  # found by the fuzzer: an unhashable file name
+            lambda d: d["extensions"][0]["meta"]["ranges"][1].update(file=[]),
+            "no data file",
+        ),
         (lambda d: d.update(dense=[]), "dense must be a dict"),
         (lambda d: d["layers"][0]["components"]["up_proj"].update(length=-64), "length"),
         (lambda d: d["layers"][0]["components"]["up_proj"].update(length=2**40), "length"),

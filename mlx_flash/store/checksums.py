@@ -84,7 +84,7 @@ def meta_error(meta: dict, table_bytes: int, sizes: Dict[str, int]) -> str:
     for r in meta["ranges"]:
         if not isinstance(r, dict) or set(r) != {"file", "start", "stop", "first"}:
             return "each range needs file, start, stop and first"
-        if r["file"] not in sizes:
+        if not isinstance(r["file"], str) or r["file"] not in sizes:
             return f"a range names {r['file']!r}, which is no data file of the store"
         ints = all(type(r[k]) is int for k in ("start", "stop", "first"))
         if not ints or r["start"] % BLOCK or not 0 <= r["start"] < r["stop"]:
