@@ -154,7 +154,7 @@ def check_decoding(store, tokens, prompt, steps, trace, slots, n, bundle):
 
     roomy, _ = mlx_flash.load(store, selector="oracle", fraction=0.5, progress=False)
     p = roomy.flash_plan
-    budget = p.total - p.caches + p.neuron_bytes * slots
+    budget = p.budget_for_slots(slots)
     del roomy
     model, _ = mlx_flash.load(
         store, selector="oracle", fraction=0.5, dram_budget=budget, progress=False

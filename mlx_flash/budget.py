@@ -1,10 +1,9 @@
-"""DRAM budget planning: dense part + predictors or resident gate rows + staging +
-decoding's working memory + neuron caches ≤ budget."""
+"""DRAM budgets: what a user may write for one, the default, and the sizes the planner
+(`planner.py`) weighs: a neuron decoded and in flight, decoding's working memory."""
 
 import math
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -12,7 +11,6 @@ import mlx.core as mx
 
 from .errors import FlashError
 from .store.format import Component
-from .store.store import BundleStore
 
 # Resident memory stays within the budget plus this documented constant: the Python
 # interpreter, MLX and numpy libraries and allocator slack, which no plan controls.
@@ -21,60 +19,6 @@ SLACK = 160 << 20
 # reader's threads, library code paged in by the first token (measured ~10 MiB on
 # Qwen2.5-Coder-0.5B after the tokenizer's load, allocator trimmed)
 RUNTIME = 16 << 20
-
-
-@dataclass
-class Plan:
-    budget: Optional[int]
-    dense: int
-    staging: int  # the reader's aligned buffer
-    scratch: int  # one layer's selected bundles, read rows before they are cached
-    resident: int  # gate/fc1 rows kept for the `gate` selector
-    predictors: int  # the `lowrank` selector's predictors (8-bit)
-    working: int  # decoding beside the weights: the KV cache's first step, logits
-    transient: int  # a layer's neurons in flight for one token (`in_flight_bytes`)
-    neuron_bytes: int  # one cached neuron of every layer, decoded (layers may differ)
-    capacity: int  # cache slots per layer
-    layers: int
-    # bytes read per decoded token once the caches are warm, where the plan alone
-    # knows it (`all`, `naive`); None where it depends on the selections
-    expected_bytes: Optional[int] = None
-
-    @property
-    def caches(self) -> int:
-        return self.neuron_bytes * self.capacity
-
-    @property
-    def total(self) -> int:
-        return (
-            self.dense
-            + self.staging
-            + self.scratch
-            + self.resident
-            + self.predictors
-            + self.working
-            + self.transient
-            + RUNTIME
-            + self.caches
-        )
-
-    def describe(self) -> str:
-        mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
-        budget = "no budget" if self.budget is None else f"budget {mb(self.budget)}"
-        return (
-            f"[mlx_flash] DRAM plan ({budget}): dense {mb(self.dense)} + staging "
-            f"{mb(self.staging + self.scratch)} + resident gate rows {mb(self.resident)} + predictors "
-            f"{mb(self.predictors)} + working memory {mb(self.working + self.transient)} "
-            "(the KV cache of the context it holds, logits, a layer's decoded neurons) "
-            f"+ runtime {mb(RUNTIME)} + neuron caches "
-            f"{mb(self.caches)} ({self.capacity} neurons x {self.layers} layers) = "
-            f"{mb(self.total)}; expected read per token: {self.expected()}"
-        )
-
-    def expected(self) -> str:
-        if self.expected_bytes is None:
-            return "depends on the selections"
-        return f"{self.expected_bytes / 1e6:.2f} MB"
 
 
 def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
@@ -218,50 +162,3 @@ def _read_budget(text: Union[str, int, float]) -> Optional[Tuple[float, bool]]:
     if integer and number > 1:  # a byte count
         return number, False
     return (number, True) if number <= 1 else None
-
-
-def plan(
-    store: BundleStore,
-    budget: Optional[int],
-    dense: int,
-    cached: List[List[Component]],
-    resident: List[List[Component]],
-    dtype: mx.Dtype,
-    predictors: int = 0,
-    working: int = 0,
-) -> Plan:
-    """Size the neuron caches so that everything fits `budget` (bytes, or None).
-
-    `cached` and `resident` are each layer's components (layers may be encoded
-    differently); every layer gets the same number of cache slots."""
-    m = store.manifest
-    n_ff = max(layer.neurons for layer in m.layers)
-    neurons = [layer.neurons for layer in m.layers]
-    p = Plan(
-        budget=budget,
-        dense=dense,
-        staging=len(store.reader.buffer),
-        scratch=n_ff * max(sum(c.nbytes for c in cs) for cs in cached),
-        resident=sum(n * decoded_bytes(cs, dtype) for n, cs in zip(neurons, resident)),
-        predictors=predictors,
-        working=working,
-        transient=n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
-        neuron_bytes=sum(decoded_bytes(cs, dtype) for cs in cached),
-        capacity=n_ff,
-        layers=len(m.layers),
-    )
-    if budget is None:
-        return p
-    room = budget - (p.total - p.caches)
-    p.capacity = min(n_ff, max(0, room) // p.neuron_bytes)
-    if p.capacity < 1:
-        minimum = p.total - p.caches + p.neuron_bytes
-        raise FlashError(
-            f"a DRAM budget of {budget / 2**20:.0f} MiB is too small: the dense part, "
-            "buffers, working memory, predictors and resident rows alone need "
-            f"{(minimum - p.neuron_bytes) / 2**20:.0f} MiB",
-            store.path,
-            f"give --dram-budget of at least {minimum / 2**20:.0f} MiB (one neuron per "
-            "layer), or use a store with a smaller dense part",
-        )
-    return p

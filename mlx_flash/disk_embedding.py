@@ -4,8 +4,10 @@ A model whose LM head is a matrix of its own (``tie_word_embeddings: false``) us
 embedding table only to look up the tokens it is given: one row per token. For
 Qwen2.5-Coder-1.5B that table is 151,936 x 1,536 (139 MiB at 4 bits, a quarter of its
 dense part); read from the dense file per token it costs three reads of a few KiB (the
-row's packed weights, scales and biases) and no DRAM. Tied tables stay in DRAM: the LM
-head reads all of them every token.
+row's packed weights, scales and biases) and no DRAM. The DRAM planner decides: an
+untied table saves little per token when held, so it stays here unless everything else
+fits. A tied table is also the LM head, read whole every token: the planner holds it
+when it can, and when it cannot, `head` streams it in vocabulary chunks (`as_linear`).
 """
 
 import os
@@ -46,6 +48,14 @@ class DiskEmbedding(nn.Module):
         self._fd = os.open(self._path, os.O_RDONLY)
         self.compute_dtype: Optional[mx.Dtype] = None  # set by `load`
         self.bytes_read = 0
+        self._decoding = False
+        self.stats = None  # the model's FlashStats: decoding's row reads count there
+        self.head = None  # a tied table's StreamedHead (`as_linear`), set by the plan
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self.head is None:
+            raise FlashError("this table is no LM head", self._path)
+        return self.head(x)
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -60,6 +70,8 @@ class DiskEmbedding(nn.Module):
         if len(raw) != t.row_bytes * len(ids):
             raise FlashError("the embedding table is cut short", self._path)
         self.bytes_read += len(raw)
+        if self.stats is not None and self._decoding:
+            self.stats.bytes += len(raw)
         if t.dtype in _VIEW:
             np_type, mx_type = _VIEW[t.dtype]
             return mx.array(np.frombuffer(raw, np_type).reshape(len(ids), -1)).view(
@@ -69,6 +81,7 @@ class DiskEmbedding(nn.Module):
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = np.array(ids).reshape(-1)  # the token ids, on the host
+        self._decoding = flat.size == 1
         unique, inverse = np.unique(flat, return_inverse=True)
         weight = self._rows("weight", unique)
         if self._encoding is not None:
@@ -98,17 +111,24 @@ def disk_embedding(
     stay in DRAM (tied to the LM head) or is not in the file."""
     if config.get("tie_word_embeddings", True) is not False:
         return None
+    return table_on_disk(path, vocab, dims)
+
+
+def table_on_disk(
+    path: Path, vocab: int, dims: int, prefix: str = PREFIX
+) -> Optional[DiskEmbedding]:
+    """A DiskEmbedding of the dense file's token table (None: the file has none)."""
     header = check_safetensors(path)
-    if PREFIX + "weight" not in header:
+    if prefix + "weight" not in header:
         return None
     tensors = {}
     for part in ("weight", "scales", "biases"):
-        if PREFIX + part not in header:
+        if prefix + part not in header:
             continue
-        dtype, shape, offset = header[PREFIX + part]
+        dtype, shape, offset = header[prefix + part]
         if len(shape) != 2 or shape[0] != vocab or dtype not in {*_NUMPY, *_VIEW}:
             raise FlashError(
-                f"{PREFIX + part} is {dtype} {shape}, expected {vocab} rows",
+                f"{prefix + part} is {dtype} {shape}, expected {vocab} rows",
                 path,
                 "convert the model again",
             )

@@ -1,26 +1,57 @@
-"""Setting up a loaded flash model: its DRAM plan, each layer's selector and cache.
+"""Setting up a loaded flash model: its DRAM plan, what streams, each layer's cache.
 
-`FlashModel.setup_flash` (utils.py) calls `setup` once after the dense part is loaded:
-the model sets up its own layers, as an mlx-lm model makes its own caches. Each step
-is a small function: which sections a selector keeps resident, the selector state it
-loads (predictors, gate rows), the plan, and what each layer receives.
+`FlashModel.setup_flash` (utils.py) calls `setup` once the model is built and its dense
+part loaded lazily (nothing read yet): the model sets up its own layers, as an mlx-lm
+model makes its own caches. Each step is a small function: which sections a selector
+keeps resident, the selector state it loads (predictors, gate rows), the weight groups
+and neurons the planner weighs (`planner.py`), and what each layer receives. Only then
+are the resident weights read; the streamed ones never are, until used.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .budget import Plan, plan
+from mlx.utils import tree_flatten
+
+from .budget import RUNTIME, decoded_bytes, in_flight_bytes
+from .disk_embedding import table_on_disk
 from .errors import FlashError
+from .hot_set import propose_split
 from .neuron_cache import NeuronCache
-from .options import FlashOptions
+from .neuron_profile import NeuronProfile, has_profile, load_profile
+from .options import DEFAULT_FRACTION, FlashOptions
+from .planner import Group, Neurons, Plan, plan_residency
 from .predictor import PREDICTOR_BITS, PredictorSet, load_predictors
 from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
-from .store.format import ALIGN, Component, LayerEntry, align_up, decode_bundles
+from .stats import FlashStats
+from .store.encoding import Encoding
+from .store.format import (
+    ALIGN,
+    DENSE_NAME,
+    Component,
+    LayerEntry,
+    align_up,
+    decode_bundles,
+)
 from .store.store import BundleStore
+from .streamed import (
+    DenseStream,
+    StreamedHead,
+    StreamedModule,
+    TensorAt,
+    dense_tensors,
+    head_rows,
+    span,
+)
+
+# A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
+# one chunk in flight, so the floor does not hold a whole head
+HEAD_CHUNK_BYTES = 4 << 20
 
 
 @dataclass
@@ -83,6 +114,189 @@ def make_selector(
     return GateSelector(ffn, gate[m.rows[0]], bias, fraction, options.threshold)
 
 
+@dataclass
+class Candidate:
+    """A weight group the planner weighs, and how to make it stream."""
+
+    group: Group
+    stream: Callable[[DenseStream], None]
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))
+
+
+def module_paths(model: nn.Module) -> Dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def attention_candidates(
+    model: nn.Module, tensors: Dict[str, TensorAt]
+) -> List[Candidate]:
+    """Each layer's modules beside the FFN that hold matrices (the attention): read
+    whole every token when streamed."""
+    paths, found = module_paths(model), []
+    for layer in model.layers:
+        for name, child in layer.children().items():
+            if name == "mlp" or not isinstance(child, nn.Module):
+                continue
+            params = tree_flatten(child.parameters())
+            prefix = paths[id(child)] + "."
+            if not any(p.ndim >= 2 for _, p in params):
+                continue  # norms: too small to stream
+            if any(prefix + k not in tensors for k, _ in params):
+                continue  # not stored under the model's names: stays resident
+            ts = [tensors[prefix + k] for k, _ in params]
+            resident = parameter_bytes(child)
+            group = Group(
+                prefix[:-1].removeprefix("model."),
+                resident,
+                span(ts),
+                span(ts),
+                sum(t.nbytes for t in ts) + resident,
+            )
+
+            def stream(s, layer=layer, name=name, child=child, prefix=prefix):
+                setattr(layer, name, StreamedModule(child, prefix, tensors, s))
+
+            found.append(Candidate(group, stream))
+    return found
+
+
+def encoding_of(module: nn.Module) -> Encoding:
+    """How a linear layer's or a table's weight is stored (for `matmul`)."""
+    if not hasattr(module, "bits"):
+        return Encoding("float32")
+    mode = getattr(module, "mode", "affine")
+    return Encoding(
+        "float32" if mode == "affine" else "uint8", module.bits, module.group_size, mode
+    )
+
+
+def parent_of(model: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    *parents, name = path.split(".")
+    at = model
+    for p in parents:
+        at = at[int(p)] if isinstance(at, list) else getattr(at, p)
+    return at, name
+
+
+def head_candidates(
+    model: nn.Module,
+    tensors: Dict[str, TensorAt],
+    dtype: mx.Dtype,
+    dims: int,
+    dense_path: Path,
+) -> List[Candidate]:
+    """The LM head (an untied `lm_head`, or the tied token table) and an untied token
+    table."""
+    paths = module_paths(model)
+    table = next(
+        (
+            m
+            for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))
+            and paths.get(id(m), "").endswith("embed_tokens")
+        ),
+        None,
+    )
+    found = []
+    head = model.get("lm_head") if isinstance(model, nn.Module) else None
+    if isinstance(head, nn.Module) and head.parameters():
+        parts = {
+            k: tensors["lm_head." + k]
+            for k, _ in tree_flatten(head.parameters())
+            if "lm_head." + k in tensors
+        }
+        if "weight" in parts and len(parts) == len(tree_flatten(head.parameters())):
+
+            def stream(s, head=head, parts=parts):
+                model.lm_head = streamed_head(parts, encoding_of(head), s)
+
+            found.append(Candidate(head_group("lm_head", head, parts), stream))
+    if table is None:
+        return found
+    path = paths[id(table)]
+    parts = {k: tensors.get(f"{path}.{k}") for k in ("weight", "scales", "biases")}
+    parts = {k: v for k, v in parts.items() if v is not None}
+    if len(parts) != len(tree_flatten(table.parameters())) or "weight" not in parts:
+        return found  # not stored under the model's names: stays resident
+    tied = head is None or not isinstance(head, nn.Module)
+    vocab = parts["weight"].shape[0]
+
+    def stream(s, table=table, parts=parts, path=path):
+        disk = table_on_disk(dense_path, vocab, dims, prefix=path + ".")
+        disk.compute_dtype = dtype
+        if tied:
+            disk.head = streamed_head(parts, encoding_of(table), s)
+        parent, name = parent_of(model, path)
+        setattr(parent, name, disk)
+
+    if tied:
+        group = head_group(path + " (tied LM head)", table, parts)
+    else:  # one row per token
+        row = sum(t.nbytes // t.shape[0] for t in parts.values())
+        # read by pread, one row per token
+        group = Group(path.removeprefix("model."), parameter_bytes(table), row, 0, 0)
+    found.append(Candidate(group, stream))
+    return found
+
+
+def head_group(name: str, module: nn.Module, parts: Dict[str, TensorAt]) -> Group:
+    rows = head_rows(parts, HEAD_CHUNK_BYTES)
+    vocab = parts["weight"].shape[0]
+    chunks = [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)]
+    per_chunk = [span([t.rows(a, b) for t in parts.values()]) for a, b in chunks]
+    resident = parameter_bytes(module)
+    stored = sum(t.nbytes for t in parts.values())
+    return Group(
+        name,
+        resident,
+        sum(per_chunk),
+        max(per_chunk),
+        (max(b - a for a, b in chunks) * (stored + resident)) // vocab,
+    )
+
+
+def streamed_head(parts: Dict[str, TensorAt], encoding: Encoding, s: DenseStream):
+    return StreamedHead(parts, encoding, head_rows(parts, HEAD_CHUNK_BYTES), s)
+
+
+def neuron_profile(
+    store: BundleStore, options: FlashOptions
+) -> Optional[NeuronProfile]:
+    """The store's neuron profile, for a selector that picks a share of the neurons
+    (`all` and `naive` use every neuron: no profile needed)."""
+    if options.selector == "all" or options.naive or not has_profile(store.path):
+        return None
+    return load_profile(store.path, store.manifest)
+
+
+def neuron_layers(
+    store: BundleStore,
+    sections: Sections,
+    options: FlashOptions,
+    dtype: mx.Dtype,
+    profile: Optional[NeuronProfile],
+) -> List[Neurons]:
+    """Each layer's neurons as the planner weighs them: their decoded and stored
+    bytes and how often a token selects each (a profile's frequencies, most frequent
+    first; else the selector's share; `all`: every neuron every token)."""
+    m, layers = store.manifest, []
+    share = options.fraction_for(gated=len(m.rows) == 2) or DEFAULT_FRACTION
+    for i, entry in enumerate(m.layers):
+        cs = sections.components(entry, False)
+        if options.selector == "all":
+            use = np.ones(entry.neurons)
+        elif profile is not None:
+            counts = profile.layers[i]
+            use = counts.frequency()[counts.hot_ids(entry.neurons)]
+        else:
+            use = np.full(entry.neurons, share)
+        layers.append(Neurons(decoded_bytes(cs, dtype), sum(c.nbytes for c in cs), use))
+    return layers
+
+
 def setup(
     model: nn.Module,
     store: BundleStore,
@@ -91,15 +305,18 @@ def setup(
     budget: Optional[int],
     gap_bytes: int,
     working: int,
+    stats: FlashStats,
+    threads: int,
 ) -> Plan:
-    """Plan the DRAM `budget` (bytes, or None) and give every layer's FlashFFN its
-    selector, its neuron cache and its view of the shared scratch.
+    """Plan the DRAM `budget` (bytes, or None), make what the plan streams stream,
+    and give every layer's FlashFFN its selector, its neuron cache (the hot part
+    read now) and its view of the shared scratch.
 
-    `naive` (the paper's baseline) has no cache: each layer streams whole. Otherwise
-    every layer has a cache the plan sizes: with `all` (the exact default) a cache of
-    the whole layer computes from its slots with no reads after the first token, and
-    a smaller one is the paper's hybrid (the first `capacity` neurons stay cached,
-    the rest stream every token).
+    `naive` (the paper's baseline) has no neuron cache: each layer's FFN streams
+    whole. Otherwise every layer has the cache the plan sizes: with `all` (the exact
+    default) whole layers are cached first, which compute from their slots with no
+    reads after the first token; a partial one is the paper's hybrid (the first
+    `capacity` neurons stay cached, the rest stream every token); the others stream.
     """
     m = store.manifest
     sections = split_sections(store, options.selector)
@@ -109,57 +326,134 @@ def setup(
         predictors = load_predictors(
             store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
         )
-    dense = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-    p = plan(
-        store,
-        budget,
-        dense,
-        [sections.components(layer, False) for layer in m.layers],
-        [sections.components(layer, True) for layer in m.layers],
-        dtype,
-        predictors.nbytes if predictors else 0,
-        working,
+    profile = neuron_profile(store, options)
+    tensors = dense_tensors(store.path / DENSE_NAME)
+    candidates = attention_candidates(model, tensors)
+    candidates += head_candidates(
+        model, tensors, dtype, m.hidden_size, store.path / DENSE_NAME
     )
-    use_cache = not options.naive
-    if not use_cache:
-        p.capacity = p.scratch = 0  # no caches: the dense part and the reader only
-    p.expected_bytes = expected_bytes(m.layers, sections, options, p.capacity)
+    groups = [c.group for c in candidates]
+    layers = (
+        [] if options.naive else neuron_layers(store, sections, options, dtype, profile)
+    )
+    cached = [sections.components(layer, False) for layer in m.layers]
+    n_ff = max(layer.neurons for layer in m.layers)
+    held = [sections.components(layer, True) for layer in m.layers]
+    fixed = {
+        "dense (small tensors)": parameter_bytes(model)
+        - sum(g.resident for g in groups),
+        "KV cache and working memory": working,
+        "FFN reader": len(store.reader.buffer),
+        "FFN scratch": 0
+        if options.naive
+        else n_ff
+        * max(
+            sum(c.nbytes for c in cs) for cs in cached
+        ),  # one layer's read rows before they are cached
+        "FFN in flight": n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
+        "predictors": predictors.nbytes if predictors else 0,
+        "resident gate rows": sum(
+            n.neurons * decoded_bytes(cs, dtype) for n, cs in zip(m.layers, held)
+        ),
+        "runtime": RUNTIME,
+    }
+    even = options.selector != "all" and profile is None
+    p = plan_residency(budget, fixed, groups, layers, even, store.path)
+    if options.naive:
+        p.capacities = [0] * len(m.layers)
+    staging = max((g.staging for g in p.streamed()), default=0)
+    stream = None
+    if staging:  # the dense part's own reader, sized for its largest read
+        stream = DenseStream(
+            store.path / DENSE_NAME, staging, threads, options.reader, stats
+        )
+        stream.dtype = dtype
+    for c, h in zip(candidates, p.held):
+        if not h:
+            c.stream(stream)
+    model.flash_stream = stream
+    p.pinned = [0] * len(m.layers)
+    if profile is not None:
+        p.pinned = [
+            propose_split(profile.layers[i], c) for i, c in enumerate(p.capacities)
+        ]
+    give_layers_their_caches(
+        model, store, options, dtype, gap_bytes, p, sections, predictors, profile
+    )
+    streamed = sum(g.streamed for g in p.streamed())
+    ffn = expected_ffn_bytes(m.layers, sections, options, p.capacities)
+    if ffn is not None:
+        p.expected_bytes = streamed + ffn
+    elif profile is not None:  # an estimate: the profile's frequencies past the caches
+        p.expected_bytes = int(p.estimate())
+    return p
+
+
+def give_layers_their_caches(
+    model, store, options, dtype, gap_bytes, p: Plan, sections, predictors, profile
+) -> None:
+    m = store.manifest
+    caching = [c > 0 and not options.naive for c in p.capacities]
+    caching = [
+        on and not (options.selector == "all" and c == 0)
+        for on, c in zip(caching, p.capacities)
+    ]
+    widths = [entry.bundle_bytes(sections.cached) for entry in m.layers]
+    sparse = options.selector != "all" and not options.naive
+    needs = [  # layers that read rows through the scratch before caching them
+        (caching[i] or sparse) for i in range(len(m.layers))
+    ]
+    size = max(
+        (e.neurons * w for e, w, n in zip(m.layers, widths, needs) if n), default=0
+    )
     # the layers take turns: one scratch serves them all, each viewing its own width
-    scratch = np.empty(p.scratch, np.uint8) if use_cache else None
+    scratch = np.empty(size, np.uint8) if size else None
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
         select = make_selector(options, store, i, ffn, sections, predictors, dtype)
-        width = entry.bundle_bytes(sections.cached)
+        width = widths[i]
         gap = options.gap if options.gap is not None else gap_bytes // width
         cache = rows = None
-        if use_cache:
-            cached = sections.components(entry, False)
+        if needs[i]:
             n = entry.neurons
-            cache = NeuronCache(cached, n, min(p.capacity, n), cache_dtype, options.window)
+            pinned = profile.hot_ids(i, p.pinned[i]) if profile is not None else None
+            cache = NeuronCache(
+                sections.components(entry, False),
+                n,
+                min(p.capacities[i], n),
+                cache_dtype,
+                options.window,
+                pinned,
+            )
             rows = scratch[: n * width].reshape(n, width)
+            if pinned is not None and len(pinned):
+                got = store.read_neurons(i, pinned, sections.cached, 0, rows)
+                cache.fill(np.arange(len(pinned)), got)
         ffn.setup(select, cache, sections.cached, gap, rows)
-    return p
 
 
-def expected_bytes(
-    layers: List[LayerEntry], sections: Sections, options: FlashOptions, capacity: int
+def expected_ffn_bytes(
+    layers: List[LayerEntry],
+    sections: Sections,
+    options: FlashOptions,
+    capacities: List[int],
 ) -> Optional[int]:
-    """Bytes read per decoded token once the caches are warm, where the plan alone
-    decides it: `naive` reads every layer whole; `all` the neurons its caches cannot
-    hold (the paper's hybrid streams the rest). Other selectors: None."""
-    if options.naive:  # each section read whole (aligned: it starts on a block)
-        return sum(
-            align_up(s.offset + layer.neurons * s.bundle_bytes) - s.offset
-            for layer in layers
-            for s in layer.sections
-        )
-    if options.selector != "all":
+    """FFN bytes read per decoded token once the caches are warm, where the plan
+    alone decides it: `naive` and uncached layers read whole; `all` the neurons its
+    caches cannot hold (the paper's hybrid streams the rest). Other selectors: None."""
+    if not options.naive and options.selector != "all":
         return None
     total = 0
-    for layer in layers:  # the streamed tail [capacity, n) of each cached section,
-        for k in sections.cached:  # read as one run widened to 4 KiB for direct I/O
-            s = layer.sections[k]
+    for layer, capacity in zip(layers, capacities):
+        if capacity == 0 or options.naive:  # each section read whole (aligned)
+            total += sum(
+                align_up(s.offset + layer.neurons * s.bundle_bytes) - s.offset
+                for s in layer.sections
+            )
+            continue
+        for k in sections.cached:  # the streamed tail [capacity, n) of each section,
+            s = layer.sections[k]  # read as one run widened to 4 KiB for direct I/O
             if capacity < layer.neurons:
                 start = s.offset + capacity * s.bundle_bytes
                 stop = s.offset + layer.neurons * s.bundle_bytes

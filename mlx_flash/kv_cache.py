@@ -86,11 +86,12 @@ def _without_ffn(model: nn.Module) -> Iterator[None]:
 
 def kv_cache_bytes(model: nn.Module) -> int:
     """Bytes of the KV caches `model.make_cache()` makes, once allocated: one token
-    through the attention (no FFN weight is read) allocates them whole."""
+    through the attention allocates them whole. The graph is built, never evaluated:
+    the shapes say the bytes, and no weight is read (the plan has not yet decided
+    which are resident)."""
     caches = model.make_cache()
     with _without_ffn(model):
         model(mx.array([[0]]), cache=caches)
-    mx.eval([c.state for c in caches])
     total = sum(c.nbytes for c in caches)
     del caches
     return total

@@ -77,7 +77,15 @@ class FlashOptions:
         "byte count (123456), a fraction in (0, 1] of the store's size on disk (0.5: "
         "half of it), or a percentage of that size (125%%). Default: 75%% of the "
         "memory available at load (within the cgroup's limit on Linux, Metal's "
-        "recommended working set on macOS)",
+        "recommended working set on macOS). What does not fit streams from the SSD "
+        "every token (attention, the LM head, FFN neurons: the planner keeps "
+        "resident what saves the most reads per byte). Any budget at or above the "
+        "model's floor runs: the KV cache of --max-kv-size tokens, decoding's "
+        "working memory, the readers' buffers, one streamed unit in flight (a "
+        "layer's FFN or attention, a chunk of the LM head), the tensors too small to "
+        "stream, the selector's state and a 16 MiB runtime allowance; a smaller one "
+        "is refused with the floor in MiB. The process itself (Python, MLX, the "
+        "tokenizer) takes about 160 MiB more, outside the budget",
         budget=True,
     )
     gap: Optional[int] = _option(

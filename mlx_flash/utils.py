@@ -15,7 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
 from .budget import default_budget, parse_budget, working_bytes
-from .disk_embedding import PREFIX, DiskEmbedding, disk_embedding
+from .disk_embedding import DiskEmbedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
 from .flash_setup import setup
@@ -54,32 +54,32 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 super().__init__(args)
                 for i, layer in enumerate(self.layers):
                     layer.mlp = FlashFFN(store, i, stats)
-                inner = getattr(self, "model", None)
-                if hasattr(inner, "embed_tokens"):  # an untied table stays on disk
-                    table = disk_embedding(
-                        store.path / DENSE_NAME,
-                        config,
-                        config.get("vocab_size"),
-                        store.manifest.hidden_size,
-                    )
-                    if table is not None:
-                        inner.embed_tokens = table
 
             def setup_flash(self, options, budget, tuning, config):
-                """The compute dtype, the DRAM plan and every layer's selector and
-                cache (`flash_setup.setup`); the model keeps them as attributes."""
+                """The compute dtype, the DRAM plan, what streams and every layer's
+                selector and cache (`flash_setup.setup`), on weights not yet read;
+                the model keeps them as attributes."""
                 name = options.compute_dtype
                 dtype = getattr(mx, name) if name else default_compute_dtype(self)
                 self.set_dtype(dtype)
-                if isinstance(disk_table(self), DiskEmbedding):
-                    disk_table(self).compute_dtype = dtype
                 self.flash_options = options
                 working = working_bytes(
                     config, store.manifest.hidden_size, kv_cache_bytes(self), dtype
                 )
                 self.flash_plan = setup(
-                    self, store, options, dtype, budget, tuning.gap_bytes, working
+                    self,
+                    store,
+                    options,
+                    dtype,
+                    budget,
+                    tuning.gap_bytes,
+                    working,
+                    stats,
+                    tuning.threads,
                 )
+                table = disk_table(self)
+                if isinstance(table, DiskEmbedding):
+                    table.compute_dtype, table.stats = dtype, stats
                 if budget is not None:  # MLX would keep freed buffers for reuse
                     # beside the next layer's (its cache held 58 MiB more than the
                     # plan on Qwen2.5-Coder-1.5B); without it: no measurable cost on
@@ -99,8 +99,6 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 weights = without_pads(weights)  # the dense part's alignment
                 if hasattr(super(), "sanitize"):
                     weights = super().sanitize(weights)
-                if isinstance(disk_table(self), DiskEmbedding):  # never loaded
-                    weights = {k: v for k, v in weights.items() if not k.startswith(PREFIX)}
                 return weights
 
         FlashModel.__name__ = FlashModel.__qualname__ = model_class.__name__
@@ -123,7 +121,9 @@ def release_memory() -> None:
 
 def disk_table(model: nn.Module):
     """The model's token embedding module (a DiskEmbedding when it stays on disk)."""
-    return getattr(getattr(model, "model", None), "embed_tokens", None)
+    inner = getattr(model, "model", None)
+    inner = getattr(inner, "decoder", inner)  # OPT
+    return getattr(inner, "embed_tokens", None)
 
 
 def default_compute_dtype(model: nn.Module) -> mx.Dtype:
@@ -230,7 +230,9 @@ def load(
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
-def flash_options(options: Optional[FlashOptions], flash: Dict[str, Any]) -> FlashOptions:
+def flash_options(
+    options: Optional[FlashOptions], flash: Dict[str, Any]
+) -> FlashOptions:
     """`load`'s options: given whole, or as keywords (an MLX dtype may name the
     compute dtype); every value is checked here, before anything is converted."""
     if options is not None and flash:
@@ -273,9 +275,9 @@ def load_flash_model(
     )
     stats = FlashStats()
     try:
-        model, config = load_model(
+        model, config = load_model(  # lazily: the plan decides what is read
             store_path,
-            lazy,
+            True,
             model_config=model_config,
             get_model_classes=flash_classes(store, stats),
         )
@@ -289,6 +291,9 @@ def load_flash_model(
     if budget is None and not options.naive:
         budget = default_budget()
     model.setup_flash(options, budget, tuning, config)
+    if not lazy:
+        mx.eval(model.parameters())  # the resident weights; streamed ones hold nothing
+    release_memory()
     return model, config
 
 

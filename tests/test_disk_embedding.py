@@ -1,6 +1,7 @@
 """Untied token embeddings stay on disk: rows read per token equal the table's."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from conftest import make_checkpoint
@@ -62,15 +63,34 @@ def test_a_cut_file_is_refused(tmp_path):
         emb(mx.array([49]))
 
 
-def test_an_untied_model_keeps_its_table_on_disk(tmp_path):
+def test_an_untied_table_stays_on_disk_unless_everything_fits(tmp_path):
+    """One row per token is all an untied table saves when held: the planner holds
+    it last. Held when everything fits; read from disk by row when not."""
     make_checkpoint(tmp_path / "hf", "llama")  # tie_word_embeddings: false
     store = convert(tmp_path / "hf", tmp_path / "store", ffn_format="q8", progress=False)
-    model, _ = load(str(store), progress=False)
+    roomy, _ = load(str(store), progress=False)
+    assert isinstance(roomy.model.embed_tokens, nn.Embedding)
+    p = roomy.flash_plan
+    table_bytes = next(g.resident for g in p.groups if g.name.endswith("embed_tokens"))
+    model, _ = load(str(store), dram_budget=p.total - 1, progress=False)
     table = model.model.embed_tokens
     assert isinstance(table, DiskEmbedding)
+    assert [g.name for g in model.flash_plan.streamed()] == ["embed_tokens"]
     params = dict(tree_flatten(model.parameters()))
-    assert not any("embed_tokens" in k for k in params)  # never loaded nor planned
-    assert model.flash_plan.dense == sum(v.nbytes for v in params.values())
+    assert not any("embed_tokens" in k for k in params)  # never loaded
+    assert sum(v.nbytes for v in params.values()) == p.resident_groups - table_bytes + (
+        p.fixed["dense (small tensors)"]
+    )
     full = mx.load(str(store / "model.safetensors"))["model.embed_tokens.weight"]
     ids = mx.array([[1, 5, 9]])
     assert mx.allclose(table(ids), full[ids].astype(mx.float32))
+    assert generated(model) == generated(roomy)
+
+
+def generated(model):
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(
+        mx.array([1, 5, 9, 3]), model, max_tokens=6, sampler=lambda l: mx.argmax(l, -1)
+    )
+    return [int(t) for t, _ in steps]

@@ -178,7 +178,7 @@ def recorded(model):
 def test_lru_matches_the_decoding_caches_own_hits(store):
     roomy, _ = load(str(store), selector="oracle", fraction=0.5, progress=False)
     p = roomy.flash_plan
-    budget = p.total - p.caches + p.neuron_bytes * 40  # 40 of 128 slots
+    budget = p.budget_for_slots(40)  # 40 of 128 slots
     model, _ = load(
         str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
     )

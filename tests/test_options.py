@@ -124,7 +124,7 @@ def test_expected_bytes_per_token_are_what_all_reads(tmp_path, budget_slots):
     options = {}
     if budget_slots:
         p = load(str(tmp_path / "hf"))[0].flash_plan
-        options["dram_budget"] = p.total - p.caches + p.neuron_bytes * budget_slots
+        options["dram_budget"] = p.budget_for_slots(budget_slots)
     model, _ = load(str(tmp_path / "hf"), **options)
     from mlx_lm.generate import generate_step
 

@@ -158,7 +158,7 @@ def test_lowrank_selector_decodes_and_counts_its_cost(trained):
     assert greedy(model) == greedy(dense)  # every neuron selected: exact
     s = model.flash_stats
     assert s.syncs == 2 * s.tokens and s.seconds["select"] > 0
-    assert model.flash_plan.predictors == sum(
+    assert model.flash_plan.fixed["predictors"] == sum(
         layer.mlp._selector.predictor.nbytes for layer in model.layers
     )
     sparse, _ = load(str(trained), selector="lowrank", recall=0.8, progress=False)

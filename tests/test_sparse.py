@@ -87,9 +87,7 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
     roomy, _ = load(str(store), selector="oracle", fraction=0.5, progress=False)
     expected = greedy(roomy)
     plan = roomy.flash_plan
-    budget = (
-        plan.total - plan.caches + plan.neuron_bytes * 20
-    )  # 20 slots
+    budget = plan.budget_for_slots(20)  # 20 slots
     model, _ = load(
         str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
     )
@@ -99,7 +97,7 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
         sum(layer.mlp._cache.nbytes for layer in model.layers)
         == model.flash_plan.caches
     )
-    assert model.layers[0].mlp._scratch.nbytes == model.flash_plan.scratch
+    assert model.layers[0].mlp._scratch.nbytes == model.flash_plan.fixed["FFN scratch"]
     assert greedy(model) == expected
     s = model.flash_stats
     assert s.selected == 64 * 2 * s.tokens  # half of 128 neurons, 2 layers
@@ -201,7 +199,7 @@ def test_plan_holds_the_kv_cache_of_its_context(stores, arch, tmp_path):
     model(mx.array([PROMPT]), cache=cache)
     kv = sum(c.nbytes for c in cache)
     assert max(c.keys.shape[2] for c in cache) == DEFAULT_CONTEXT  # allocated whole
-    assert kv <= model.flash_plan.working < kv + 64 * 1024
+    assert kv <= model.flash_plan.fixed["KV cache and working memory"] < kv + 64 * 1024
     for _ in range(3):  # generating inside the context allocates nothing more
         model(mx.array([[3]]), cache=cache)
     assert sum(c.nbytes for c in cache) == kv

@@ -1,0 +1,251 @@
+"""Dense weights the plan does not hold: read from the store's aligned `model.safetensors`
+every time they are used, through the same direct-I/O reader as the FFN's bundles.
+
+A layer's attention becomes a `StreamedModule`: before each call its tensors are read
+(one coalesced read: format v2 starts every tensor of 4 KiB or more on a block) and
+put into the module, after it they are dropped. The LM head becomes a `StreamedHead`
+that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import FlashError
+from .stats import FlashStats
+from .store.encoding import Encoding, matmul
+from .store.reader import READERS, aligned_extents
+from .store.safety import check_safetensors
+
+_NUMPY = {
+    "U32": np.uint32,
+    "U8": np.uint8,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # its bits; viewed as bfloat16 in MLX
+    "I32": np.int32,
+}
+
+
+@dataclass(frozen=True)
+class TensorAt:
+    """One tensor of the dense file: where it lies and what it holds."""
+
+    name: str
+    dtype: str  # the safetensors dtype ("F16", "U32", ...)
+    shape: Tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            int(np.prod(self.shape, dtype=np.int64))
+            * np.dtype(_NUMPY[self.dtype]).itemsize
+        )
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in ("F32", "F16", "BF16")
+
+    def rows(self, a: int, b: int) -> "TensorAt":
+        """Rows [a, b) of a matrix, as a tensor of their own."""
+        row = self.nbytes // self.shape[0]
+        return TensorAt(
+            self.name, self.dtype, (b - a, *self.shape[1:]), self.offset + a * row
+        )
+
+
+def dense_tensors(path: Path) -> Dict[str, TensorAt]:
+    """Every tensor of the dense file, by name (checked against the file's size)."""
+    return {
+        name: TensorAt(name, dtype, tuple(shape), offset)
+        for name, (dtype, shape, offset) in check_safetensors(path).items()
+        if dtype in _NUMPY
+    }
+
+
+def to_array(raw: memoryview, t: TensorAt, dtype: Optional[mx.Dtype]) -> mx.array:
+    """A tensor's bytes -> an MLX array (one copy), floats cast to `dtype`."""
+    a = mx.array(np.frombuffer(raw, _NUMPY[t.dtype]).reshape(t.shape))
+    if t.dtype == "BF16":
+        a = a.view(mx.bfloat16)
+    return a.astype(dtype) if dtype is not None and t.floating else a
+
+
+def span(tensors: Sequence[TensorAt]) -> int:
+    """Bytes one read of `tensors` takes in the staging buffer (widened to blocks)."""
+    ranges = sorted((t.offset, t.nbytes) for t in tensors)
+    return sum(e - s for s, e in aligned_extents(ranges))
+
+
+class DenseStream:
+    """Reads tensors of the dense file into MLX arrays, counting decoding's bytes.
+
+    Args:
+        path: the store's model.safetensors.
+        capacity: the largest read (`span`) any caller makes.
+        threads, reader: as the store's reader.
+        stats: the model's counters; bytes read while decoding one token count there.
+    """
+
+    def __init__(
+        self, path: Path, capacity: int, threads: int, reader: str, stats: FlashStats
+    ):
+        self.path = Path(path)
+        self.reader = READERS[reader](self.path, capacity, threads)
+        self.stats = stats
+        self.dtype: Optional[mx.Dtype] = None  # the compute dtype, set by the setup
+
+    def load(self, tensors: Sequence[TensorAt], decoding: bool) -> List[mx.array]:
+        order = sorted(range(len(tensors)), key=lambda i: tensors[i].offset)
+        before = self.reader.stats.bytes
+        with self.stats.timed("io") if decoding else _nothing():
+            views = self.reader.read_ranges(
+                [(tensors[i].offset, tensors[i].nbytes) for i in order]
+            )
+            arrays = [None] * len(tensors)
+            for i, raw in zip(order, views):
+                arrays[i] = to_array(raw, tensors[i], self.dtype)
+            del views  # views of the staging buffer: the arrays are copies
+        if decoding:
+            self.stats.bytes += self.reader.stats.bytes - before
+        return arrays
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _decoding(args) -> bool:
+    x = next((a for a in args if isinstance(a, mx.array)), None)
+    return x is not None and x.ndim >= 2 and x.shape[0] * x.shape[1] == 1
+
+
+class StreamedModule(nn.Module):
+    """`module` with its weights read from the dense file for each call.
+
+    Between calls the module holds zero-size placeholders, so it costs no DRAM; its
+    output is evaluated before the weights are dropped (one unit in flight)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        prefix: str,
+        tensors: Dict[str, TensorAt],
+        stream: DenseStream,
+    ):
+        super().__init__()
+        self.inner = module
+        names = [k for k, _ in tree_flatten(module.parameters())]
+        missing = [prefix + k for k in names if prefix + k not in tensors]
+        if missing:
+            raise FlashError(
+                f"the dense file has no {missing[0]}",
+                stream.path,
+                "convert the model again",
+            )
+        self._names = names
+        self._tensors = [tensors[prefix + k] for k in names]
+        self._stream = stream
+        self._empty()
+
+    def _empty(self) -> None:
+        self.inner.update(
+            tree_unflatten([(k, mx.zeros((0,), mx.uint8)) for k in self._names])
+        )
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors)
+
+    def __call__(self, *args, **kwargs):
+        arrays = self._stream.load(self._tensors, _decoding(args))
+        self.inner.update(tree_unflatten(list(zip(self._names, arrays))))
+        try:
+            out = self.inner(*args, **kwargs)
+            mx.eval(out)
+        finally:
+            del arrays
+            self._empty()
+        return out
+
+    def __getattr__(self, name):  # the wrapped module's attributes (n_heads, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner" or "inner" not in self:
+                raise
+            return getattr(self["inner"], name)
+
+
+class StreamedHead(nn.Module):
+    """``x @ W.T (+ b)`` for a (vocab, hidden) matrix read in chunks of `rows` rows
+    every call: the LM head, or a tied table used as one (`as_linear`).
+
+    Args:
+        parts: the matrix's tensors ("weight", and "scales"/"biases" when quantized;
+            "bias" for a linear layer's bias).
+        encoding: how "weight" is stored (a float or an MLX quantization).
+        rows: vocabulary rows per chunk.
+    """
+
+    def __init__(
+        self,
+        parts: Dict[str, TensorAt],
+        encoding: Encoding,
+        rows: int,
+        stream: DenseStream,
+    ):
+        super().__init__()
+        self._parts, self._encoding, self._stream = parts, encoding, stream
+        self._vocab = parts["weight"].shape[0]
+        self._rows = max(1, min(rows, self._vocab))
+
+    def chunks(self) -> List[Tuple[int, int]]:
+        return [
+            (a, min(a + self._rows, self._vocab))
+            for a in range(0, self._vocab, self._rows)
+        ]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        decoding = _decoding([x])
+        names = [n for n in ("weight", "scales", "biases", "bias") if n in self._parts]
+        out = []
+        for a, b in self.chunks():
+            got = dict(
+                zip(
+                    names,
+                    self._stream.load(
+                        [self._parts[n].rows(a, b) for n in names], decoding
+                    ),
+                )
+            )
+            w = got["weight"]
+            if self._encoding.quantized:
+                w = (w, got["scales"]) + ((got["biases"],) if "biases" in got else ())
+            y = matmul(x, w, self._encoding, transpose=True)
+            if "bias" in got:
+                y = y + got["bias"]
+            mx.eval(y)
+            out.append(y)
+            del got, w
+        return mx.concatenate(out, axis=-1)
+
+
+def head_rows(parts: Dict[str, TensorAt], chunk_bytes: int) -> int:
+    """Rows per chunk of a streamed head so that a chunk's stored bytes stay within
+    `chunk_bytes`."""
+    row = sum(t.nbytes // t.shape[0] for t in parts.values())
+    return max(1, chunk_bytes // max(row, 1))

@@ -1,0 +1,200 @@
+"""The DRAM planner: its invariants (property-based), and every budget above the floor
+running exact `all` decoding, down to one that streams attention and the LM head."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import ARCHS, make_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+
+import mlx_flash.flash_setup as flash_setup
+from mlx_flash import convert, load
+from mlx_flash.errors import FlashError
+from mlx_flash.planner import Group, Neurons, floor_bytes, plan_residency
+from mlx_flash.store.safety import check_safetensors
+from mlx_flash.streamed import StreamedHead, StreamedModule
+
+PROMPT = [1, 5, 6, 7, 8, 9, 10, 3]
+
+sizes = st.integers(1, 5000)
+groups = st.lists(
+    st.builds(
+        lambda r, s, k, f: Group("g", r, s, k, f),
+        sizes,
+        sizes,
+        st.integers(0, 3000),
+        st.integers(0, 3000),
+    ),
+    max_size=6,
+)
+layers = st.lists(
+    st.builds(
+        lambda r, s, use: Neurons(r, s, np.sort(np.array(use))[::-1]),
+        st.integers(1, 300),
+        st.integers(1, 300),
+        st.lists(st.floats(0, 1), min_size=1, max_size=40),
+    ),
+    max_size=4,
+)
+fixed = st.dictionaries(st.sampled_from(["kv", "reader", "runtime"]), sizes, min_size=1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fixed, groups, layers, st.booleans(), st.integers(0, 60000), st.integers(0, 60000)
+)
+def test_planner_invariants(fixed, groups, layers, even, a, b):
+    """Every group held or streamed, each cache within its layer; the total within
+    the budget; more budget never means more bytes per token; below the floor, the
+    error."""
+    plans = []
+    for budget in sorted((a, b)):
+        try:
+            p = plan_residency(budget, fixed, groups, layers, even)
+        except FlashError as e:
+            assert "floor" in str(e) and "--dram-budget" in str(e)
+            held = sum(fixed.values()) + sum(g.resident for g in groups if g.staging)
+            assert budget < min(floor_bytes(fixed, groups), held)
+            plans.append(None)
+            continue
+        assert len(p.held) == len(groups)
+        assert len(p.streamed()) == len(groups) - sum(p.held)
+        assert all(0 <= c <= n.count for c, n in zip(p.capacities, layers))
+        assert p.total <= budget
+        if even:
+            assert (
+                max(p.capacities, default=0) - min(p.capacities, default=0)
+                <= max(n.count for n in layers)
+                if layers
+                else True
+            )
+        plans.append(p)
+    small, large = plans
+    if small is not None:
+        assert large is not None and large.estimate() <= small.estimate() + 1e-6
+
+
+def test_no_budget_holds_everything():
+    g = [Group("a", 100, 100, 100, 100)]
+    n = [Neurons(10, 10, np.ones(5))]
+    p = plan_residency(None, {"kv": 1}, g, n)
+    assert p.held == [True] and p.capacities == [5] and p.estimate() == 0
+
+
+def greedy(model, n=12):
+    steps = generate_step(
+        mx.array(PROMPT), model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1)
+    )
+    return [int(t) for t, _ in steps]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Heads streamed in several chunks even on a tiny vocabulary."""
+    monkeypatch.setattr(flash_setup, "HEAD_CHUNK_BYTES", 1024)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt", ["float32", "q4"])
+def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
+    """At the floor every attention and the LM head stream (in chunks), no neuron is
+    cached, and decoding gives the dense logits and greedy tokens."""
+    make_checkpoint(tmp_path / "hf", arch, num_hidden_layers=6)  # groups > buffers
+    quantize = (
+        {"quantize": True, "q_bits": 4, "q_group_size": 32} if fmt == "q4" else {}
+    )
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False, **quantize)
+    roomy, _ = load(str(store), progress=False)
+    expected_logits = roomy(mx.array([PROMPT]))
+    expected = greedy(roomy)
+    floor = roomy.flash_plan.floor
+    assert floor == floor_bytes(roomy.flash_plan.fixed, roomy.flash_plan.groups)
+    model, _ = load(str(store), dram_budget=floor, progress=False)
+    p = model.flash_plan
+    assert p.total <= floor and p.capacities == [0] * len(model.layers)
+    names = [g.name for g in p.streamed()]
+    assert sum("self_attn" in n for n in names) == len(model.layers), names
+    assert any("lm_head" in n or "tied LM head" in n for n in names), names
+    assert isinstance(model.layers[0].self_attn, StreamedModule)
+    logits = model(mx.array([PROMPT]))
+    assert mx.allclose(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert greedy(model) == expected
+    heads = [m for m in model.modules() if isinstance(m, StreamedHead)]
+    assert len(heads) == 1 and len(heads[0].chunks()) > 1
+    # nothing of the streamed groups is held between tokens
+    held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert held == p.fixed["dense (small tensors)"] + p.resident_groups
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch):
+    """From the floor to everything: exact tokens, the plan within its budget, the
+    bytes read per token exactly the plan's expectation, and fewer as it grows."""
+    make_checkpoint(tmp_path / "hf", arch)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    roomy, _ = load(str(store), progress=False)
+    expected = greedy(roomy)
+    floor, total = roomy.flash_plan.floor, roomy.flash_plan.total
+    last = None
+    for budget in np.linspace(floor, total, 7).astype(int):
+        model, _ = load(str(store), dram_budget=int(budget), progress=False)
+        p = model.flash_plan
+        assert p.total <= budget
+        greedy(model, 3)  # warm the caches
+        model.flash_stats.reset()
+        assert greedy(model, 6)[:6] == expected[:6]
+        s = model.flash_stats
+        assert s.bytes / s.tokens == p.expected_bytes, p.describe()
+        assert last is None or p.expected_bytes <= last
+        last = p.expected_bytes
+    assert last == 0
+
+
+def test_below_the_floor_the_error_names_it(tmp_path):
+    make_checkpoint(tmp_path / "hf", "llama")
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    floor = load(str(store), progress=False)[0].flash_plan.floor
+    with pytest.raises(FlashError, match="below this model's floor") as e:
+        load(str(store), dram_budget=floor // 2, progress=False)
+    assert f"at least {-(-floor // 2**20)} MiB" in str(e.value)
+    assert str(store) in str(e.value)
+
+
+def test_the_plan_accounts_for_every_tensor_once(tmp_path):
+    """Resident + streamed = every tensor of the dense file exactly once."""
+    make_checkpoint(tmp_path / "hf", "qwen2")
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    roomy, _ = load(str(store), progress=False)
+    budget = (roomy.flash_plan.floor + roomy.flash_plan.total) // 2
+    model, _ = load(str(store), dram_budget=budget, progress=False)
+    header = check_safetensors(store / "model.safetensors")
+    stored = {k for k in header if not k.startswith("__flash_pad__")}
+    resident = {k for k, v in tree_flatten(model.parameters()) if v.size}
+    streamed = set()
+    for m in model.modules():
+        if isinstance(m, StreamedModule):
+            streamed |= {t.name for t in m._tensors}
+        if isinstance(m, StreamedHead):
+            streamed |= {t.name for t in m._parts.values()}
+    assert resident.isdisjoint(streamed)
+    assert resident | streamed == stored
+
+
+def test_streaming_holds_no_growing_memory(tmp_path):
+    """Decoding at the floor: MLX's active memory is the same after every step."""
+    make_checkpoint(tmp_path / "hf", "llama")
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    floor = load(str(store), progress=False)[0].flash_plan.floor
+    model, _ = load(str(store), dram_budget=floor, progress=False)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache, y, seen = make_prompt_cache(model), mx.array([PROMPT]), []
+    for _ in range(8):
+        logits = model(y, cache=cache)
+        y = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+        mx.eval(y)
+        seen.append(mx.get_active_memory())
+    assert len(set(seen[2:])) == 1, seen
