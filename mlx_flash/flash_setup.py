@@ -51,7 +51,7 @@ from .streamed import (
 
 # A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
 # one chunk in flight, so the floor does not hold a whole head
-HEAD_CHUNK_BYTES = 4 << 20
+HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
 
 
 @dataclass
@@ -163,6 +163,12 @@ def attention_candidates(
     return found
 
 
+def head_chunk(attention: List[Candidate]) -> int:
+    """Bytes per chunk of a streamed LM head: `HEAD_CHUNK_BYTES`, or the largest
+    attention read where larger (the stream's buffer holds that anyway)."""
+    return max([HEAD_CHUNK_BYTES] + [c.group.staging for c in attention])
+
+
 def encoding_of(module: nn.Module) -> Encoding:
     """How a linear layer's or a table's weight is stored (for `matmul`)."""
     if not hasattr(module, "bits"):
@@ -187,6 +193,7 @@ def head_candidates(
     dtype: mx.Dtype,
     dims: int,
     dense_path: Path,
+    chunk: int,
 ) -> List[Candidate]:
     """The LM head (an untied `lm_head`, or the tied token table) and an untied token
     table."""
@@ -211,9 +218,9 @@ def head_candidates(
         if "weight" in parts and len(parts) == len(tree_flatten(head.parameters())):
 
             def stream(s, head=head, parts=parts):
-                model.lm_head = streamed_head(parts, encoding_of(head), s)
+                model.lm_head = streamed_head(parts, encoding_of(head), s, chunk)
 
-            found.append(Candidate(head_group("lm_head", head, parts), stream))
+            found.append(Candidate(head_group("lm_head", head, parts, chunk), stream))
     if table is None:
         return found
     path = paths[id(table)]
@@ -228,12 +235,12 @@ def head_candidates(
         disk = table_on_disk(dense_path, vocab, dims, prefix=path + ".")
         disk.compute_dtype = dtype
         if tied:
-            disk.head = streamed_head(parts, encoding_of(table), s)
+            disk.head = streamed_head(parts, encoding_of(table), s, chunk)
         parent, name = parent_of(model, path)
         setattr(parent, name, disk)
 
     if tied:
-        group = head_group(path + " (tied LM head)", table, parts)
+        group = head_group(path + " (tied LM head)", table, parts, chunk)
     else:  # one row per token
         row = sum(t.nbytes // t.shape[0] for t in parts.values())
         # read by pread, one row per token
@@ -242,8 +249,10 @@ def head_candidates(
     return found
 
 
-def head_group(name: str, module: nn.Module, parts: Dict[str, TensorAt]) -> Group:
-    rows = head_rows(parts, HEAD_CHUNK_BYTES)
+def head_group(
+    name: str, module: nn.Module, parts: Dict[str, TensorAt], chunk: int
+) -> Group:
+    rows = head_rows(parts, chunk)
     vocab = parts["weight"].shape[0]
     chunks = [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)]
     per_chunk = [span([t.rows(a, b) for t in parts.values()]) for a, b in chunks]
@@ -258,8 +267,10 @@ def head_group(name: str, module: nn.Module, parts: Dict[str, TensorAt]) -> Grou
     )
 
 
-def streamed_head(parts: Dict[str, TensorAt], encoding: Encoding, s: DenseStream):
-    return StreamedHead(parts, encoding, head_rows(parts, HEAD_CHUNK_BYTES), s)
+def streamed_head(
+    parts: Dict[str, TensorAt], encoding: Encoding, s: DenseStream, chunk: int
+) -> StreamedHead:
+    return StreamedHead(parts, encoding, head_rows(parts, chunk), s)
 
 
 def neuron_profile(
@@ -329,8 +340,9 @@ def setup(
     profile = neuron_profile(store, options)
     tensors = dense_tensors(store.path / DENSE_NAME)
     candidates = attention_candidates(model, tensors)
+    chunk = head_chunk(candidates)
     candidates += head_candidates(
-        model, tensors, dtype, m.hidden_size, store.path / DENSE_NAME
+        model, tensors, dtype, m.hidden_size, store.path / DENSE_NAME, chunk
     )
     groups = [c.group for c in candidates]
     layers = (

@@ -24,6 +24,10 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from .errors import FlashError
 
 DEFAULT_CONTEXT = 2048  # tokens the plan holds when --max-kv-size is not given
+# ... unless their KV cache would take more than this share of the DRAM budget: then
+# the largest of 1024, 512, 256 tokens that does (at least MIN_CONTEXT)
+KV_SHARE = 0.25
+MIN_CONTEXT = 256
 
 
 class LimitedKVCache(KVCache):
@@ -44,14 +48,20 @@ class LimitedKVCache(KVCache):
         return super().update_and_fetch(keys, values)
 
 
-def bounded_caches(model: nn.Module, base: List, max_kv_size: Optional[int]) -> List:
+def bounded_caches(
+    model: nn.Module,
+    base: List,
+    max_kv_size: Optional[int],
+    context: int = DEFAULT_CONTEXT,
+) -> List:
     """`base` (the model's own caches) with every unbounded `KVCache` replaced by one
-    bounded by the plan's context, and every cache allocated once."""
+    bounded by the plan's context (`max_kv_size`, rotating; else `context`, refused
+    past it), and every cache allocated once."""
     out = []
     for c in base:
         if type(c) is KVCache:
             if max_kv_size is None:
-                c = LimitedKVCache(DEFAULT_CONTEXT)
+                c = LimitedKVCache(context)
             else:
                 c = RotatingKVCache(max_size=max_kv_size, keep=4)
         if isinstance(c, RotatingKVCache):
@@ -84,12 +94,26 @@ def _without_ffn(model: nn.Module) -> Iterator[None]:
             layer.mlp = mlp
 
 
-def kv_cache_bytes(model: nn.Module) -> int:
+def default_context(model: nn.Module, budget: Optional[int]) -> int:
+    """The context the plan holds when none is given: `DEFAULT_CONTEXT` tokens, or
+    fewer (halving, down to `MIN_CONTEXT`) while their KV cache would take more than
+    `KV_SHARE` of the budget."""
+    context = DEFAULT_CONTEXT
+    while (
+        budget is not None
+        and context > MIN_CONTEXT
+        and kv_cache_bytes(model, context) > KV_SHARE * budget
+    ):
+        context //= 2
+    return context
+
+
+def kv_cache_bytes(model: nn.Module, context: Optional[int] = None) -> int:
     """Bytes of the KV caches `model.make_cache()` makes, once allocated: one token
     through the attention allocates them whole. The graph is built, never evaluated:
     the shapes say the bytes, and no weight is read (the plan has not yet decided
     which are resident)."""
-    caches = model.make_cache()
+    caches = model.make_cache(context)
     with _without_ffn(model):
         model(mx.array([[0]]), cache=caches)
     total = sum(c.nbytes for c in caches)

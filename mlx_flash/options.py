@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 from .budget import BUDGET_FORMS, parse_budget
 from .errors import FlashError
-from .kv_cache import DEFAULT_CONTEXT
+from .kv_cache import DEFAULT_CONTEXT, KV_SHARE, MIN_CONTEXT
 from .selectors import SELECTORS
 from .store.reader import READERS as _READER_CLASSES
 
@@ -109,7 +109,10 @@ class FlashOptions:
     max_kv_size: Optional[int] = _option(
         "Tokens of context the DRAM plan holds: the KV cache is allocated once for "
         "them and rotates past them (keeping the first 4), as in mlx-lm; default: "
-        f"{DEFAULT_CONTEXT} tokens, refused past that",
+        f"{DEFAULT_CONTEXT} tokens, or fewer (halving, down to {MIN_CONTEXT}) where "
+        f"their KV cache would take more than {KV_SHARE * 100:.0f}%% of the DRAM "
+        "budget; "
+        "refused past that",
         number=_number(int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1),
     )
     naive: bool = _option(

@@ -19,7 +19,7 @@ from .disk_embedding import DiskEmbedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
 from .flash_setup import setup
-from .kv_cache import bounded_caches, kv_cache_bytes
+from .kv_cache import DEFAULT_CONTEXT, bounded_caches, default_context, kv_cache_bytes
 from .options import FlashOptions
 from .sparse_ffn import FlashFFN
 from .stats import FlashStats
@@ -63,6 +63,8 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 dtype = getattr(mx, name) if name else default_compute_dtype(self)
                 self.set_dtype(dtype)
                 self.flash_options = options
+                if options.max_kv_size is None:
+                    self.flash_context = default_context(self, budget)
                 working = working_bytes(
                     config, store.manifest.hidden_size, kv_cache_bytes(self), dtype
                 )
@@ -88,12 +90,16 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 self.flash_tuning, self.flash_stats = tuning, stats
                 self.flash_store = store
 
-            def make_cache(self):
-                """The model's KV caches, bounded by the context the plan holds."""
+            def make_cache(self, context: Optional[int] = None):
+                """The model's KV caches, bounded by the context the plan holds
+                (or `context` tokens)."""
                 own = getattr(super(), "make_cache", None)
                 base = own() if own else [KVCache() for _ in self.layers]
                 limit = getattr(self, "flash_options", None)
-                return bounded_caches(self, base, limit and limit.max_kv_size)
+                context = context or getattr(self, "flash_context", DEFAULT_CONTEXT)
+                return bounded_caches(
+                    self, base, limit and limit.max_kv_size, context
+                )
 
             def sanitize(self, weights):
                 weights = without_pads(weights)  # the dense part's alignment

@@ -84,6 +84,10 @@ def test_no_budget_holds_everything():
     assert p.held == [True] and p.capacities == [5] and p.estimate() == 0
 
 
+# every load names its context: the default one shrinks with the budget, which would
+# move the floor between two loads
+
+
 def greedy(model, n=12):
     steps = generate_step(
         mx.array(PROMPT), model, max_tokens=n, sampler=lambda l: mx.argmax(l, -1)
@@ -94,7 +98,7 @@ def greedy(model, n=12):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Heads streamed in several chunks even on a tiny vocabulary."""
-    monkeypatch.setattr(flash_setup, "HEAD_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(flash_setup, "head_chunk", lambda attention: 1024)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -107,12 +111,12 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
         {"quantize": True, "q_bits": 4, "q_group_size": 32} if fmt == "q4" else {}
     )
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False, **quantize)
-    roomy, _ = load(str(store), progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
     expected_logits = roomy(mx.array([PROMPT]))
     expected = greedy(roomy)
     floor = roomy.flash_plan.floor
     assert floor == floor_bytes(roomy.flash_plan.fixed, roomy.flash_plan.groups)
-    model, _ = load(str(store), dram_budget=floor, progress=False)
+    model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
     p = model.flash_plan
     assert p.total <= floor and p.capacities == [0] * len(model.layers)
     names = [g.name for g in p.streamed()]
@@ -135,12 +139,14 @@ def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch):
     bytes read per token exactly the plan's expectation, and fewer as it grows."""
     make_checkpoint(tmp_path / "hf", arch)
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
-    roomy, _ = load(str(store), progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
     expected = greedy(roomy)
     floor, total = roomy.flash_plan.floor, roomy.flash_plan.total
     last = None
     for budget in np.linspace(floor, total, 7).astype(int):
-        model, _ = load(str(store), dram_budget=int(budget), progress=False)
+        model, _ = load(
+            str(store), max_kv_size=256, dram_budget=int(budget), progress=False
+        )
         p = model.flash_plan
         assert p.total <= budget
         greedy(model, 3)  # warm the caches
@@ -156,9 +162,9 @@ def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch):
 def test_below_the_floor_the_error_names_it(tmp_path):
     make_checkpoint(tmp_path / "hf", "llama")
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
-    floor = load(str(store), progress=False)[0].flash_plan.floor
+    floor = load(str(store), max_kv_size=256, progress=False)[0].flash_plan.floor
     with pytest.raises(FlashError, match="below this model's floor") as e:
-        load(str(store), dram_budget=floor // 2, progress=False)
+        load(str(store), max_kv_size=256, dram_budget=floor // 2, progress=False)
     assert f"at least {-(-floor // 2**20)} MiB" in str(e.value)
     assert str(store) in str(e.value)
 
@@ -167,9 +173,9 @@ def test_the_plan_accounts_for_every_tensor_once(tmp_path):
     """Resident + streamed = every tensor of the dense file exactly once."""
     make_checkpoint(tmp_path / "hf", "qwen2")
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
-    roomy, _ = load(str(store), progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
     budget = (roomy.flash_plan.floor + roomy.flash_plan.total) // 2
-    model, _ = load(str(store), dram_budget=budget, progress=False)
+    model, _ = load(str(store), max_kv_size=256, dram_budget=budget, progress=False)
     header = check_safetensors(store / "model.safetensors")
     stored = {k for k in header if not k.startswith("__flash_pad__")}
     resident = {k for k, v in tree_flatten(model.parameters()) if v.size}
@@ -187,8 +193,8 @@ def test_streaming_holds_no_growing_memory(tmp_path):
     """Decoding at the floor: MLX's active memory is the same after every step."""
     make_checkpoint(tmp_path / "hf", "llama")
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
-    floor = load(str(store), progress=False)[0].flash_plan.floor
-    model, _ = load(str(store), dram_budget=floor, progress=False)
+    floor = load(str(store), max_kv_size=256, progress=False)[0].flash_plan.floor
+    model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
     from mlx_lm.models.cache import make_prompt_cache
 
     cache, y, seen = make_prompt_cache(model), mx.array([PROMPT]), []
@@ -198,3 +204,28 @@ def test_streaming_holds_no_growing_memory(tmp_path):
         mx.eval(y)
         seen.append(mx.get_active_memory())
     assert len(set(seen[2:])) == 1, seen
+
+
+def test_without_max_kv_size_the_context_shrinks_to_the_budget(tmp_path):
+    """The default context (2,048 tokens) halves while its KV cache would take more
+    than a quarter of the budget; past it, the stated error, never an overrun."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_flash.kv_cache import DEFAULT_CONTEXT, MIN_CONTEXT, kv_cache_bytes
+
+    # a KV cache of 16 KiB per token: it, not the runtime, decides the floor
+    make_checkpoint(
+        tmp_path / "hf", "llama", num_hidden_layers=32, num_key_value_heads=4
+    )
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    roomy, _ = load(str(store), progress=False)
+    assert roomy.flash_context == DEFAULT_CONTEXT
+    per_token = kv_cache_bytes(roomy) / DEFAULT_CONTEXT
+    budget = int(per_token * 600 * 4)  # a quarter of it holds 600 tokens: 512
+    model, _ = load(str(store), dram_budget=budget, progress=False)
+    assert model.flash_context == 512 >= MIN_CONTEXT
+    assert model.flash_plan.total <= budget
+    cache = make_prompt_cache(model)
+    model(mx.array([[1] * 500]), cache=cache)
+    with pytest.raises(FlashError, match="--max-kv-size"):
+        model(mx.array([[1] * 13]), cache=cache)
