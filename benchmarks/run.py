@@ -65,7 +65,7 @@ def configs(formats, budget: int):
     for f in formats:
         b = {"dram_budget": budget}
         rows += [
-            (f"{f} naive", "flash", f"{f}-split", {"naive": True}, True),
+            (f"{f} naive", "flash", f"{f}-split", {**b, "naive": True}, True),
             (f"{f} hybrid", "flash", f"{f}-split", {**b, "hybrid": True}, True),
             (f"{f} +predictor", "flash", f"{f}-split", {**LOWRANK, **b}, True),
             (
@@ -257,9 +257,7 @@ def spec_for(engine, path, options, limited, budget, tokens, args) -> dict:
         "max_seconds": args.max_seconds,
     }
     if engine == "flash":
-        spec["options"] = options
-        if limited and "dram_budget" not in options:
-            spec["fits"] = budget  # naive: refused, rather than thrash
+        spec["options"] = options  # every flash row has the budget (naive too)
     else:
         spec.update(options)
     return spec

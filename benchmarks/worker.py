@@ -8,9 +8,7 @@ SPEC: {"engine": "flash" | "mlx_lm" | "llama_cpp" | "idle_mlx" | "idle_llama_cpp
        "dtype": "float32" (mlx-lm; default: the model's own), "tokens": N,
        "max_seconds": stop decoding after this long (at least 1 decode token),
        "threads": llama.cpp threads, "repack": llama.cpp's CPU weight repacking
-       (`use_extra_bufts`; default true, as llama.cpp's), "fits": a budget in bytes
-       that mlx_flash's plan must fit (naive configurations, which take no budget),
-       else it refuses}
+       (`use_extra_bufts`; default true, as llama.cpp's)}
 
 Measured: load time, first-token time (prefill + first token), decode latency per token
 (median, p90), bytes this process read from the block device per decode token
@@ -95,7 +93,6 @@ def mlx_worker(spec: dict) -> dict:
     from mlx_lm.generate import generate_step
 
     import mlx_flash
-    from mlx_flash.budget import RUNTIME
 
     idle = rss_mb()
     tic = time.perf_counter()
@@ -111,14 +108,6 @@ def mlx_worker(spec: dict) -> dict:
         # the context llama.cpp gets (n_ctx below): the plan holds its KV cache
         options.setdefault("max_kv_size", max(512, 2 * spec["tokens"]))
         model, tokenizer = mlx_flash.load(spec["path"], progress=False, **options)
-        # naive has no budget of its own: its arrays (the plan without the runtime's
-        # estimated overhead) must fit this one, or it would only thrash under the limit
-        fits, arrays = spec.get("fits"), model.flash_plan.total - RUNTIME
-        if fits and arrays > fits:
-            raise SystemExit(
-                f"needs {arrays / 2**20:.0f} MiB (dense part, buffers, one layer, "
-                f"working memory): more than the {fits / 2**20:.0f} MiB budget"
-            )
     mx.eval(model.parameters())
     load_s = time.perf_counter() - tic
     loaded, load_peak = rss_mb(), peak_rss_mb()  # where the memory beyond a plan goes

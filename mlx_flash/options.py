@@ -116,9 +116,10 @@ class FlashOptions:
         number=_number(int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1),
     )
     naive: bool = _option(
-        "Stream every layer's FFN whole every token, with no caches and no budget: "
-        "the paper's naive baseline (default: the exact `all` selection with as "
-        "much of the FFN cached as the budget holds)",
+        "Stream every layer's FFN whole every token, with no neuron caches: the "
+        "paper's naive baseline (a budget still decides what else is resident; "
+        "default: the exact `all` selection with as much of the FFN cached as the "
+        "budget holds)",
         False,
     )
     compute_dtype: Optional[str] = _option(
@@ -129,15 +130,11 @@ class FlashOptions:
     def __post_init__(self):
         for f in fields(self):
             check(f.name, getattr(self, f.name))
-        if self.naive and (
-            self.selector != "all"
-            or self.window is not None
-            or self.dram_budget is not None
-        ):
+        if self.naive and (self.selector != "all" or self.window is not None):
             raise FlashError(
                 "naive streams every neuron of every layer each token: it takes no "
-                "selector, window or budget",
-                fix="drop --naive, or --selector/--window/--dram-budget",
+                "selector or window",
+                fix="drop --naive, or --selector/--window",
             )
 
     def fraction_for(self, gated: bool) -> Optional[float]:

@@ -244,3 +244,36 @@ def test_online_counts_round_trip_through_the_store(copy):
     counter.update(0, np.array([1]))
     with pytest.raises(ValueError):
         save_profile(copy, m, NeuronProfile(counter.layers, target, text))
+
+
+def test_load_pins_the_profiles_hot_neurons_where_the_plan_says(stores):
+    """With a profile, the planner weighs each neuron by its frequency, splits each
+    layer's cache into a hot part (`propose_split`) and a recency part, and the hot
+    part, read at load, holds exactly the profile's top neurons."""
+    from mlx_flash.hot_set import propose_split
+
+    path = stores["llama"]
+    roomy, _ = load(str(path), selector="oracle", fraction=0.5, progress=False)
+    budget = roomy.flash_plan.budget_for_slots(40)
+    model, _ = load(
+        str(path), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
+    )
+    p, profile = model.flash_plan, profile_of(path)
+    assert p.total <= budget and 0 < sum(p.capacities) < 256
+    assert p.expected_bytes is not None  # estimated from the frequencies
+    for i, layer in enumerate(model.layers):
+        cache, counts = layer.mlp._cache, profile.layers[i]
+        assert cache.capacity == p.capacities[i]
+        k = propose_split(counts, p.capacities[i])
+        assert p.pinned[i] == k and cache.pinned.tolist() == counts.hot_ids(k).tolist()
+        assert set(cache.pinned.tolist()) <= set(cache.cached_ids().tolist())
+    prompt = mx.array([[3, 4, 5, 6]])
+
+    def tokens(m):
+        cache, y, out = make_prompt_cache(m), prompt, []
+        for _ in range(8):
+            y = mx.argmax(m(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+            out.append(int(y[0, 0]))
+        return out
+
+    assert tokens(model) == tokens(roomy)  # the cache changes reads, never picks

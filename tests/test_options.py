@@ -70,7 +70,6 @@ def test_defaults_are_decided_in_one_place(selector, given, fraction, recall):
         {"selector": "magic"},
         {"dram_budget": -5},
         {"naive": True, "selector": "gate"},
-        {"naive": True, "dram_budget": "1GiB"},
     ],
 )
 def test_bad_options_are_refused_when_made(bad):
