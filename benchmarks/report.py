@@ -218,11 +218,12 @@ def table(result: dict) -> str:
             ),
             (
                 "| config | status | ms/token | p90 | × naive | × mlx-lm fp32 | select "
-                "| io | memory | compute | disk MB/token | store MB/token | read GB/s "
+                "| io | memory | compute | disk MB/token | store MB/token "
+                "| plan MB/token | read GB/s "
                 "| hit rate | cgroup peak MiB | load s | first token s "
                 "| others' cores before / during |"
             ),
-            "|---" * 18 + "|",
+            "|---" * 19 + "|",
         ]
         by_name = {r["config"]: r for r in b["rows"]}
         floor = by_name.get("mlx-lm fp32, no limit", {}).get("ms_per_token")
@@ -244,12 +245,17 @@ def table(result: dict) -> str:
                 f"{fmt(r.get('memory_ms'))} | {fmt(r.get('compute_ms'))} | "
                 f"{fmt(r.get('disk_mb_per_token'), '{:.2f}')} | "
                 f"{fmt(r.get('store_mb_per_token'), '{:.2f}')} | "
+                f"{fmt(r.get('expected_mb_per_token'), '{:.2f}')} | "
                 f"{fmt(r['store_mb_per_token'] / io if io else None, '{:.2f}')} | "
                 f"{fmt(r.get('hit_rate'), '{:.0%}')} | {fmt(peak, '{:.0f}')} | "
                 f"{fmt(r.get('load_s'), '{:.2f}')} | "
                 f"{fmt(r.get('first_token_s'), '{:.2f}')} | {others_text(r)} |"
             )
         lines += llama_notes(b["rows"])
+        plans = [r for r in b["rows"] if isinstance(r.get("plan"), dict)]
+        if plans:
+            lines += ["", "mlx_flash's plans, as printed at load:"]
+            lines += [f"- {r['config']}: {r['plan']['describe']}" for r in plans]
         if notes:
             lines += ["", *notes]
         lines += probe_notes(b["probes"])

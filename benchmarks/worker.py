@@ -146,10 +146,16 @@ def mlx_worker(spec: dict) -> dict:
         out.update(
             {f"{k}_ms": 1e3 * v / n for k, v in s.seconds.items() if k != "prefill"},
             store_mb_per_token=s.bytes / n / 1e6,
+            expected_mb_per_token=(
+                None
+                if model.flash_plan.expected_bytes is None
+                else model.flash_plan.expected_bytes / 1e6
+            ),
             reads_per_token=s.reads / n,
             selected_per_token=s.selected / n,
             hit_rate=s.hits / max(1, s.selected),
             plan_mb=model.flash_plan.total / 2**20,
+            plan={"describe": model.flash_plan.describe()},
             budget_mb=(model.flash_plan.budget or 0) / 2**20,
             capacity=model.flash_plan.capacity,
             hybrid=hybrid,

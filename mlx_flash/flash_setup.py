@@ -356,12 +356,6 @@ def setup(
         - sum(g.resident for g in groups),
         "KV cache and working memory": working,
         "FFN reader": len(store.reader.buffer),
-        "FFN scratch": 0
-        if options.naive
-        else n_ff
-        * max(
-            sum(c.nbytes for c in cs) for cs in cached
-        ),  # one layer's read rows before they are cached
         "FFN in flight": n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
         "predictors": predictors.nbytes if predictors else 0,
         "resident gate rows": sum(
@@ -369,8 +363,14 @@ def setup(
         ),
         "runtime": RUNTIME,
     }
+    # one layer's read rows before they are cached (or streamed past the cache)
+    scratch = {"FFN scratch": n_ff * max(sum(c.nbytes for c in cs) for cs in cached)}
+    if options.naive:
+        scratch = {}
+    elif options.selector != "all":  # sparse reads always land there
+        fixed, scratch = {**fixed, **scratch}, {}
     even = options.selector != "all" and profile is None
-    p = plan_residency(budget, fixed, groups, layers, even, store.path)
+    p = plan_residency(budget, fixed, groups, layers, even, store.path, scratch)
     if options.naive:
         p.capacities = [0] * len(m.layers)
     staging = max((g.staging for g in p.streamed()), default=0)

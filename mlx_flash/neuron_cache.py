@@ -204,7 +204,7 @@ class NeuronCache(SlotMap):
         """Copy bundles (len(slots), bundle_bytes) uint8 into their slots, decoded."""
         wait_for_device()
         for view, a, b, stored in self._fillers:
-            raw = np.ascontiguousarray(bundles[:, a:b])
+            raw = bundles[:, a:b]  # strided: each part moves once, into its slots
             if stored is None:
                 view[slots] = raw.view(view.dtype)
             else:
@@ -221,10 +221,11 @@ class NeuronCache(SlotMap):
 
 
 def to_float(raw: np.ndarray, stored: str, target: np.dtype) -> np.ndarray:
-    """Stored float bytes -> numpy floats of `target` (bfloat16 moved by its bits)."""
+    """Stored float bytes -> numpy floats, converted as they are assigned into
+    `target` slots (bfloat16 moved by its bits)."""
     if stored == "bfloat16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return raw.view(_NP[stored]).astype(target, copy=False)
+    return raw.view(_NP[stored])
 
 
 def wait_for_device() -> None:

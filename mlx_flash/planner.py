@@ -78,6 +78,7 @@ class Plan:
     streaming: int = 0  # the dense stream's staging buffer and one pass in flight
     expected_bytes: Optional[int] = None  # read per token once warm; None: unknown
     pinned: List[int] = field(default_factory=list)  # per layer: the hot part's slots
+    caching: Dict[str, int] = field(default_factory=dict)  # held only with caches
 
     @property
     def caches(self) -> int:
@@ -110,17 +111,17 @@ class Plan:
     @property
     def floor(self) -> int:
         """The least budget that runs this model with these options."""
+        fixed = {k: v for k, v in self.fixed.items() if k not in self.caching}
         held = sum(g.resident for g in self.groups if g.staging)
-        return min(
-            floor_bytes(self.fixed, self.groups), sum(self.fixed.values()) + held
-        )
+        return min(floor_bytes(fixed, self.groups), sum(fixed.values()) + held)
 
     def budget_for_slots(self, slots: int) -> int:
         """The budget whose plan holds every group read through the stream buffers
         and `slots` cache slots in every layer (with a selector that spreads its
         caches evenly; a table read by rows stays on disk)."""
         held = sum(g.resident for g in self.groups if g.staging)
-        return sum(self.fixed.values()) + held + slots * self.neuron_bytes
+        fixed = {**self.fixed, **self.caching}
+        return sum(fixed.values()) + held + slots * self.neuron_bytes
 
     def streamed(self) -> List[Group]:
         return [g for g, h in zip(self.groups, self.held) if not h]
@@ -186,6 +187,7 @@ def plan_residency(
     layers: Sequence[Neurons],
     even: bool = False,
     where: Optional[Path] = None,
+    caching: Optional[Dict[str, int]] = None,
 ) -> Plan:
     """Decide what is resident under `budget` (bytes, or None: everything).
 
@@ -197,51 +199,97 @@ def plan_residency(
             profile: every neuron as likely as any other, and an LRU needs slots in
             every layer to hit).
         where: the store, named by the error.
+        caching: bytes held only when some neuron is cached (the scratch its reads
+            land in), by name.
 
     Raises:
-        FlashError: `budget` below `floor_bytes`.
+        FlashError: `budget` below the floor (`Plan.floor`).
     """
-    groups, layers = list(groups), list(layers)
-    everything = sum(fixed.values()) + sum(g.resident for g in groups)
+    groups, layers, caching = list(groups), list(layers), dict(caching or {})
+    with_caches = {**fixed, **caching}
+    everything = sum(with_caches.values()) + sum(g.resident for g in groups)
     everything += sum(n.count * n.resident for n in layers)
-    plan = Plan(
+    start = Plan(
         budget,
-        dict(fixed),
+        with_caches,
         groups,
         [True] * len(groups),
         layers,
         [n.count for n in layers],
+        caching=caching,
     )
     if budget is None or everything <= budget:
-        return plan
-    floor = floor_bytes(fixed, groups)
-    # Two ways to spend it: with no stream buffers (every group held that needs
-    # them), or the greedy with them; the one that reads less wins (each reads less
-    # as the budget grows, so their minimum does too)
-    buffered = [g.staging > 0 for g in groups]
-    held = sum(fixed.values()) + sum(g.resident for g, b in zip(groups, buffered) if b)
-    if budget < min(floor, held):
-        raise budget_error(budget, floor, fixed, groups, where)
+        return start
+    # Ways to spend it, the one that reads least wins (each reads less as the budget
+    # grows, so their minimum does too): with no stream buffers (every group held
+    # that needs them) or with them; with neuron caches or none (their scratch kept
+    # for groups, as naive does)
     tries = []
-    if held <= budget:
-        tries.append(_greedy(plan, budget - held, buffered, 0, even))
-    if floor <= budget:
-        tries.append(
-            _greedy(
-                plan,
+    for costs, neurons in ((with_caches, True), (fixed, False)):
+        if not neurons and not caching and tries:
+            continue  # nothing to save by caching nothing
+        base = Plan(
+            budget, dict(costs), groups, [True] * len(groups), layers, [0] * len(layers)
+        )
+        base.caching = caching
+        buffered = [g.staging > 0 for g in groups]
+        held = sum(costs.values()) + sum(
+            g.resident for g, b in zip(groups, buffered) if b
+        )
+        floor = floor_bytes(costs, groups)
+        if held <= budget:
+            tries += _with_each_group(base, budget - held, buffered, 0, even, neurons)
+        if floor <= budget:
+            tries += _with_each_group(
+                base,
                 budget - floor,
                 [False] * len(groups),
                 streaming_bytes(groups),
                 even,
+                neurons,
             )
+    if not tries:
+        floor = min(
+            floor_bytes(fixed, groups),
+            sum(fixed.values()) + sum(g.resident for g in groups if g.staging),
         )
+        raise budget_error(budget, floor, fixed, groups, where)
     return min(tries, key=Plan.estimate)
 
 
+def _with_each_group(
+    start: Plan,
+    room: int,
+    held: List[bool],
+    streaming: int,
+    even: bool,
+    neurons: bool = True,
+) -> List[Plan]:
+    """The greedy, and the greedy after holding first each group it left out (a
+    large group can be worth more than the smaller ones the greedy took in its
+    place: Qwen2.5-Coder-0.5B's LM head at half the file)."""
+    first = _greedy(start, room, held, streaming, even, neurons)
+    tries = [first]
+    for j, g in enumerate(start.groups):
+        if not first.held[j] and g.resident <= room:
+            forced = list(held)
+            forced[j] = True
+            tries.append(
+                _greedy(start, room - g.resident, forced, streaming, even, neurons)
+            )
+    return tries
+
+
 def _greedy(
-    start: Plan, room: int, held: List[bool], streaming: int, even: bool
+    start: Plan,
+    room: int,
+    held: List[bool],
+    streaming: int,
+    even: bool,
+    neurons: bool = True,
 ) -> Plan:
-    """`start` with `held` groups, spending `room` bytes by savings per byte."""
+    """`start` with `held` groups, spending `room` bytes by savings per byte (on
+    groups only, without `neurons`)."""
     groups, layers = start.groups, start.layers
     plan = Plan(
         start.budget,
@@ -251,10 +299,13 @@ def _greedy(
         layers,
         [0] * len(layers),
         streaming,
+        caching=start.caching,
     )
     rounds = True  # even caches grow slot by slot: none after one that did not fit
     for kind, index, count, cost in _by_savings(groups, layers, even):
         if kind == "group" and plan.held[index] or kind == "round" and not rounds:
+            continue
+        if kind != "group" and not neurons:
             continue
         take = min(count, room // cost) if cost else count
         if take == 0:

@@ -44,16 +44,23 @@ fixed = st.dictionaries(st.sampled_from(["kv", "reader", "runtime"]), sizes, min
 
 @settings(max_examples=300, deadline=None)
 @given(
-    fixed, groups, layers, st.booleans(), st.integers(0, 60000), st.integers(0, 60000)
+    fixed,
+    groups,
+    layers,
+    st.booleans(),
+    st.integers(0, 60000),
+    st.integers(0, 60000),
+    st.integers(0, 3000),
 )
-def test_planner_invariants(fixed, groups, layers, even, a, b):
+def test_planner_invariants(fixed, groups, layers, even, a, b, scratch):
     """Every group held or streamed, each cache within its layer; the total within
     the budget; more budget never means more bytes per token; below the floor, the
     error."""
     plans = []
     for budget in sorted((a, b)):
         try:
-            p = plan_residency(budget, fixed, groups, layers, even)
+            caching = {"scratch": scratch} if scratch else None
+            p = plan_residency(budget, fixed, groups, layers, even, caching=caching)
         except FlashError as e:
             assert "floor" in str(e) and "--dram-budget" in str(e)
             held = sum(fixed.values()) + sum(g.resident for g in groups if g.staging)
@@ -64,6 +71,7 @@ def test_planner_invariants(fixed, groups, layers, even, a, b):
         assert len(p.streamed()) == len(groups) - sum(p.held)
         assert all(0 <= c <= n.count for c, n in zip(p.capacities, layers))
         assert p.total <= budget
+        assert any(p.capacities) <= ("scratch" in p.fixed or not scratch)
         if even:
             assert (
                 max(p.capacities, default=0) - min(p.capacities, default=0)
@@ -114,8 +122,11 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     roomy, _ = load(str(store), max_kv_size=256, progress=False)
     expected_logits = roomy(mx.array([PROMPT]))
     expected = greedy(roomy)
-    floor = roomy.flash_plan.floor
-    assert floor == floor_bytes(roomy.flash_plan.fixed, roomy.flash_plan.groups)
+    p = roomy.flash_plan
+    floor = p.floor
+    assert floor == floor_bytes(
+        {k: v for k, v in p.fixed.items() if k not in p.caching}, p.groups
+    )
     model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
     p = model.flash_plan
     assert p.total <= floor and p.capacities == [0] * len(model.layers)
