@@ -32,19 +32,23 @@ def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     return total
 
 
-def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
+def in_flight_bytes(
+    components: List[Component], dtype: mx.Dtype, picked: bool = False
+) -> int:
     """What one neuron read for a token takes on its way to the product, beside the
     staging buffer: its float parts copied into MLX as stored (straight from the
-    read bytes, strided), and the decoded result (measured on Qwen2.5-Coder-1.5B:
-    without the first, RSS went past the plan and a limit of budget + idle killed
-    it)."""
+    read rows, strided) and the decoded result; with `picked` (a sparse selection,
+    whose coalesced reads skip unneeded neurons) also its bundle bytes picked out of
+    the read run. Measured on Qwen2.5-Coder-1.5B: without these, RSS went past the
+    plan and a limit of budget + idle killed it."""
     converted = sum(
         size
         for c in components
         for part, size in c.encoding.parts(c.length)
         if part != "packed" and c.encoding.dtype != "uint8"
     )
-    return converted + decoded_bytes(components, dtype)
+    stored = sum(c.nbytes for c in components) if picked else 0
+    return stored + converted + decoded_bytes(components, dtype)
 
 
 def working_bytes(config: dict, hidden: int, kv_cache: int, dtype: mx.Dtype) -> int:

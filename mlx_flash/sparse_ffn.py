@@ -83,10 +83,13 @@ class FlashFFN(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
+        if self._whole:  # the cache holds the layer and nothing is read: no
+            # evaluation of its own (the graph runs on, as in mlx-lm)
+            if B * L == 1:
+                self._count_whole()
+            return self._from_cache(x)
         if B * L > 1:  # prefill or a batch: accounted apart from decoding
             with self._stats.timed("prefill"):
-                if self._whole:  # the cache holds the layer: nothing to read
-                    return self._evaluated(self._from_cache(x))
                 return self._evaluated(self._dense(x))
         if self._layer == 0:
             self._stats.tokens += 1
@@ -98,11 +101,17 @@ class FlashFFN(nn.Module):
         with self._stats.timed("compute"):
             return self._evaluated(y)
 
-    @staticmethod
-    def _evaluated(y: mx.array) -> mx.array:
+    def _count_whole(self) -> None:
+        stats, n = self._stats, self._cache.capacity
+        stats.tokens += self._layer == 0
+        stats.selected += n
+        stats.hits += n
+
+    def _evaluated(self, y: mx.array) -> mx.array:
         # Evaluate now: the layer's decoded neurons are freed before the next layer
         # reads its own, so DRAM holds one layer's FFN at a time, never the model's.
         # (This also evaluates the attention before it: "compute" includes it.)
+        self._stats.evals += 1
         mx.eval(y)
         return y  # (B, L, D)
 
@@ -118,14 +127,7 @@ class FlashFFN(nn.Module):
         beyond it streamed through a scratch read, so a small budget costs I/O, never
         quality."""
         stats, cache = self._stats, self._cache
-        if self._whole:
-            stats.selected += cache.capacity
-            stats.hits += cache.capacity
-            with stats.timed("compute"):
-                return self._from_cache(x)
-        with stats.timed("compute"):
-            mx.eval(x)  # the attention before: its time is not the selector's
-        with stats.timed("select"):
+        with stats.timed("select"):  # (the attention before it included)
             selection = self._selector(x)  # one host sync: the decision
         stats.syncs += 1
         pre = selection.pre
@@ -136,7 +138,9 @@ class FlashFFN(nn.Module):
             through = cache.admissible(selection.ids)
             ids, extra = selection.ids[through], selection.ids[~through]
             if pre is not None and len(extra):
-                order = np.concatenate([np.nonzero(through)[0], np.nonzero(~through)[0]])
+                order = np.concatenate(
+                    [np.nonzero(through)[0], np.nonzero(~through)[0]]
+                )
                 pre = pre[mx.array(order.astype(np.uint32))]
             slots, load_ids, load_slots = cache.admit(ids)
         # cache misses and the overflow in one coalesced read

@@ -11,7 +11,8 @@ class FlashStats:
     """Totals since load (or `reset`); `tokens` counts decode steps.
 
     Decode phases (paper Table 3): ``select`` the selector (a predictor or the
-    resident gate rows) up to its decision, ``io`` reading missing bundles, ``memory``
+    resident gate rows) up to its decision (its host sync also evaluates the
+    attention before it), ``io`` reading missing bundles, ``memory``
     cache bookkeeping and copies into slots, ``compute`` everything else of the token —
     the FFN math and the attention evaluated with it (the naive path's decoding of
     whole layers too).
@@ -21,7 +22,8 @@ class FlashStats:
     tokens: int = 0
     bytes: int = 0  # read from the store while decoding
     reads: int = 0
-    syncs: int = 0
+    syncs: int = 0  # the selections' host syncs
+    evals: int = 0  # mx.eval calls of ours (a layer's FFN, a streamed unit)
     selected: int = 0
     loaded: int = 0
     hits: int = 0
@@ -71,7 +73,8 @@ class FlashStats:
             f"compute {ms['compute']:.1f} ms; "
             f"{self.bytes / n / 1e6:.2f} MB in {self.reads / n:.0f} reads, "
             f"neurons selected {self.selected / n:.0f}, loaded {self.loaded / n:.0f}, "
-            f"cache hit rate {hit:.1%}, host syncs {self.syncs / n:.0f}; "
+            f"cache hit rate {hit:.1%}, host syncs {self.syncs / n:.0f}, evaluations "
+            f"{self.evals / n:.0f}; "
             f"{self.tokens} tokens; prefill {self.seconds['prefill']:.2f} s, "
             f"{self.dense_layers} dense layer passes"
         )

@@ -175,6 +175,7 @@ class StreamedModule(nn.Module):
         self.inner.update(tree_unflatten(list(zip(self._names, arrays))))
         try:
             out = self.inner(*args, **kwargs)
+            self._stream.stats.evals += 1
             mx.eval(out)
         finally:
             del arrays
@@ -238,6 +239,7 @@ class StreamedHead(nn.Module):
             y = matmul(x, w, self._encoding, transpose=True)
             if "bias" in got:
                 y = y + got["bias"]
+            self._stream.stats.evals += 1
             mx.eval(y)
             out.append(y)
             del got, w

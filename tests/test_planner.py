@@ -240,3 +240,70 @@ def test_without_max_kv_size_the_context_shrinks_to_the_budget(tmp_path):
     model(mx.array([[1] * 500]), cache=cache)
     with pytest.raises(FlashError, match="--max-kv-size"):
         model(mx.array([[1] * 13]), cache=cache)
+
+
+def test_every_evaluation_of_a_decode_step_is_counted(tmp_path, small_chunks):
+    """Ours per token: none where every layer is cached whole (mlx-lm's one
+    evaluation runs the step); one per layer's FFN when it reads (plus the
+    selection's host sync); one per streamed attention and head chunk."""
+    make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=6)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+
+    def per_token(model):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        greedy(model, 3)  # warm the caches
+        cache, y = make_prompt_cache(model), mx.array([PROMPT])
+        for step in range(6):
+            if step == 1:  # decoding only, from here
+                model.flash_stats.reset()
+            y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+            mx.eval(y)
+        s = model.flash_stats
+        return s.evals / s.tokens, s.syncs / s.tokens
+
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    assert per_token(roomy) == (0, 0)
+    sparse, _ = load(str(store), selector="oracle", fraction=0.5, max_kv_size=256)
+    assert per_token(sparse) == (6, 6)
+    floor = roomy.flash_plan.floor
+    model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
+    heads = [m for m in model.modules() if isinstance(m, StreamedHead)]
+    streamed = sum(
+        isinstance(layer.self_attn, StreamedModule) for layer in model.layers
+    )
+    assert per_token(model) == (6 + streamed + len(heads[0].chunks()), 0)
+
+
+@pytest.mark.parametrize("options", [{}, {"naive": True}])
+def test_the_miss_path_allocates_nothing_per_token(tmp_path, options):
+    """`all` with a partial cache (the hybrid: misses read into the scratch, decoded
+    into their slots; the rest streamed) and naive: no numpy allocation of the
+    bytes read (tracemalloc) and no growth of MLX's active memory across steps."""
+    import tracemalloc
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    make_checkpoint(tmp_path / "hf", "llama", intermediate_size=2048)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    budget = (roomy.flash_plan.floor + roomy.flash_plan.total) // 2
+    model, _ = load(str(store), max_kv_size=256, dram_budget=budget, **options)
+    if not options:
+        assert 0 < sum(model.flash_plan.capacities) < 2 * 2048  # a hybrid
+    cache, y, active = make_prompt_cache(model), mx.array([PROMPT]), []
+    for step in range(8):
+        if step == 2:
+            model.flash_stats.reset()
+            tracemalloc.start()
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+        mx.eval(y)
+        active.append(mx.get_active_memory())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    s = model.flash_stats
+    read = s.bytes / s.tokens
+    assert read > 1 << 20  # megabytes read per token ...
+    assert peak < read / 16, (peak, read)  # ... none of it allocated by numpy (ids
+    # and masks of a layer's neurons are)
+    assert len(set(active[3:])) == 1, active

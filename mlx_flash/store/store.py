@@ -109,7 +109,9 @@ def read_manifest(path: Path) -> Manifest:
         why = meta_error(sums.meta, sums.bytes, sizes)
         if why:
             raise FlashError(
-                f"the checksums extension is inconsistent: {why}", manifest_path, _RECONVERT
+                f"the checksums extension is inconsistent: {why}",
+                manifest_path,
+                _RECONVERT,
             )
     return manifest
 
@@ -228,14 +230,21 @@ class BundleStore:
         if out.shape[0] < len(ids) or out.shape[1] != width:
             raise ValueError(f"out {out.shape} cannot hold {len(ids)} x {width} bytes")
         rows = out[: len(ids)]
+        ordered = len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
         col = 0
         for s in chosen:
             start = 0
             for (a, b), end, view in zip(runs, ends, views):
                 run = np.frombuffer(view, np.uint8).reshape(b - a, s.bundle_bytes)
-                rows[order[start:end], col : col + s.bundle_bytes] = run[
-                    sorted_ids[start:end] - a
-                ]
+                first, last = sorted_ids[start] - a, sorted_ids[end - 1] - a
+                if last - first + 1 == end - start:  # every neuron of the run: a
+                    src = run[first : last + 1]  # slice, no copy of its own
+                else:  # a gap read past unneeded neurons: their rows picked (a copy)
+                    src = run[sorted_ids[start:end] - a]
+                if ordered:
+                    rows[start:end, col : col + s.bundle_bytes] = src
+                else:
+                    rows[order[start:end], col : col + s.bundle_bytes] = src
                 start = end
             col += s.bundle_bytes
         return rows
