@@ -2,6 +2,7 @@
 (`planner.py`) weighs: a neuron decoded and in flight, decoding's working memory."""
 
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -32,22 +33,19 @@ def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     return total
 
 
-def in_flight_bytes(
-    components: List[Component], dtype: mx.Dtype, picked: bool = False
-) -> int:
+def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     """What one neuron read for a token takes on its way to the product, beside the
-    staging buffer: its float parts copied into MLX as stored (straight from the
-    read rows, strided) and the decoded result; with `picked` (a sparse selection,
-    whose coalesced reads skip unneeded neurons) also its bundle bytes picked out of
-    the read run. Measured on Qwen2.5-Coder-1.5B: without these, RSS went past the
-    plan and a limit of budget + idle killed it."""
+    staging buffer: its bundle bytes copied out of the read rows (numpy, contiguous),
+    their float parts copied into MLX as stored, and the decoded result (measured on
+    Qwen2.5-Coder-1.5B: without the first two, RSS went 27 MiB past the plan and a
+    limit of budget + idle killed it)."""
+    stored = sum(c.nbytes for c in components)
     converted = sum(
         size
         for c in components
         for part, size in c.encoding.parts(c.length)
         if part != "packed" and c.encoding.dtype != "uint8"
     )
-    stored = sum(c.nbytes for c in components) if picked else 0
     return stored + converted + decoded_bytes(components, dtype)
 
 
@@ -106,6 +104,15 @@ def available_memory() -> Optional[int]:
         except (OSError, ValueError):
             continue
     return max(0, min(found)) if found else None
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident memory now (Linux: /proc/self/statm); None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_budget() -> Optional[int]:

@@ -356,8 +356,7 @@ def setup(
         - sum(g.resident for g in groups),
         "KV cache and working memory": working,
         "FFN reader": len(store.reader.buffer),
-        "FFN in flight": n_ff
-        * max(in_flight_bytes(cs, dtype, options.selector != "all") for cs in cached),
+        "FFN in flight": n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
         "predictors": predictors.nbytes if predictors else 0,
         "resident gate rows": sum(
             n.neurons * decoded_bytes(cs, dtype) for n, cs in zip(m.layers, held)

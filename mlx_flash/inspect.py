@@ -41,7 +41,11 @@ def describe(store: BundleStore) -> str:
             f"{_ranges(layers)}"
         )
     steps = m.lossy_steps()
-    lines += ["", "lossy steps  " + ("none: every stored value is the source's" if not steps else "")]
+    lines += [
+        "",
+        "lossy steps  "
+        + ("none: every stored value is the source's" if not steps else ""),
+    ]
     lines += [f"  {line}" for line in steps]
     lines += [
         "",

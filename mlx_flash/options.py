@@ -70,7 +70,9 @@ class FlashOptions:
     window: Optional[int] = _option(
         "Keep exactly the neurons of the last K tokens (the paper's windowing); "
         "default: as many recent neurons as the cache holds",
-        number=_number(int, "a whole number of tokens, at least 1", "4", lambda v: v >= 1),
+        number=_number(
+            int, "a whole number of tokens, at least 1", "4", lambda v: v >= 1
+        ),
     )
     dram_budget: Union[str, int, float, None] = _option(
         "DRAM for the model: bytes with a unit (8GiB, 500MB, 1.5G: powers of 1024), a "
@@ -91,7 +93,9 @@ class FlashOptions:
     gap: Optional[int] = _option(
         "Read up to N unneeded neurons to merge reads (default: the probe's gap, else "
         f"~{DEFAULT_GAP_BYTES >> 10} KiB worth)",
-        number=_number(int, "a whole number of neurons, at least 0", "8", lambda v: v >= 0),
+        number=_number(
+            int, "a whole number of neurons, at least 0", "8", lambda v: v >= 0
+        ),
     )
     reader: str = _option(
         "direct: preadv bypassing the page cache (default); mmap: the OS pages it",
@@ -113,7 +117,9 @@ class FlashOptions:
         f"their KV cache would take more than {KV_SHARE * 100:.0f}%% of the DRAM "
         "budget; "
         "refused past that",
-        number=_number(int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1),
+        number=_number(
+            int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1
+        ),
     )
     naive: bool = _option(
         "Stream every layer's FFN whole every token, with no neuron caches: the "
@@ -151,7 +157,9 @@ class FlashOptions:
         or a threshold is asked for instead."""
         if self.selector != "lowrank" or self.recall is not None:
             return self.recall
-        return None if (self.fraction, self.threshold) != (None, None) else DEFAULT_RECALL
+        return (
+            None if (self.fraction, self.threshold) != (None, None) else DEFAULT_RECALL
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FlashOptions":

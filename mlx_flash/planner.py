@@ -79,6 +79,9 @@ class Plan:
     expected_bytes: Optional[int] = None  # read per token once warm; None: unknown
     pinned: List[int] = field(default_factory=list)  # per layer: the hot part's slots
     caching: Dict[str, int] = field(default_factory=dict)  # held only with caches
+    # what the process holds beside the plan, measured at load (`load` fills it):
+    # the interpreter with MLX, numpy and mlx-lm imported, and the tokenizer
+    outside: Dict[str, int] = field(default_factory=dict)
 
     @property
     def caches(self) -> int:
@@ -143,11 +146,15 @@ class Plan:
                 f"; streamed every token: {names}{more} (buffers {mb(self.streaming)})"
             )
         pinned = f", {sum(self.pinned)} of them pinned hot" if sum(self.pinned) else ""
+        outside = ""
+        if self.outside:
+            parts = " + ".join(f"{k} {mb(v)}" for k, v in self.outside.items())
+            outside = f"; beside it, measured at load: {parts}"
         return (
             f"[mlx_flash] DRAM plan ({budget}): {fixed}; {held}; neuron caches "
             f"{mb(self.caches)} ({cached}/{neurons} neurons, {whole}/{len(self.layers)} "
             f"layers whole{pinned}) = {mb(self.total)}; expected read per token: "
-            f"{self.expected()}"
+            f"{self.expected()}{outside}"
         )
 
     def expected(self) -> str:

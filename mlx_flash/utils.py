@@ -10,11 +10,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
-from .budget import default_budget, parse_budget, working_bytes
+from .budget import default_budget, parse_budget, resident_bytes, working_bytes
 from .disk_embedding import DiskEmbedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
@@ -97,9 +98,7 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 base = own() if own else [KVCache() for _ in self.layers]
                 limit = getattr(self, "flash_options", None)
                 context = context or getattr(self, "flash_context", DEFAULT_CONTEXT)
-                return bounded_caches(
-                    self, base, limit and limit.max_kv_size, context
-                )
+                return bounded_caches(self, base, limit and limit.max_kv_size, context)
 
             def sanitize(self, weights):
                 weights = without_pads(weights)  # the dense part's alignment
@@ -222,13 +221,17 @@ def load(
     # checks config.json (and refuses model code) before anyone parses it
     manifest = read_manifest(store_path)
     # first: its load's transient peak then stacks on nothing the plan holds
+    process = resident_bytes()
     tokenizer = load_tokenizer(
         store_path,
         {"trust_remote_code": trust_remote_code, **(tokenizer_config or {})},
         eos_token_ids=load_config(store_path).get("eos_token_id"),
     )
     release_memory()
+    after = resident_bytes()
     model, config = load_flash_model(store_path, manifest, options, lazy, model_config)
+    if process is not None and after is not None:  # what the plan cannot hold
+        model.flash_plan.outside = {"process": process, "tokenizer": after - process}
     if progress and (options.dram_budget is not None or options.selector != "all"):
         print(model.flash_plan.describe(), flush=True)
     if adapter_path is not None:
@@ -297,8 +300,10 @@ def load_flash_model(
     if budget is None and not options.naive:
         budget = default_budget()
     model.setup_flash(options, budget, tuning, config)
-    if not lazy:
-        mx.eval(model.parameters())  # the resident weights; streamed ones hold nothing
+    if not lazy:  # the resident weights (streamed ones hold nothing), one at a
+        # time: each tensor's stored copy is freed as soon as it is converted
+        for _, p in tree_flatten(model.parameters()):
+            mx.eval(p)
     release_memory()
     return model, config
 

@@ -160,7 +160,9 @@ def clean_config(d: dict, directory: Path) -> dict:
     return clean(d, True)
 
 
-def check_safetensors(path: Path, fix: str = _RECONVERT) -> Dict[str, Tuple[str, list, int]]:
+def check_safetensors(
+    path: Path, fix: str = _RECONVERT
+) -> Dict[str, Tuple[str, list, int]]:
     """Check a safetensors file's header against its size before MLX maps it, and
     return each tensor's (dtype, shape, offset of its first byte in the file).
 
