@@ -87,6 +87,12 @@ def latency(times) -> dict:
     }
 
 
+def context(spec: dict) -> int:
+    """Tokens of context every engine is given (llama.cpp's n_ctx, mlx_flash's
+    --max-kv-size): the prompt and the decoded tokens fit twice over."""
+    return max(256, 2 * spec["tokens"])
+
+
 def mlx_worker(spec: dict) -> dict:
     import mlx.core as mx
     import mlx_lm
@@ -106,7 +112,7 @@ def mlx_worker(spec: dict) -> dict:
         # the paper's hybrid is `all` under a budget: the runtime caches what fits
         hybrid = options.pop("hybrid", False)
         # the context llama.cpp gets (n_ctx below): the plan holds its KV cache
-        options.setdefault("max_kv_size", max(512, 2 * spec["tokens"]))
+        options.setdefault("max_kv_size", context(spec))
         model, tokenizer = mlx_flash.load(spec["path"], progress=False, **options)
     mx.eval(model.parameters())
     load_s = time.perf_counter() - tic
@@ -250,7 +256,7 @@ def llama_worker(spec: dict) -> dict:
             model_path=spec["path"],
             n_threads=threads,
             n_threads_batch=threads,
-            n_ctx=max(512, 2 * spec["tokens"]),
+            n_ctx=context(spec),
             # the default 512-token micro-batch reserves ~100 MB of logits/compute
             # buffer (49k vocabulary); our prompts are short, so 64 keeps it fair
             n_batch=64,
