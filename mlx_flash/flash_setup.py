@@ -95,8 +95,10 @@ def make_selector(
     sections: Sections,
     predictors: Optional[PredictorSet],
     dtype: mx.Dtype,
+    streamed: bool = False,
 ):
-    """Layer `i`'s selector: what it scores with, and how much it keeps."""
+    """Layer `i`'s selector: what it scores with, and how much it keeps (`gate`:
+    its rows held, or with `streamed` read for every token)."""
     m, n = store.manifest, store.manifest.layers[i].neurons
     fraction = options.fraction_for(gated=len(m.rows) == 2)
     if options.selector == "all":
@@ -107,11 +109,18 @@ def make_selector(
         recall = options.recall_for()
         cut = options.threshold if recall is None else predictors.threshold(i, recall)
         return LowRankSelector(predictors.predictors[i], fraction, cut)
-    rows = store.read_neurons(i, np.arange(n), sections.resident)
-    gate = decode_bundles(rows, sections.components(m.layers[i], True), dtype)
-    bias = gate.get(m.rows[0] + ".bias")
-    bias = None if bias is None else bias.reshape(-1)
-    return GateSelector(ffn, gate[m.rows[0]], bias, fraction, options.threshold)
+
+    def gate_rows():
+        rows = store.read_neurons(i, np.arange(n), sections.resident)
+        gate = decode_bundles(rows, sections.components(m.layers[i], True), dtype)
+        bias = gate.get(m.rows[0] + ".bias")
+        return gate[m.rows[0]], None if bias is None else bias.reshape(-1)
+
+    if streamed:  # read with each token (the plan could not hold them)
+        return GateSelector(ffn, gate_rows, None, fraction, options.threshold)
+    rows, bias = gate_rows()
+    mx.eval(rows, bias) if bias is not None else mx.eval(rows)
+    return GateSelector(ffn, rows, bias, fraction, options.threshold)
 
 
 @dataclass
@@ -120,6 +129,7 @@ class Candidate:
 
     group: Group
     stream: Callable[[DenseStream], None]
+    dense: bool = True  # read from the dense file (else from the bundles, by the store)
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -273,6 +283,31 @@ def streamed_head(
     return StreamedHead(parts, encoding, head_rows(parts, chunk), s)
 
 
+def gate_candidates(
+    store: BundleStore, sections: Sections, dtype: mx.Dtype, streamed: set
+) -> List[Candidate]:
+    """The `gate` selector's rows of each layer: held, or read whole every token
+    (then the selection costs that read, and stays exact)."""
+    found = []
+    for i, entry in enumerate(store.manifest.layers):
+        cs = sections.components(entry, True)
+        if not cs:
+            continue
+        read = 0
+        for k in sections.resident:
+            s = entry.sections[k]
+            read += align_up(s.offset + entry.neurons * s.bundle_bytes) - s.offset
+        group = Group(
+            f"layers.{i}.gate rows",
+            entry.neurons * decoded_bytes(cs, dtype),
+            read,
+            read,
+            entry.neurons * in_flight_bytes(cs, dtype),
+        )
+        found.append(Candidate(group, lambda s, i=i: streamed.add(i), dense=False))
+    return found
+
+
 def neuron_profile(
     store: BundleStore, options: FlashOptions
 ) -> Optional[NeuronProfile]:
@@ -344,23 +379,21 @@ def setup(
     candidates += head_candidates(
         model, tensors, dtype, m.hidden_size, store.path / DENSE_NAME, chunk
     )
+    dense_groups = sum(c.group.resident for c in candidates)
+    gate_streamed = set()  # layers whose gate rows the plan streams
+    candidates += gate_candidates(store, sections, dtype, gate_streamed)
     groups = [c.group for c in candidates]
     layers = (
         [] if options.naive else neuron_layers(store, sections, options, dtype, profile)
     )
     cached = [sections.components(layer, False) for layer in m.layers]
     n_ff = max(layer.neurons for layer in m.layers)
-    held = [sections.components(layer, True) for layer in m.layers]
     fixed = {
-        "dense (small tensors)": parameter_bytes(model)
-        - sum(g.resident for g in groups),
+        "dense (small tensors)": parameter_bytes(model) - dense_groups,
         "KV cache and working memory": working,
         "FFN reader": len(store.reader.buffer),
         "FFN in flight": n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
         "predictors": predictors.nbytes if predictors else 0,
-        "resident gate rows": sum(
-            n.neurons * decoded_bytes(cs, dtype) for n, cs in zip(m.layers, held)
-        ),
         "runtime": RUNTIME,
     }
     # one layer's read rows before they are cached (or streamed past the cache)
@@ -373,7 +406,10 @@ def setup(
     p = plan_residency(budget, fixed, groups, layers, even, store.path, scratch)
     if options.naive:
         p.capacities = [0] * len(m.layers)
-    staging = max((g.staging for g in p.streamed()), default=0)
+    staging = max(
+        (c.group.staging for c, h in zip(candidates, p.held) if c.dense and not h),
+        default=0,
+    )
     stream = None
     if staging:  # the dense part's own reader, sized for its largest read
         stream = DenseStream(
@@ -390,7 +426,16 @@ def setup(
             propose_split(profile.layers[i], c) for i, c in enumerate(p.capacities)
         ]
     give_layers_their_caches(
-        model, store, options, dtype, gap_bytes, p, sections, predictors, profile
+        model,
+        store,
+        options,
+        dtype,
+        gap_bytes,
+        p,
+        sections,
+        predictors,
+        profile,
+        gate_streamed,
     )
     streamed = sum(g.streamed for g in p.streamed())
     ffn = expected_ffn_bytes(m.layers, sections, options, p.capacities)
@@ -402,7 +447,16 @@ def setup(
 
 
 def give_layers_their_caches(
-    model, store, options, dtype, gap_bytes, p: Plan, sections, predictors, profile
+    model,
+    store,
+    options,
+    dtype,
+    gap_bytes,
+    p: Plan,
+    sections,
+    predictors,
+    profile,
+    gate_streamed=(),
 ) -> None:
     m = store.manifest
     caching = [c > 0 and not options.naive for c in p.capacities]
@@ -423,7 +477,9 @@ def give_layers_their_caches(
     cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
-        select = make_selector(options, store, i, ffn, sections, predictors, dtype)
+        select = make_selector(
+            options, store, i, ffn, sections, predictors, dtype, i in gate_streamed
+        )
         width = widths[i]
         gap = options.gap if options.gap is not None else gap_bytes // width
         cache = rows = None

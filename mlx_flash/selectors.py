@@ -76,7 +76,8 @@ class GateSelector:
     """Exact pre-activations from resident gate/fc1 rows (paper's "gate" ablation).
 
     Args:
-        rows: the layer's gate (fc1) rows, resident, and their per-neuron bias if any.
+        rows: the layer's gate (fc1) rows, resident, and their per-neuron bias if any;
+            or a function that reads both (rows the DRAM plan streams).
     """
 
     def __init__(self, ffn, rows: Weight, bias, fraction, threshold):
@@ -84,9 +85,10 @@ class GateSelector:
         self.fraction, self.threshold = fraction, threshold
 
     def __call__(self, x: mx.array) -> Selection:
-        pre = self.ffn.matmul_rows(x, self.rows, self.ffn.rows[0])
-        if self.bias is not None:
-            pre = pre + self.bias
+        rows, bias = self.rows() if callable(self.rows) else (self.rows, self.bias)
+        pre = self.ffn.matmul_rows(x, rows, self.ffn.rows[0])
+        if bias is not None:
+            pre = pre + bias
         pre = pre.reshape(-1)
         scores = np.array(mx.abs(self.ffn.activation(pre)))  # the host sync
         ids = top_ids(

@@ -330,3 +330,21 @@ def test_streamed_layers_stay_within_their_planned_flight(tmp_path, options):
     assert s.bytes / s.tokens > 1 << 20  # megabytes read per token
     assert peak <= model.flash_plan.fixed["FFN in flight"], peak
     assert len(set(active[3:])) == 1, active
+
+
+def test_the_gate_selector_runs_with_its_rows_streamed(tmp_path):
+    """The gate selector's rows are a group like any other: under a budget too small
+    to hold them they are read with every token, and the selection (exact top
+    activations) is the same."""
+    make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=4, intermediate_size=512)
+    store = convert(tmp_path / "hf", tmp_path / "store", layout="gate", progress=False)
+    options = {"selector": "gate", "fraction": 0.5, "max_kv_size": 256}
+    roomy, _ = load(str(store), progress=False, **options)
+    assert not any("gate rows" in g.name for g in roomy.flash_plan.streamed())
+    expected = greedy(roomy)
+    floor = roomy.flash_plan.floor
+    model, _ = load(str(store), dram_budget=floor, progress=False, **options)
+    streamed = [g.name for g in model.flash_plan.streamed()]
+    assert sum("gate rows" in n for n in streamed) == 4, streamed
+    assert model.flash_plan.total <= floor
+    assert greedy(model) == expected
