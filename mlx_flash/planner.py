@@ -115,8 +115,7 @@ class Plan:
     def floor(self) -> int:
         """The least budget that runs this model with these options."""
         fixed = {k: v for k, v in self.fixed.items() if k not in self.caching}
-        held = sum(g.resident for g in self.groups if g.staging)
-        return min(floor_bytes(fixed, self.groups), sum(fixed.values()) + held)
+        return least_budget(fixed, self.groups)
 
     def budget_for_slots(self, slots: int) -> int:
         """The budget whose plan holds every group read through the stream buffers
@@ -178,6 +177,13 @@ def floor_bytes(fixed: Dict[str, int], groups: Sequence[Group]) -> int:
     streamed (with its buffers). (Holding every group may cost less still, for a
     model whose groups are smaller than the buffers: `plan_residency` takes both.)"""
     return sum(fixed.values()) + streaming_bytes(groups)
+
+
+def least_budget(fixed: Dict[str, int], groups: Sequence[Group]) -> int:
+    """The floor: every group streamed (`floor_bytes`), or every group that needs
+    the stream buffers held instead, whichever is less."""
+    held = sum(g.resident for g in groups if g.staging)
+    return min(floor_bytes(fixed, groups), sum(fixed.values()) + held)
 
 
 def streaming_bytes(groups: Sequence[Group]) -> int:
@@ -244,46 +250,32 @@ def plan_residency(
             g.resident for g, b in zip(groups, buffered) if b
         )
         floor = floor_bytes(costs, groups)
+        how = {"even": even, "neurons": neurons}
         if held <= budget:
-            tries += _with_each_group(base, budget - held, buffered, 0, even, neurons)
+            tries += _with_each_group(base, budget - held, buffered, streaming=0, **how)
         if floor <= budget:
+            streaming = streaming_bytes(groups)
+            none = [False] * len(groups)
             tries += _with_each_group(
-                base,
-                budget - floor,
-                [False] * len(groups),
-                streaming_bytes(groups),
-                even,
-                neurons,
+                base, budget - floor, none, streaming=streaming, **how
             )
     if not tries:
-        floor = min(
-            floor_bytes(fixed, groups),
-            sum(fixed.values()) + sum(g.resident for g in groups if g.staging),
-        )
-        raise budget_error(budget, floor, fixed, groups, where)
+        raise budget_error(budget, least_budget(fixed, groups), fixed, groups, where)
     return min(tries, key=Plan.estimate)
 
 
-def _with_each_group(
-    start: Plan,
-    room: int,
-    held: List[bool],
-    streaming: int,
-    even: bool,
-    neurons: bool = True,
-) -> List[Plan]:
-    """The greedy, and the greedy after holding first each group it left out (a
-    large group can be worth more than the smaller ones the greedy took in its
-    place: Qwen2.5-Coder-0.5B's LM head at half the file)."""
-    first = _greedy(start, room, held, streaming, even, neurons)
+def _with_each_group(start: Plan, room: int, held: List[bool], **how) -> List[Plan]:
+    """The greedy (`how`: its `streaming`, `even` and `neurons`), and the greedy after
+    holding first each group it left out (a large group can be worth more than the
+    smaller ones the greedy took in its place: Qwen2.5-Coder-0.5B's LM head at half
+    the file)."""
+    first = _greedy(start, room, held, **how)
     tries = [first]
     for j, g in enumerate(start.groups):
         if not first.held[j] and g.resident <= room:
             forced = list(held)
             forced[j] = True
-            tries.append(
-                _greedy(start, room - g.resident, forced, streaming, even, neurons)
-            )
+            tries.append(_greedy(start, room - g.resident, forced, **how))
     return tries
 
 
