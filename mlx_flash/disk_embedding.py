@@ -104,16 +104,6 @@ class DiskEmbedding(nn.Module):
         return rows[mx.array(inverse)].reshape(*ids.shape, -1)
 
 
-def disk_embedding(
-    path: Path, config: dict, vocab: int, dims: int
-) -> Optional[DiskEmbedding]:
-    """A DiskEmbedding for the dense file at `path`, or None where the table must
-    stay in DRAM (tied to the LM head) or is not in the file."""
-    if config.get("tie_word_embeddings", True) is not False:
-        return None
-    return table_on_disk(path, vocab, dims)
-
-
 def table_on_disk(
     path: Path, vocab: int, dims: int, prefix: str = PREFIX
 ) -> Optional[DiskEmbedding]:

@@ -7,9 +7,8 @@ from mlx.utils import tree_flatten
 from conftest import make_checkpoint
 
 from mlx_flash import FlashError, convert, load
-from mlx_flash.disk_embedding import DiskEmbedding, disk_embedding
+from mlx_flash.disk_embedding import DiskEmbedding, table_on_disk
 
-UNTIED = {"tie_word_embeddings": False}
 
 
 def write_table(path, quantized: bool, vocab=50, dims=64):
@@ -33,30 +32,29 @@ def write_table(path, quantized: bool, vocab=50, dims=64):
 def test_rows_equal_the_table(tmp_path, quantized):
     path = tmp_path / "model.safetensors"
     table = write_table(path, quantized)
-    emb = disk_embedding(path, UNTIED, 50, 64)
+    emb = table_on_disk(path, 50, 64)
     ids = mx.array([[3, 7, 3], [49, 0, 7]])
     assert mx.array_equal(emb(ids), table[ids])
     assert emb.bytes_read > 0
 
 
-def test_tied_or_missing_tables_stay_in_dram(tmp_path):
+def test_a_file_without_the_table_has_none(tmp_path):
     path = tmp_path / "model.safetensors"
     write_table(path, True)
-    assert disk_embedding(path, {"tie_word_embeddings": True}, 50, 64) is None
-    assert disk_embedding(path, {}, 50, 64) is None  # tied unless said otherwise
+    assert table_on_disk(path, 50, 64, prefix="model.decoder.embed_tokens.") is None
 
 
 def test_a_table_of_the_wrong_size_is_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     write_table(path, True)
     with pytest.raises(FlashError, match="expected 51 rows"):
-        disk_embedding(path, UNTIED, 51, 64)
+        table_on_disk(path, 51, 64)
 
 
 def test_a_cut_file_is_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     write_table(path, False)
-    emb = disk_embedding(path, UNTIED, 50, 64)
+    emb = table_on_disk(path, 50, 64)
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 200)
     with pytest.raises(FlashError, match="cut short"):
