@@ -22,10 +22,10 @@ import numpy as np
 from .errors import FlashError
 from .store.encoding import dequantize, quant_params
 from .store.safety import check_safetensors
+from .streamed import NUMPY, TensorAt, to_array
 
 PREFIX = "model.embed_tokens."
-_NUMPY = {"U32": np.uint32, "U8": np.uint8, "F32": np.float32, "F16": np.float16}
-_VIEW = {"BF16": (np.uint16, mx.bfloat16)}
+TABLE_DTYPES = ("U32", "U8", "F32", "F16", "BF16")  # packed words, scales, floats
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,7 @@ class DiskEmbedding(nn.Module):
         self.bytes_read += len(raw)
         if self.stats is not None and self._decoding:
             self.stats.bytes += len(raw)
-        if t.dtype in _VIEW:
-            np_type, mx_type = _VIEW[t.dtype]
-            return mx.array(np.frombuffer(raw, np_type).reshape(len(ids), -1)).view(
-                mx_type
-            )
-        return mx.array(np.frombuffer(raw, _NUMPY[t.dtype]).reshape(len(ids), -1))
+        return to_array(raw, TensorAt(name, t.dtype, (len(ids), t.width), 0), None)
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = np.array(ids).reshape(-1)  # the token ids, on the host
@@ -116,13 +111,13 @@ def table_on_disk(
         if prefix + part not in header:
             continue
         dtype, shape, offset = header[prefix + part]
-        if len(shape) != 2 or shape[0] != vocab or dtype not in {*_NUMPY, *_VIEW}:
+        if len(shape) != 2 or shape[0] != vocab or dtype not in TABLE_DTYPES:
             raise FlashError(
                 f"{prefix + part} is {dtype} {shape}, expected {vocab} rows",
                 path,
                 "convert the model again",
             )
-        itemsize = np.dtype(_NUMPY.get(dtype, np.uint16)).itemsize
+        itemsize = np.dtype(NUMPY[dtype]).itemsize
         tensors[part] = Rows(offset, shape[1] * itemsize, dtype, shape[1])
     if "biases" in tensors and "scales" not in tensors:
         raise FlashError("the embedding has biases but no scales", path)

@@ -119,7 +119,7 @@ def make_selector(
     if streamed:  # read with each token (the plan could not hold them)
         return GateSelector(ffn, gate_rows, None, fraction, options.threshold)
     rows, bias = gate_rows()
-    mx.eval(rows, bias) if bias is not None else mx.eval(rows)
+    mx.eval(rows, [] if bias is None else bias)
     return GateSelector(ffn, rows, bias, fraction, options.threshold)
 
 
@@ -200,7 +200,6 @@ def parent_of(model: nn.Module, path: str) -> Tuple[nn.Module, str]:
 def head_candidates(
     model: nn.Module,
     tensors: Dict[str, TensorAt],
-    dtype: mx.Dtype,
     dims: int,
     dense_path: Path,
     chunk: int,
@@ -218,7 +217,7 @@ def head_candidates(
         None,
     )
     found = []
-    head = model.get("lm_head") if isinstance(model, nn.Module) else None
+    head = model.get("lm_head")
     if isinstance(head, nn.Module) and head.parameters():
         parts = {
             k: tensors["lm_head." + k]
@@ -243,7 +242,6 @@ def head_candidates(
 
     def stream(s, table=table, parts=parts, path=path):
         disk = table_on_disk(dense_path, vocab, dims, prefix=path + ".")
-        disk.compute_dtype = dtype
         if tied:
             disk.head = streamed_head(parts, encoding_of(table), s, chunk)
         parent, name = parent_of(model, path)
@@ -293,10 +291,7 @@ def gate_candidates(
         cs = sections.components(entry, True)
         if not cs:
             continue
-        read = 0
-        for k in sections.resident:
-            s = entry.sections[k]
-            read += align_up(s.offset + entry.neurons * s.bundle_bytes) - s.offset
+        read = entry.whole_read(sections.resident)
         group = Group(
             f"layers.{i}.gate rows",
             entry.neurons * decoded_bytes(cs, dtype),
@@ -377,7 +372,7 @@ def setup(
     candidates = attention_candidates(model, tensors)
     chunk = head_chunk(candidates)
     candidates += head_candidates(
-        model, tensors, dtype, m.hidden_size, store.path / DENSE_NAME, chunk
+        model, tensors, m.hidden_size, store.path / DENSE_NAME, chunk
     )
     dense_groups = sum(c.group.resident for c in candidates)
     gate_streamed = set()  # layers whose gate rows the plan streams
@@ -459,16 +454,12 @@ def give_layers_their_caches(
     gate_streamed=(),
 ) -> None:
     m = store.manifest
-    caching = [c > 0 and not options.naive for c in p.capacities]
-    caching = [
-        on and not (options.selector == "all" and c == 0)
-        for on, c in zip(caching, p.capacities)
-    ]
     widths = [entry.bundle_bytes(sections.cached) for entry in m.layers]
     sparse = options.selector != "all" and not options.naive
-    needs = [  # layers that read rows through the scratch before caching them
-        (caching[i] or sparse) for i in range(len(m.layers))
-    ]
+    # layers with a cache, whose reads go through the scratch: every layer of a
+    # sparse selector (the overflow streams past even an empty cache); with `all`,
+    # those the plan caches (naive plans none); the others stream whole
+    needs = [sparse or c > 0 for c in p.capacities]
     size = max(
         (e.neurons * w for e, w, n in zip(m.layers, widths, needs) if n), default=0
     )
@@ -515,10 +506,7 @@ def expected_ffn_bytes(
     total = 0
     for layer, capacity in zip(layers, capacities):
         if capacity == 0 or options.naive:  # each section read whole (aligned)
-            total += sum(
-                align_up(s.offset + layer.neurons * s.bundle_bytes) - s.offset
-                for s in layer.sections
-            )
+            total += layer.whole_read()
             continue
         for k in sections.cached:  # the streamed tail [capacity, n) of each section,
             s = layer.sections[k]  # read as one run widened to 4 KiB for direct I/O

@@ -7,6 +7,7 @@ put into the module, after it they are dropped. The LM head becomes a `StreamedH
 that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM.
 """
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ from .store.encoding import Encoding, matmul
 from .store.reader import READERS, aligned_extents
 from .store.safety import check_safetensors
 
-_NUMPY = {
+NUMPY = {  # the numpy type of each safetensors dtype read
     "U32": np.uint32,
     "U8": np.uint8,
     "F32": np.float32,
@@ -45,7 +46,7 @@ class TensorAt:
     def nbytes(self) -> int:
         return (
             int(np.prod(self.shape, dtype=np.int64))
-            * np.dtype(_NUMPY[self.dtype]).itemsize
+            * np.dtype(NUMPY[self.dtype]).itemsize
         )
 
     @property
@@ -65,13 +66,13 @@ def dense_tensors(path: Path) -> Dict[str, TensorAt]:
     return {
         name: TensorAt(name, dtype, tuple(shape), offset)
         for name, (dtype, shape, offset) in check_safetensors(path).items()
-        if dtype in _NUMPY
+        if dtype in NUMPY
     }
 
 
 def to_array(raw: memoryview, t: TensorAt, dtype: Optional[mx.Dtype]) -> mx.array:
     """A tensor's bytes -> an MLX array (one copy), floats cast to `dtype`."""
-    a = mx.array(np.frombuffer(raw, _NUMPY[t.dtype]).reshape(t.shape))
+    a = mx.array(np.frombuffer(raw, NUMPY[t.dtype]).reshape(t.shape))
     if t.dtype == "BF16":
         a = a.view(mx.bfloat16)
     return a.astype(dtype) if dtype is not None and t.floating else a
@@ -104,7 +105,7 @@ class DenseStream:
     def load(self, tensors: Sequence[TensorAt], decoding: bool) -> List[mx.array]:
         order = sorted(range(len(tensors)), key=lambda i: tensors[i].offset)
         before = self.reader.stats.bytes
-        with self.stats.timed("io") if decoding else _nothing():
+        with self.stats.timed("io") if decoding else contextlib.nullcontext():
             views = self.reader.read_ranges(
                 [(tensors[i].offset, tensors[i].nbytes) for i in order]
             )
@@ -118,14 +119,6 @@ class DenseStream:
 
     def close(self) -> None:
         self.reader.close()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _decoding(args) -> bool:

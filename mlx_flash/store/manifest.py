@@ -67,6 +67,15 @@ class LayerEntry:
         s = self.sections[-1]
         return s.offset + self.neurons * s.bundle_bytes
 
+    def whole_read(self, sections: Optional[List[int]] = None) -> int:
+        """Bytes that reading these sections whole takes (each starts on a block and
+        is widened to one at its end, for direct I/O); all of them by default."""
+        chosen = range(len(self.sections)) if sections is None else sections
+        return sum(
+            align_up(s.offset + self.neurons * s.bundle_bytes) - s.offset
+            for s in (self.sections[k] for k in chosen)
+        )
+
 
 @dataclass
 class Extension:

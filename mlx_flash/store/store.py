@@ -155,13 +155,7 @@ class BundleStore:
             )
         # Any read of one layer, however sparse, lies within its sections' aligned
         # spans; validation put them inside the file, whose size was just checked.
-        largest = max(
-            sum(
-                align_up(s.offset + l.neurons * s.bundle_bytes) - s.offset
-                for s in l.sections
-            )
-            for l in self.manifest.layers
-        )
+        largest = max(layer.whole_read() for layer in self.manifest.layers)
         assert largest <= size, "validation bounds every section by the file"
         if reader not in READERS:
             raise FlashError(f"unknown reader {reader!r}", fix="use direct or mmap")
