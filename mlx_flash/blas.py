@@ -7,8 +7,10 @@ where float GEMVs gain: a float16 store's compute on SmolLM2 160 vs 190 ms/token
 quantized stores run MLX's own kernels and are unchanged.
 """
 
+import argparse
 import os
 import sys
+from typing import Any, Callable, List, Optional
 
 OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -37,3 +39,19 @@ def prefer_fast_blas(hint: bool = True) -> None:
         return
     env = dict(os.environ, LD_PRELOAD=lib, MLX_FLASH_NO_PRELOAD="1")
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def run_offline(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Any],
+    argv: Optional[List[str]] = None,
+) -> None:
+    """An offline command's `main`: run as a command (`argv` None), it first restarts
+    with OpenBLAS (`prefer_fast_blas`); bad input exits with its one-line error."""
+    from .errors import exit_on_error
+
+    if argv is None:  # a command, not a call from Python
+        prefer_fast_blas()
+    args = parser.parse_args(argv)
+    with exit_on_error():
+        run(args)

@@ -24,8 +24,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .blas import prefer_fast_blas
-from .errors import FlashError, exit_on_error
+from .blas import run_offline
+from .errors import FlashError
 from .layerwise import (
     Lane,
     float_weights,
@@ -371,11 +371,7 @@ def setup_arg_parser():
 
 
 def main(argv=None):
-    if argv is None:  # a command, not a call from Python
-        prefer_fast_blas()
-    args = setup_arg_parser().parse_args(argv)
-    with exit_on_error():
-        evaluate(args)
+    run_offline(setup_arg_parser(), evaluate, argv)
 
 
 if __name__ == "__main__":

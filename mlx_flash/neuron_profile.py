@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .blas import prefer_fast_blas
-from .errors import FlashError, exit_on_error
+from .blas import run_offline
+from .errors import FlashError
 from .hot_set import FrequencyCounter, LayerCounts
 from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
 from .predictor import top_fraction_targets
@@ -260,11 +260,7 @@ def profile(args) -> NeuronProfile:
 
 
 def main(argv: Optional[List[str]] = None):
-    if argv is None:  # a command, not a call from Python
-        prefer_fast_blas()
-    args = setup_arg_parser().parse_args(argv)
-    with exit_on_error():
-        profile(args)
+    run_offline(setup_arg_parser(), profile, argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten
 import numpy as np
 from tqdm import tqdm
 
-from .blas import prefer_fast_blas
-from .errors import FlashError, exit_on_error
+from .blas import run_offline
+from .errors import FlashError
 from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
 from .predictor import (
     PREDICTOR_BITS,
@@ -181,11 +181,7 @@ def train(args) -> PredictorSet:
 
 
 def main(argv=None):
-    if argv is None:  # a command, not a call from Python
-        prefer_fast_blas()
-    args = setup_arg_parser().parse_args(argv)
-    with exit_on_error():
-        train(args)
+    run_offline(setup_arg_parser(), train, argv)
 
 
 if __name__ == "__main__":
