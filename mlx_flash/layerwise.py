@@ -10,8 +10,10 @@ mask, no KV cache): `h` is (S, L, D). Several variants ("lanes") of the same tex
 advance together, each with its own FFN policy, sharing each layer's read.
 """
 
+import hashlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -191,6 +193,19 @@ def run_layers(
 
 def _dense(layer, x, a, pre, w):
     return None
+
+
+def read_text(path: Path, what: str) -> Tuple[str, str]:
+    """A UTF-8 text file and its SHA-256 (what a sidecar records it was made from);
+    `what` names it in the errors ("the training text")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlashError(f"{what} does not exist", path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8"), hashlib.sha256(raw).hexdigest()
+    except UnicodeDecodeError:
+        raise FlashError(f"{what} is not UTF-8", path) from None
 
 
 def text_tokens(

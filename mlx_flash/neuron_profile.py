@@ -11,7 +11,6 @@ Stored as ``neuron_profile.safetensors`` + ``neuron_profile.json`` (docs/FORMAT.
 """
 
 import argparse
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from .blas import run_offline
 from .errors import FlashError
 from .hot_set import FrequencyCounter, LayerCounts
-from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
+from .layerwise import Lane, for_many_tokens, read_text, run_layers, text_tokens
 from .predictor import top_fraction_targets
 from .sidecar import sha256_file, write_sidecar
 from .store.manifest import Manifest
@@ -219,13 +218,7 @@ def profile(args) -> NeuronProfile:
     if not 0 < args.fraction <= 1:
         raise FlashError(f"--fraction {args.fraction} must be in (0, 1]")
     text_path = Path(args.text)
-    if not text_path.is_file():
-        raise FlashError("the calibration text does not exist", text_path)
-    raw = text_path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FlashError("the calibration text is not UTF-8", text_path) from None
+    text, text_sha256 = read_text(text_path, "the calibration text")
     model, tokenizer = load(args.model, progress=False)
     for_many_tokens(model)
     store, m = model.flash_store, model.flash_store.manifest
@@ -244,7 +237,7 @@ def profile(args) -> NeuronProfile:
         target,
         {
             "name": text_path.name,
-            "sha256": hashlib.sha256(raw).hexdigest(),
+            "sha256": text_sha256,
             "tokens": int(tokens.size),
             "skip": args.skip,
             "seq_len": int(tokens.shape[1]),

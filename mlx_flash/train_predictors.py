@@ -9,7 +9,6 @@ each token's top `--fraction` of neurons by |act(gate) * up| (no exact zeros the
 """
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import List
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from .blas import run_offline
 from .errors import FlashError
-from .layerwise import Lane, for_many_tokens, run_layers, text_tokens
+from .layerwise import Lane, for_many_tokens, read_text, run_layers, text_tokens
 from .predictor import (
     PREDICTOR_BITS,
     PredictorSet,
@@ -103,13 +102,7 @@ def train(args) -> PredictorSet:
     for_many_tokens(model)
     store, m = model.flash_store, model.flash_store.manifest
     text_path = Path(args.text)
-    if not text_path.is_file():
-        raise FlashError("the training text does not exist", text_path)
-    raw = text_path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FlashError("the training text is not UTF-8", text_path) from None
+    text, text_sha256 = read_text(text_path, "the training text")
     tokens = text_tokens(tokenizer, text, args.tokens, args.seq_len, args.skip)
     ranks = parse_ranks(args.rank, len(m.layers))
     gated = len(m.rows) == 2
@@ -163,7 +156,7 @@ def train(args) -> PredictorSet:
         target,
         {
             "name": text_path.name,
-            "sha256": hashlib.sha256(raw).hexdigest(),
+            "sha256": text_sha256,
             "tokens": int(tokens.size),
             "skip": args.skip,
         },
