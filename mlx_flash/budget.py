@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple, Union
 import mlx.core as mx
 
 from .errors import FlashError
-from .store.format import Component
+from .store.format import FLOAT_DTYPES, Component
 
 # Resident memory stays within the budget plus this documented constant: the Python
 # interpreter, MLX and numpy libraries and allocator slack, which no plan controls.
@@ -47,6 +47,22 @@ def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
         if part != "packed" and c.encoding.dtype != "uint8"
     )
     return stored + converted + decoded_bytes(components, dtype)
+
+
+def pool_bytes(components: List[Component], dtype: mx.Dtype) -> int:
+    """What one neuron streamed past the caches takes (`neuron_cache.Slots` with
+    ``convert=False``): its bundle bytes as stored, and the float parts MLX converts
+    to the compute dtype while the layer computes."""
+    stored = sum(c.nbytes for c in components)
+    converted = sum(
+        size // c.encoding.itemsize * dtype.size
+        for c in components
+        for part, size in c.encoding.parts(c.length)
+        if part != "packed"
+        and c.encoding.dtype != "uint8"
+        and FLOAT_DTYPES[c.encoding.dtype] != dtype
+    )
+    return stored + converted
 
 
 def working_bytes(config: dict, hidden: int, kv_cache: int, dtype: mx.Dtype) -> int:

@@ -18,11 +18,11 @@ import numpy as np
 
 from mlx.utils import tree_flatten
 
-from .budget import RUNTIME, decoded_bytes, in_flight_bytes
+from .budget import RUNTIME, decoded_bytes, in_flight_bytes, pool_bytes
 from .disk_embedding import table_on_disk
 from .errors import FlashError
 from .hot_set import propose_split
-from .neuron_cache import NeuronCache
+from .neuron_cache import NeuronCache, Slots
 from .neuron_profile import NeuronProfile, has_profile, load_profile
 from .options import DEFAULT_FRACTION, FlashOptions
 from .planner import Group, Neurons, Plan, plan_residency
@@ -351,7 +351,7 @@ def setup(
 ) -> Plan:
     """Plan the DRAM `budget` (bytes, or None), make what the plan streams stream,
     and give every layer's FlashFFN its selector, its neuron cache (the hot part
-    read now) and its view of the shared scratch.
+    read now) and the pool its streamed neurons are decoded into.
 
     `naive` (the paper's baseline) has no neuron cache: each layer's FFN streams
     whole. Otherwise every layer has the cache the plan sizes: with `all` (the exact
@@ -381,24 +381,18 @@ def setup(
     layers = (
         [] if options.naive else neuron_layers(store, sections, options, dtype, profile)
     )
-    cached = [sections.components(layer, False) for layer in m.layers]
-    n_ff = max(layer.neurons for layer in m.layers)
+    shapes = pool_shapes(m.layers)
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
         "KV cache and working memory": working,
         "FFN reader": len(store.reader.buffer),
-        "FFN in flight": n_ff * max(in_flight_bytes(cs, dtype) for cs in cached),
+        # a layer's streamed neurons decoded (the whole layer at most), one per shape
+        "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values()),
         "predictors": predictors.nbytes if predictors else 0,
         "runtime": RUNTIME,
     }
-    # one layer's read rows before they are cached (or streamed past the cache)
-    scratch = {"FFN scratch": n_ff * max(sum(c.nbytes for c in cs) for cs in cached)}
-    if options.naive:
-        scratch = {}
-    elif options.selector != "all":  # sparse reads always land there
-        fixed, scratch = {**fixed, **scratch}, {}
     even = options.selector != "all" and profile is None
-    p = plan_residency(budget, fixed, groups, layers, even, store.path, scratch)
+    p = plan_residency(budget, fixed, groups, layers, even, store.path)
     if options.naive:
         p.capacities = [0] * len(m.layers)
     staging = max(
@@ -454,42 +448,53 @@ def give_layers_their_caches(
     gate_streamed=(),
 ) -> None:
     m = store.manifest
-    widths = [entry.bundle_bytes(sections.cached) for entry in m.layers]
     sparse = options.selector != "all" and not options.naive
-    # layers with a cache, whose reads go through the scratch: every layer of a
-    # sparse selector (the overflow streams past even an empty cache); with `all`,
-    # those the plan caches (naive plans none); the others stream whole
-    needs = [sparse or c > 0 for c in p.capacities]
-    size = max(
-        (e.neurons * w for e, w, n in zip(m.layers, widths, needs) if n), default=0
-    )
-    # the layers take turns: one scratch serves them all, each viewing its own width
-    scratch = np.empty(size, np.uint8) if size else None
-    cache_dtype = mx.float32 if dtype == mx.float32 else mx.float16
+    # layers with a cache: every layer of a sparse selector (the overflow streams past
+    # even an empty cache); with `all`, those the plan caches (naive plans none); the
+    # others stream whole. The layers take turns: one pool per shape serves them all.
+    pools = {
+        key: Slots(cs, n, dtype, convert=False)
+        for key, (cs, n) in pool_shapes(m.layers).items()
+    }
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
         select = make_selector(
             options, store, i, ffn, sections, predictors, dtype, i in gate_streamed
         )
-        width = widths[i]
+        width = entry.bundle_bytes(sections.cached)
         gap = options.gap if options.gap is not None else gap_bytes // width
-        cache = rows = None
-        if needs[i]:
+        cache = None
+        if sparse or p.capacities[i] > 0:
             n = entry.neurons
             pinned = profile.hot_ids(i, p.pinned[i]) if profile is not None else None
             cache = NeuronCache(
                 sections.components(entry, False),
                 n,
                 min(p.capacities[i], n),
-                cache_dtype,
+                dtype,
                 options.window,
                 pinned,
             )
-            rows = scratch[: n * width].reshape(n, width)
-            if pinned is not None and len(pinned):
-                got = store.read_neurons(i, pinned, sections.cached, 0, rows)
-                cache.fill(np.arange(len(pinned)), got)
-        ffn.setup(select, cache, sections.cached, gap, rows)
+            if pinned is not None and len(pinned):  # the hot part, read once
+                pieces = store.read_runs(i, pinned, sections.cached)
+                for positions, components, rows in pieces:
+                    cache.put(positions, components, rows)
+        ffn.setup(select, cache, sections.cached, gap, pools[shape_key(entry)])
+
+
+def shape_key(entry: LayerEntry) -> tuple:
+    return tuple((c.name, c.length, c.encoding) for c in entry.components.values())
+
+
+def pool_shapes(layers: List[LayerEntry]) -> Dict[tuple, Tuple[List[Component], int]]:
+    """The layers' distinct bundle shapes (components and encodings): each one's
+    components and the most neurons a layer of it has."""
+    shapes = {}
+    for entry in layers:
+        key = shape_key(entry)
+        n = max(entry.neurons, shapes[key][1] if key in shapes else 0)
+        shapes[key] = (list(entry.components.values()), n)
+    return shapes
 
 
 def expected_ffn_bytes(

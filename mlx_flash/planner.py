@@ -78,7 +78,6 @@ class Plan:
     streaming: int = 0  # the dense stream's staging buffer and one pass in flight
     expected_bytes: Optional[int] = None  # read per token once warm; None: unknown
     pinned: List[int] = field(default_factory=list)  # per layer: the hot part's slots
-    caching: Dict[str, int] = field(default_factory=dict)  # held only with caches
     # what the process holds beside the plan, measured at load (`load` fills it):
     # the interpreter with MLX, numpy and mlx-lm imported, and the tokenizer
     outside: Dict[str, int] = field(default_factory=dict)
@@ -114,16 +113,14 @@ class Plan:
     @property
     def floor(self) -> int:
         """The least budget that runs this model with these options."""
-        fixed = {k: v for k, v in self.fixed.items() if k not in self.caching}
-        return least_budget(fixed, self.groups)
+        return least_budget(self.fixed, self.groups)
 
     def budget_for_slots(self, slots: int) -> int:
         """The budget whose plan holds every group read through the stream buffers
         and `slots` cache slots in every layer (with a selector that spreads its
         caches evenly; a table read by rows stays on disk)."""
         held = sum(g.resident for g in self.groups if g.staging)
-        fixed = {**self.fixed, **self.caching}
-        return sum(fixed.values()) + held + slots * self.neuron_bytes
+        return sum(self.fixed.values()) + held + slots * self.neuron_bytes
 
     def streamed(self) -> List[Group]:
         return [g for g, h in zip(self.groups, self.held) if not h]
@@ -200,7 +197,6 @@ def plan_residency(
     layers: Sequence[Neurons],
     even: bool = False,
     where: Optional[Path] = None,
-    caching: Optional[Dict[str, int]] = None,
 ) -> Plan:
     """Decide what is resident under `budget` (bytes, or None: everything).
 
@@ -212,44 +208,37 @@ def plan_residency(
             profile: every neuron as likely as any other, and an LRU needs slots in
             every layer to hit).
         where: the store, named by the error.
-        caching: bytes held only when some neuron is cached (the scratch its reads
-            land in), by name.
 
     Raises:
         FlashError: `budget` below the floor (`Plan.floor`).
     """
-    groups, layers, caching = list(groups), list(layers), dict(caching or {})
-    with_caches = {**fixed, **caching}
-    everything = sum(with_caches.values()) + sum(g.resident for g in groups)
+    groups, layers = list(groups), list(layers)
+    everything = sum(fixed.values()) + sum(g.resident for g in groups)
     everything += sum(n.count * n.resident for n in layers)
     start = Plan(
         budget,
-        with_caches,
+        dict(fixed),
         groups,
         [True] * len(groups),
         layers,
         [n.count for n in layers],
-        caching=caching,
     )
     if budget is None or everything <= budget:
         return start
     # Ways to spend it, the one that reads least wins (each reads less as the budget
     # grows, so their minimum does too): with no stream buffers (every group held
-    # that needs them) or with them; with neuron caches or none (their scratch kept
-    # for groups, as naive does)
+    # that needs them) or with them; with neuron caches or none (the groups first, as
+    # naive would)
     tries = []
-    for costs, neurons in ((with_caches, True), (fixed, False)):
-        if not neurons and not caching and tries:
-            continue  # nothing to save by caching nothing
+    for neurons in (True, False):
         base = Plan(
-            budget, dict(costs), groups, [True] * len(groups), layers, [0] * len(layers)
+            budget, dict(fixed), groups, [True] * len(groups), layers, [0] * len(layers)
         )
-        base.caching = caching
         buffered = [g.staging > 0 for g in groups]
-        held = sum(costs.values()) + sum(
+        held = sum(fixed.values()) + sum(
             g.resident for g, b in zip(groups, buffered) if b
         )
-        floor = floor_bytes(costs, groups)
+        floor = floor_bytes(fixed, groups)
         how = {"even": even, "neurons": neurons}
         if held <= budget:
             tries += _with_each_group(base, budget - held, buffered, streaming=0, **how)
@@ -298,7 +287,6 @@ def _greedy(
         layers,
         [0] * len(layers),
         streaming,
-        caching=start.caching,
     )
     rounds = True  # even caches grow slot by slot: none after one that did not fit
     for kind, index, count, cost in _by_savings(groups, layers, even):

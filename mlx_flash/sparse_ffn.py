@@ -14,10 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .neuron_cache import NeuronCache
+from .neuron_cache import NeuronCache, Slots
 from .selectors import AllSelector
 from .stats import FlashStats
-from .store.format import Weight, decode_bundles, matmul
+from .store.format import Weight, matmul
 from .store.store import BundleStore
 
 ACTIVATIONS = {
@@ -56,7 +56,7 @@ class FlashFFN(nn.Module):
         self._encodings = {n: c.encoding for n, c in components.items()}
         self.activation = ACTIVATIONS[m.activation]
         self._selector, self._cache, self._sections = None, None, []
-        self._gap, self._scratch = 0, None
+        self._gap, self._pool = 0, None
         self._whole = False  # the cache holds every neuron and the selector takes all
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
@@ -67,12 +67,13 @@ class FlashFFN(nn.Module):
         cache: Optional[NeuronCache],
         sections: List[int],
         gap: int,
-        scratch: Optional[np.ndarray],
+        pool: Slots,
     ):
-        """Sparse decoding: `selector` picks ids, `cache` holds the bundle `sections`,
-        read rows land in `scratch` (n_neurons, bytes of `sections`) before caching."""
+        """Decoding: `selector` picks ids, `cache` (or None: stream the layer whole)
+        holds the bundle `sections`; what streams past it is decoded into `pool`
+        (rows for every neuron of the layer, shared by the layers in turn)."""
         self._selector, self._cache, self._sections = selector, cache, sections
-        self._gap, self._scratch, self._whole = gap, scratch, False
+        self._gap, self._pool, self._whole = gap, pool, False
 
     def forget(self) -> None:
         """Empty the neuron cache: after a step interrupted between admitting neurons
@@ -117,15 +118,21 @@ class FlashFFN(nn.Module):
 
     def _dense(self, x: mx.array) -> mx.array:
         self._stats.dense_layers += 1
+        entry = self._store.manifest.layers[self._layer]
+        n, every = entry.neurons, range(len(entry.sections))
         decoding = x.shape[0] * x.shape[1] == 1
         with self._stats.timed("io") if decoding else contextlib.nullcontext():
-            w = self.read_all(x.dtype)
+            pieces = self._store.read_runs(self._layer, np.arange(n), every)
+        with self._stats.timed("memory") if decoding else contextlib.nullcontext():
+            for positions, components, rows in pieces:
+                self._pool.put(positions, components, rows)
+        w = self._pool.first(n, self._encodings)
         return self.with_bias(self._partial(x, w, None))
 
     def _sparse(self, x: mx.array) -> mx.array:
         """Selected neurons: the first `capacity` (by score) through the cache; any
-        beyond it streamed through a scratch read, so a small budget costs I/O, never
-        quality."""
+        beyond it streamed past it (computed from the pool), so a small budget costs
+        I/O, never quality."""
         stats, cache = self._stats, self._cache
         with stats.timed("select"):  # (the attention before it included)
             selection = self._selector(x)  # one host sync: the decision
@@ -143,19 +150,15 @@ class FlashFFN(nn.Module):
                 )
                 pre = pre[mx.array(order.astype(np.uint32))]
             slots, load_ids, load_slots = cache.admit(ids)
-        # cache misses and the overflow in one coalesced read
+        # cache misses and the overflow in one coalesced read, each neuron's bytes
+        # moved once: into its slot, or into the pool's rows that compute the overflow
         try:
-            rows = (
-                self._read(np.concatenate([load_ids, extra]))
-                if len(load_ids) + len(extra)
-                else None
-            )
+            pieces = self._read(np.concatenate([load_ids, extra]))
         except BaseException:
             cache.release(load_slots)  # admitted, never filled: forget them
             raise
-        if len(load_ids):
-            with stats.timed("memory"):
-                cache.fill(load_slots, rows[: len(load_ids)])
+        with stats.timed("memory"):
+            self._place(pieces, load_slots)
         stats.selected += len(selection.ids)
         stats.loaded += len(load_ids) + len(extra)
         stats.hits += len(ids) - len(load_ids)
@@ -170,8 +173,7 @@ class FlashFFN(nn.Module):
                 w = cache.gather(slots)
                 y = y + self._partial(x, w, None if pre is None else pre[: len(ids)])
         if len(extra):
-            with stats.timed("memory"):
-                w = decode_bundles(rows[len(load_ids) :], cache.components, x.dtype)
+            w = self._pool.first(len(extra), cache.arrays)
             with stats.timed("compute"):
                 y = y + self._partial(x, w, None if pre is None else pre[len(ids) :])
         return self.with_bias(y)
@@ -181,11 +183,26 @@ class FlashFFN(nn.Module):
         (the FFN is a sum over neurons, so the slots' order does not matter)."""
         return self.with_bias(self._partial(x, self._cache.arrays, None))
 
-    def _read(self, ids: np.ndarray) -> np.ndarray:
+    def _read(self, ids: np.ndarray) -> list:
+        if not len(ids):
+            return []
         with self._stats.timed("io"):
-            return self._store.read_neurons(
-                self._layer, ids, self._sections, self._gap, self._scratch
-            )
+            return self._store.read_runs(self._layer, ids, self._sections, self._gap)
+
+    def _place(self, pieces: list, load_slots: np.ndarray) -> None:
+        """Read rows to where they are used: the first ``len(load_slots)`` ids into
+        their cache slots, the rest (the overflow, past the cache) into the pool's
+        rows in their order."""
+        n = len(load_slots)
+        for positions, components, rows in pieces:
+            miss = positions < n
+            if miss.all():
+                self._cache.put(load_slots[positions], components, rows)
+            elif not miss.any():
+                self._pool.put(positions - n, components, rows)
+            else:  # a run with both (their rows picked apart: a copy)
+                self._cache.put(load_slots[positions[miss]], components, rows[miss])
+                self._pool.put(positions[~miss] - n, components, rows[~miss])
 
     def _partial(self, x: mx.array, w: Dict[str, Weight], pre) -> mx.array:
         """The FFN output of the neurons in `w` (bias excluded); `pre` is their first

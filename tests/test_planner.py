@@ -50,17 +50,15 @@ fixed = st.dictionaries(st.sampled_from(["kv", "reader", "runtime"]), sizes, min
     st.booleans(),
     st.integers(0, 60000),
     st.integers(0, 60000),
-    st.integers(0, 3000),
 )
-def test_planner_invariants(fixed, groups, layers, even, a, b, scratch):
+def test_planner_invariants(fixed, groups, layers, even, a, b):
     """Every group held or streamed, each cache within its layer; the total within
     the budget; more budget never means more bytes per token; below the floor, the
     error."""
     plans = []
     for budget in sorted((a, b)):
         try:
-            caching = {"scratch": scratch} if scratch else None
-            p = plan_residency(budget, fixed, groups, layers, even, caching=caching)
+            p = plan_residency(budget, fixed, groups, layers, even)
         except FlashError as e:
             assert "floor" in str(e) and "--dram-budget" in str(e)
             held = sum(fixed.values()) + sum(g.resident for g in groups if g.staging)
@@ -71,7 +69,6 @@ def test_planner_invariants(fixed, groups, layers, even, a, b, scratch):
         assert len(p.streamed()) == len(groups) - sum(p.held)
         assert all(0 <= c <= n.count for c, n in zip(p.capacities, layers))
         assert p.total <= budget
-        assert any(p.capacities) <= ("scratch" in p.fixed or not scratch)
         if even:
             assert (
                 max(p.capacities, default=0) - min(p.capacities, default=0)
@@ -124,9 +121,7 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     expected = greedy(roomy)
     p = roomy.flash_plan
     floor = p.floor
-    assert floor == floor_bytes(
-        {k: v for k, v in p.fixed.items() if k not in p.caching}, p.groups
-    )
+    assert floor == floor_bytes(p.fixed, p.groups)
     model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
     p = model.flash_plan
     assert p.total <= floor and p.capacities == [0] * len(model.layers)
@@ -277,7 +272,7 @@ def test_every_evaluation_of_a_decode_step_is_counted(tmp_path, small_chunks):
 
 def test_a_miss_moves_into_its_slot_with_no_numpy_allocation(tmp_path):
     """The first decoded token misses every neuron of a cache that holds the layer:
-    the misses are read into the scratch and decoded straight into their slots
+    the misses are read into the staging buffer and decoded straight into their slots
     (tracemalloc: no numpy allocation of the bytes read)."""
     import tracemalloc
 
@@ -302,9 +297,10 @@ def test_a_miss_moves_into_its_slot_with_no_numpy_allocation(tmp_path):
 
 @pytest.mark.parametrize("options", [{}, {"naive": True}])
 def test_streamed_layers_stay_within_their_planned_flight(tmp_path, options):
-    """Layers streamed whole (naive) or past a partial cache (the hybrid): numpy's
-    transient allocations stay within the plan's "FFN in flight", and MLX's active
-    memory does not grow across steps."""
+    """Layers streamed whole (naive) or past a partial cache (the hybrid): their
+    bytes go from the staging buffer into the pool's preallocated rows (no numpy
+    allocation of the bytes read, none in MLX either: its active memory does not grow
+    across steps)."""
     import tracemalloc
 
     from mlx_lm.models.cache import make_prompt_cache
@@ -328,7 +324,8 @@ def test_streamed_layers_stay_within_their_planned_flight(tmp_path, options):
     tracemalloc.stop()
     s = model.flash_stats
     assert s.bytes / s.tokens > 1 << 20  # megabytes read per token
-    assert peak <= model.flash_plan.fixed["FFN in flight"], peak
+    # ids and masks only, a few int64 per neuron: never the megabytes read
+    assert peak < min(64 * 2 * 2048, s.bytes / s.tokens / 8), (peak, s.bytes)
     assert len(set(active[3:])) == 1, active
 
 

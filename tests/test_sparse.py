@@ -97,7 +97,8 @@ def test_selection_larger_than_the_cache_streams_the_overflow(stores):
         sum(layer.mlp._cache.nbytes for layer in model.layers)
         == model.flash_plan.caches
     )
-    assert model.layers[0].mlp._scratch.nbytes == model.flash_plan.fixed["FFN scratch"]
+    # the pool (as stored) and what MLX converts of it while the layer computes
+    assert model.layers[0].mlp._pool.nbytes <= model.flash_plan.fixed["FFN in flight"]
     assert greedy(model) == expected
     s = model.flash_stats
     assert s.selected == 64 * 2 * s.tokens  # half of 128 neurons, 2 layers

@@ -16,6 +16,7 @@ from .format import (
     HEADER_BYTES,
     MANIFEST_NAME,
     Manifest,
+    Component,
     Weight,
     align_up,
     check_header,
@@ -190,21 +191,21 @@ class BundleStore:
             del rows, raw  # views into the staging buffer; decoding copied out
         return weights
 
-    def read_neurons(
+    def read_runs(
         self,
         layer: int,
         ids: np.ndarray,
         sections: Sequence[int],
         max_gap: int = 0,
-        out: Optional[np.ndarray] = None,
-    ) -> np.ndarray:
-        """The bundles of neurons `ids` of `layer` in `sections`: (len(ids), bytes)
-        uint8, rows in the order of `ids`, each row the sections' bundles side by side.
+    ) -> List[Tuple[np.ndarray, List[Component], np.ndarray]]:
+        """Read the bundles of neurons `ids` of `layer` in `sections`, as pieces
+        ``(positions, components, rows)``: `rows` (len(positions), bytes) uint8 are
+        the bundles of ``ids[positions]`` holding `components` (one section's). Rows
+        of a gapless run are views of the reader's staging buffer, valid until its
+        next read: the caller moves them once, to where they are used.
 
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
-        `out`, a preallocated (>= len(ids), bytes) uint8 array, receives the rows
-        (decoding generates nothing new per token); without it they are allocated.
         """
         entry, order = self.manifest.layers[layer], np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -218,29 +219,46 @@ class BundleStore:
         with self._naming(layer, runs, chosen):
             views = iter(self.reader.read_ranges(ranges))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
-        width = sum(s.bundle_bytes for s in chosen)
-        if out is None:
-            out = np.empty((len(ids), width), np.uint8)
-        if out.shape[0] < len(ids) or out.shape[1] != width:
-            raise ValueError(f"out {out.shape} cannot hold {len(ids)} x {width} bytes")
-        rows = out[: len(ids)]
-        ordered = len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
-        col = 0
+        pieces = []
         for s in chosen:
-            start = 0
+            components, start = entry.section_components(s), 0
             for (a, b), end, view in zip(runs, ends, views):
                 run = np.frombuffer(view, np.uint8).reshape(b - a, s.bundle_bytes)
                 first, last = sorted_ids[start] - a, sorted_ids[end - 1] - a
                 if last - first + 1 == end - start:  # every neuron of the run: a
-                    src = run[first : last + 1]  # slice, no copy of its own
+                    rows = run[first : last + 1]  # slice, no copy of its own
                 else:  # a gap read past unneeded neurons: their rows picked (a copy)
-                    src = run[sorted_ids[start:end] - a]
-                if ordered:
-                    rows[start:end, col : col + s.bundle_bytes] = src
-                else:
-                    rows[order[start:end], col : col + s.bundle_bytes] = src
+                    rows = run[sorted_ids[start:end] - a]
+                pieces.append((order[start:end], components, rows))
                 start = end
-            col += s.bundle_bytes
+        return pieces
+
+    def read_neurons(
+        self,
+        layer: int,
+        ids: np.ndarray,
+        sections: Sequence[int],
+        max_gap: int = 0,
+        out: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """The bundles of neurons `ids` of `layer` in `sections`: (len(ids), bytes)
+        uint8, rows in the order of `ids`, each row the sections' bundles side by side
+        (`read_runs`, gathered); `out`, a (>= len(ids), bytes) uint8 array, receives
+        them, else they are allocated."""
+        entry = self.manifest.layers[layer]
+        width = sum(entry.sections[k].bundle_bytes for k in sections)
+        if out is None:
+            out = np.empty((len(ids), width), np.uint8)
+        if out.shape[0] < len(ids) or out.shape[1] != width:
+            raise ValueError(f"out {out.shape} cannot hold {len(ids)} x {width} bytes")
+        rows, col, seen = out[: len(ids)], 0, None
+        for positions, components, piece in self.read_runs(
+            layer, ids, sections, max_gap
+        ):
+            if components is not seen:  # the next section's columns
+                col += 0 if seen is None else sum(c.nbytes for c in seen)
+                seen = components
+            rows[positions, col : col + piece.shape[1]] = piece
         return rows
 
     def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
