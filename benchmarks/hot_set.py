@@ -152,13 +152,12 @@ def check_decoding(store, tokens, prompt, steps, trace, slots, n, bundle):
     import mlx_flash
     from mlx_flash.cache_simulator import lru, simulate
 
-    roomy, _ = mlx_flash.load(store, selector="oracle", fraction=0.5, progress=False)
+    options = {"selector": "oracle", "fraction": 0.5, "prefill_step_size": 16}
+    roomy, _ = mlx_flash.load(store, progress=False, **options)
     p = roomy.flash_plan
     budget = p.budget_for_slots(slots)
     del roomy
-    model, _ = mlx_flash.load(
-        store, selector="oracle", fraction=0.5, dram_budget=budget, progress=False
-    )
+    model, _ = mlx_flash.load(store, dram_budget=budget, progress=False, **options)
     assert model.flash_plan.capacity == slots, model.flash_plan.describe()
     chosen = [[] for _ in model.layers]
     for i, layer in enumerate(model.layers):  # record what decoding selects

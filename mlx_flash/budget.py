@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -71,6 +71,52 @@ def working_bytes(config: dict, hidden: int, kv_cache: int, dtype: mx.Dtype) -> 
     and one step's logits (with their log-softmax) and activations."""
     step = 2 * config.get("vocab_size", 0) + 8 * hidden
     return kv_cache + step * dtype.size
+
+
+# Prompts are processed in steps of at most this many tokens (mlx-lm's default) ...
+MAX_PREFILL = 2048
+# ... fewer (halving, down to MIN_PREFILL) while one step's activations would take
+# more than this share of the DRAM budget
+PREFILL_SHARE = 0.125
+MIN_PREFILL = 16
+
+
+def prefill_bytes(
+    config: dict,
+    hidden: int,
+    intermediate: int,
+    step: int,
+    context: int,
+    dtype: mx.Dtype,
+) -> int:
+    """MLX memory one prefill step of `step` tokens holds at its peak, with `context`
+    tokens in the KV cache: per token 6 x the FFN width + 8 x the hidden size + 2 x
+    heads x context (attention scores and their softmax) in the compute dtype, and
+    1 MiB. Measured peaks less the KV cache's own growth (2026-12-01, a fresh cache,
+    steps of 16-1024 tokens): SmolLM2-135M 56-82 KiB per token + 0.5 MiB, this
+    bounds it; Qwen2.5-Coder-0.5B 114-148 KiB per token, this is 1.5x. The step's
+    logits are not in it: mlx-lm's prompt steps never evaluate them (a streamed head
+    leaves them a lazy graph too, `StreamedHead`); a caller who does holds
+    vocabulary x step more."""
+    heads = config.get("num_attention_heads", 0)
+    per_token = 6 * intermediate + 8 * hidden + 2 * heads * context
+    return step * per_token * dtype.size + (1 << 20)
+
+
+def prefill_step(
+    budget: Optional[int], activations: Callable[[int], int], most: int = MAX_PREFILL
+) -> int:
+    """The prefill step the plan holds: `most` tokens, or fewer (halving, down to
+    `MIN_PREFILL`) while one step's `activations(step)` bytes would take more than
+    `PREFILL_SHARE` of the budget."""
+    step = most
+    while (
+        budget is not None
+        and step > MIN_PREFILL
+        and activations(step) > PREFILL_SHARE * budget
+    ):
+        step //= 2
+    return step
 
 
 BUDGET_FORMS = (

@@ -18,14 +18,23 @@ import numpy as np
 
 from mlx.utils import tree_flatten
 
-from .budget import RUNTIME, decoded_bytes, in_flight_bytes, pool_bytes
+from .budget import (
+    RUNTIME,
+    decoded_bytes,
+    in_flight_bytes,
+    pool_bytes,
+    MIN_PREFILL,
+    prefill_bytes,
+    prefill_step,
+    working_bytes,
+)
 from .disk_embedding import table_on_disk
 from .errors import FlashError
 from .hot_set import propose_split
 from .neuron_cache import NeuronCache, Slots
 from .neuron_profile import NeuronProfile, has_profile, load_profile
 from .options import DEFAULT_FRACTION, FlashOptions
-from .planner import Group, Neurons, Plan, plan_residency
+from .planner import PREFILL, Group, Neurons, Plan, plan_residency
 from .predictor import PREDICTOR_BITS, PredictorSet, load_predictors
 from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
 from .stats import FlashStats
@@ -229,7 +238,8 @@ def head_candidates(
             def stream(s, head=head, parts=parts):
                 model.lm_head = streamed_head(parts, encoding_of(head), s, chunk)
 
-            found.append(Candidate(head_group("lm_head", head, parts, chunk), stream))
+            group = head_group("lm_head", head, parts, chunk)
+            found.append(Candidate(group, stream))
     if table is None:
         return found
     path = paths[id(table)]
@@ -345,7 +355,9 @@ def setup(
     dtype: mx.Dtype,
     budget: Optional[int],
     gap_bytes: int,
-    working: int,
+    kv_cache: int,
+    context: int,
+    config: dict,
     stats: FlashStats,
     threads: int,
 ) -> Plan:
@@ -358,6 +370,9 @@ def setup(
     default) whole layers are cached first, which compute from their slots with no
     reads after the first token; a partial one is the paper's hybrid (the first
     `capacity` neurons stay cached, the rest stream every token); the others stream.
+    The KV cache (`kv_cache` bytes for `context` tokens) and the working memory of
+    decoding and of one prefill step are fixed; the prefill step is the largest
+    that fits its share of the budget (`budget.prefill_step`).
     """
     m = store.manifest
     sections = split_sections(store, options.selector)
@@ -384,7 +399,10 @@ def setup(
     shapes = pool_shapes(m.layers)
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
-        "KV cache and working memory": working,
+        "KV cache and working memory": working_bytes(
+            config, m.hidden_size, kv_cache, dtype
+        ),
+        PREFILL: 0,  # below
         "FFN reader": len(store.reader.buffer),
         # a layer's streamed neurons decoded (the whole layer at most), one per shape
         "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values()),
@@ -392,7 +410,24 @@ def setup(
         "runtime": RUNTIME,
     }
     even = options.selector != "all" and profile is None
-    p = plan_residency(budget, fixed, groups, layers, even, store.path)
+
+    def prefill(n: int) -> int:
+        args = (config, m.hidden_size, m.intermediate_size, n, context, dtype)
+        return prefill_bytes(*args)
+
+    step = prefill_step(budget, prefill, options.prefill_step_size)
+    while True:  # a smaller step where the plan would not fit
+        fixed[PREFILL] = prefill(step)
+        try:
+            p = plan_residency(budget, fixed, groups, layers, even, store.path)
+            break
+        except FlashError:
+            if step <= MIN_PREFILL:  # (or asked for fewer)
+                raise
+            step //= 2
+    least = prefill(min(MIN_PREFILL, options.prefill_step_size))
+    p.least_fixed = {**fixed, PREFILL: least}  # the floor's
+    p.prefill_step = step
     if options.naive:
         p.capacities = [0] * len(m.layers)
     staging = max(

@@ -12,7 +12,13 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
-from .budget import BUDGET_FORMS, parse_budget
+from .budget import (
+    BUDGET_FORMS,
+    MAX_PREFILL,
+    MIN_PREFILL,
+    PREFILL_SHARE,
+    parse_budget,
+)
 from .errors import FlashError
 from .kv_cache import DEFAULT_CONTEXT, KV_SHARE, MIN_CONTEXT
 from .selectors import SELECTORS
@@ -121,6 +127,16 @@ class FlashOptions:
             int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1
         ),
     )
+    prefill_step_size: int = _option(
+        f"Prompt tokens processed at a time, at most (default {MAX_PREFILL}, as in "
+        "mlx-lm); the DRAM plan holds one step's activations and takes fewer tokens "
+        f"(halving, down to {MIN_PREFILL}) where they would take more than "
+        f"{PREFILL_SHARE * 100:.1f}%% of the budget",
+        MAX_PREFILL,
+        number=_number(
+            int, "a whole number of tokens, at least 1", "512", lambda v: v >= 1
+        ),
+    )
     naive: bool = _option(
         "Stream every layer's FFN whole every token, with no neuron caches: the "
         "paper's naive baseline (a budget still decides what else is resident; "
@@ -195,7 +211,8 @@ def add_flash_args(parser: argparse.ArgumentParser):
     defaults = FlashOptions()
     for f in fields(FlashOptions):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if flag in parser._option_string_actions:  # mlx-lm's own (--max-kv-size)
+        if flag in parser._option_string_actions:  # mlx-lm's own (--max-kv-size):
+            parser._option_string_actions[flag].help = meta["help"]  # what it plans
             continue
         if f.type is bool or f.default is False:
             group.add_argument(flag, action="store_true", help=meta["help"])

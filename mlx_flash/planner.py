@@ -5,7 +5,7 @@ when it is not resident: each layer's attention (read whole every token), the LM
 (whole, every token, in vocabulary chunks), an untied embedding table (one row per
 token), each FFN neuron (its probability of being selected x its bundle bytes). What
 no plan can stream is fixed: the KV cache of the context it allows, decoding's working
-memory, the readers' buffers and one layer's neurons in flight, the tensors too small
+memory and one prefill step's activations, the readers' buffers and one layer's neurons in flight, the tensors too small
 to stream (norms, biases), the selector's state, and the runtime. The plan keeps
 resident what saves the most bytes per token per byte of DRAM (greedy by that ratio;
 ties go to the groups, then to the earlier layer, so that with `all` whole layers are
@@ -23,6 +23,8 @@ import numpy as np
 from .errors import FlashError
 
 MiB = 2**20
+# the fixed part for one prefill step's activations (`budget.prefill_bytes`)
+PREFILL = "prefill step"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class Plan:
     streaming: int = 0  # the dense stream's staging buffer and one pass in flight
     expected_bytes: Optional[int] = None  # read per token once warm; None: unknown
     pinned: List[int] = field(default_factory=list)  # per layer: the hot part's slots
+    prefill_step: int = 2048  # tokens a prompt is processed in at a time, at most
+    # `fixed` at the least budget (the smallest prefill step), or None: `fixed`
+    least_fixed: Optional[Dict[str, int]] = None
     # what the process holds beside the plan, measured at load (`load` fills it):
     # the interpreter with MLX, numpy and mlx-lm imported, and the tokenizer
     outside: Dict[str, int] = field(default_factory=dict)
@@ -113,12 +118,14 @@ class Plan:
     @property
     def floor(self) -> int:
         """The least budget that runs this model with these options."""
-        return least_budget(self.fixed, self.groups)
+        return least_budget(self.least_fixed or self.fixed, self.groups)
 
     def budget_for_slots(self, slots: int) -> int:
         """The budget whose plan holds every group read through the stream buffers
         and `slots` cache slots in every layer (with a selector that spreads its
-        caches evenly; a table read by rows stays on disk)."""
+        caches evenly; a table read by rows stays on disk), at this plan's prefill
+        step: load with the same `prefill_step_size` (a budget's own step may be
+        smaller, leaving room for more slots)."""
         held = sum(g.resident for g in self.groups if g.staging)
         return sum(self.fixed.values()) + held + slots * self.neuron_bytes
 
@@ -128,7 +135,8 @@ class Plan:
     def describe(self) -> str:
         mb = lambda n: f"{n / MiB:.1f} MiB"  # noqa: E731
         budget = "no budget" if self.budget is None else f"budget {mb(self.budget)}"
-        fixed = " + ".join(f"{k} {mb(v)}" for k, v in self.fixed.items() if v)
+        shown = lambda k: f"{k} of {self.prefill_step} tokens" if k == PREFILL else k  # noqa: E731
+        fixed = " + ".join(f"{shown(k)} {mb(v)}" for k, v in self.fixed.items() if v)
         streamed = self.streamed()
         cached = sum(self.capacities)
         neurons = sum(n.count for n in self.layers)

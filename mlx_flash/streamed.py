@@ -214,8 +214,10 @@ class StreamedHead(nn.Module):
         ]
 
     def __call__(self, x: mx.array) -> mx.array:
-        decoding = _decoding([x])
         names = [n for n in ("weight", "scales", "biases", "bias") if n in self._parts]
+        if x.ndim >= 2 and x.shape[-2] > 1:
+            return self._lazy(x, names)
+        decoding = _decoding([x])
         out = []
         for a, b in self.chunks():
             got = dict(
@@ -237,6 +239,23 @@ class StreamedHead(nn.Module):
             out.append(y)
             del got, w
         return mx.concatenate(out, axis=-1)
+
+    def _lazy(self, x: mx.array, names: List[str]) -> mx.array:
+        """Several positions' logits (a prompt step) as a graph on the matrix loaded
+        lazily from the file: nothing is read unless they are evaluated. mlx-lm's
+        generation never evaluates them (its prompt steps keep only the KV cache), so
+        prefill costs no head read and no logits; a caller who evaluates them (a
+        perplexity script) has the matrix read whole, beyond the plan, once per call."""
+        lazy, cast = mx.load(str(self._stream.path)), self._stream.dtype
+        got = {}
+        for n in names:
+            t = self._parts[n]
+            got[n] = lazy[t.name].astype(cast) if cast and t.floating else lazy[t.name]
+        w = got["weight"]
+        if self._encoding.quantized:
+            w = (w, got["scales"]) + ((got["biases"],) if "biases" in got else ())
+        y = matmul(x, w, self._encoding, transpose=True)
+        return y + got["bias"] if "bias" in got else y
 
 
 def head_rows(parts: Dict[str, TensorAt], chunk_bytes: int) -> int:

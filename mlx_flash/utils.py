@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
-from .budget import default_budget, parse_budget, resident_bytes, working_bytes
+from .budget import default_budget, parse_budget, resident_bytes
 from .disk_embedding import DiskEmbedding
 from .read_tuning import load_probe, reader_settings
 from .errors import FlashError
@@ -66,9 +66,6 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 self.flash_options = options
                 if options.max_kv_size is None:
                     self.flash_context = default_context(self, budget)
-                working = working_bytes(
-                    config, store.manifest.hidden_size, kv_cache_bytes(self), dtype
-                )
                 self.flash_plan = setup(
                     self,
                     store,
@@ -76,7 +73,9 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                     dtype,
                     budget,
                     tuning.gap_bytes,
-                    working,
+                    kv_cache_bytes(self),
+                    options.max_kv_size or self.flash_context,
+                    config,
                     stats,
                     tuning.threads,
                 )
@@ -90,6 +89,23 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                     mx.set_cache_limit(0)
                 self.flash_tuning, self.flash_stats = tuning, stats
                 self.flash_store = store
+
+            def __call__(self, inputs: mx.array, cache=None, **kwargs):
+                """mlx-lm's forward; a prompt longer than the plan's prefill step
+                (with a cache to carry it) goes through in steps of that many tokens,
+                each evaluated into the cache before the next, so one step's
+                activations are what the plan holds whatever step the caller took
+                (mlx-lm's default is 2,048 tokens)."""
+                plan = getattr(self, "flash_plan", None)
+                step = plan.prefill_step if plan is not None else None
+                L = inputs.shape[1]
+                if step is None or cache is None or kwargs or L <= step:
+                    return super().__call__(inputs, cache=cache, **kwargs)
+                out = []
+                for a in range(0, L, step):
+                    out.append(super().__call__(inputs[:, a : a + step], cache=cache))
+                    mx.eval([c.state for c in cache])
+                return mx.concatenate(out, axis=1)
 
             def make_cache(self, context: Optional[int] = None):
                 """The model's KV caches, bounded by the context the plan holds

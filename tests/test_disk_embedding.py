@@ -10,7 +10,6 @@ from mlx_flash import FlashError, convert, load
 from mlx_flash.disk_embedding import DiskEmbedding, table_on_disk
 
 
-
 def write_table(path, quantized: bool, vocab=50, dims=64):
     table = mx.random.normal((vocab, dims), key=mx.random.key(1))
     if quantized:
@@ -65,20 +64,26 @@ def test_an_untied_table_stays_on_disk_unless_everything_fits(tmp_path):
     """One row per token is all an untied table saves when held: the planner holds
     it last. Held when everything fits; read from disk by row when not."""
     make_checkpoint(tmp_path / "hf", "llama")  # tie_word_embeddings: false
-    store = convert(tmp_path / "hf", tmp_path / "store", ffn_format="q8", progress=False)
-    roomy, _ = load(str(store), progress=False)
+    store = convert(
+        tmp_path / "hf", tmp_path / "store", ffn_format="q8", progress=False
+    )
+    roomy, _ = load(str(store), prefill_step_size=16, progress=False)  # (a budget's
+    # own step would move the plan: pinned)
     assert isinstance(roomy.model.embed_tokens, nn.Embedding)
     p = roomy.flash_plan
     table_bytes = next(g.resident for g in p.groups if g.name.endswith("embed_tokens"))
     budget = p.total - table_bytes // 2  # a row per token beats 40 neurons per token
-    model, _ = load(str(store), dram_budget=budget, progress=False)
+    model, _ = load(
+        str(store), dram_budget=budget, prefill_step_size=16, progress=False
+    )
     table = model.model.embed_tokens
     assert isinstance(table, DiskEmbedding)
     assert [g.name for g in model.flash_plan.streamed()] == ["embed_tokens"]
     params = dict(tree_flatten(model.parameters()))
     assert not any("embed_tokens" in k for k in params)  # never loaded
-    assert sum(v.nbytes for v in params.values()) == p.resident_groups - table_bytes + (
-        p.fixed["dense (small tensors)"]
+    assert (
+        sum(v.nbytes for v in params.values())
+        == p.resident_groups - table_bytes + (p.fixed["dense (small tensors)"])
     )
     full = mx.load(str(store / "model.safetensors"))["model.embed_tokens.weight"]
     ids = mx.array([[1, 5, 9]])

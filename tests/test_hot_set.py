@@ -176,12 +176,11 @@ def recorded(model):
 
 
 def test_lru_matches_the_decoding_caches_own_hits(store):
-    roomy, _ = load(str(store), selector="oracle", fraction=0.5, progress=False)
+    options = {"selector": "oracle", "fraction": 0.5, "prefill_step_size": 16}
+    roomy, _ = load(str(store), progress=False, **options)
     p = roomy.flash_plan
     budget = p.budget_for_slots(40)  # 40 of 128 slots
-    model, _ = load(
-        str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
-    )
+    model, _ = load(str(store), dram_budget=budget, progress=False, **options)
     trace = recorded(model)
     y, cache = mx.array([[3]]), make_prompt_cache(model)
     for _ in range(24):  # decoding only: each step fills the caches

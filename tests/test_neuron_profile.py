@@ -253,11 +253,10 @@ def test_load_pins_the_profiles_hot_neurons_where_the_plan_says(stores):
     from mlx_flash.hot_set import propose_split
 
     path = stores["llama"]
-    roomy, _ = load(str(path), selector="oracle", fraction=0.5, progress=False)
+    options = {"selector": "oracle", "fraction": 0.5, "prefill_step_size": 16}
+    roomy, _ = load(str(path), progress=False, **options)
     budget = roomy.flash_plan.budget_for_slots(40)
-    model, _ = load(
-        str(path), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
-    )
+    model, _ = load(str(path), dram_budget=budget, progress=False, **options)
     p, profile = model.flash_plan, profile_of(path)
     assert p.total <= budget and 0 < sum(p.capacities) < 256
     assert p.expected_bytes is not None  # estimated from the frequencies

@@ -36,11 +36,13 @@ def test_every_option_is_a_flag_with_the_same_default():
         "threads": "2",
         "compute_dtype": "float16",
         "max_kv_size": "512",
+        "prefill_step_size": "256",
     }
     argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
     got = parse(*argv, "--verify")
     assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
     assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
+    assert got.prefill_step_size == 256
     assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify", "naive"}
     assert parse("--naive").naive
 
@@ -120,9 +122,9 @@ def test_expected_bytes_per_token_are_what_all_reads(tmp_path, budget_slots):
     make_checkpoint(tmp_path / "hf", "llama")
     model, _ = load(str(tmp_path / "hf"), naive=True)
     naive = model.flash_plan.expected_bytes
-    options = {}
+    options = {"prefill_step_size": 16}  # (a budget's own step would move the plan)
     if budget_slots:
-        p = load(str(tmp_path / "hf"))[0].flash_plan
+        p = load(str(tmp_path / "hf"), **options)[0].flash_plan
         options["dram_budget"] = p.budget_for_slots(budget_slots)
     model, _ = load(str(tmp_path / "hf"), **options)
     from mlx_lm.generate import generate_step
@@ -158,7 +160,9 @@ def test_the_default_budget_is_a_share_of_the_memory_available():
     from mlx_flash.budget import DEFAULT_BUDGET_SHARE, available_memory, default_budget
 
     available = available_memory()
-    assert available is None or default_budget() == int(available * DEFAULT_BUDGET_SHARE)
+    assert available is None or default_budget() == int(
+        available * DEFAULT_BUDGET_SHARE
+    )
     if available is not None:  # MemAvailable, within a cgroup's limit when there is one
         meminfo = open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]
         assert available <= int(meminfo) * 1024 * 1.1

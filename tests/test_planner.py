@@ -121,7 +121,7 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     expected = greedy(roomy)
     p = roomy.flash_plan
     floor = p.floor
-    assert floor == floor_bytes(p.fixed, p.groups)
+    assert floor == floor_bytes(p.least_fixed, p.groups)
     model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
     p = model.flash_plan
     assert p.total <= floor and p.capacities == [0] * len(model.layers)
@@ -307,9 +307,10 @@ def test_streamed_layers_stay_within_their_planned_flight(tmp_path, options):
 
     make_checkpoint(tmp_path / "hf", "llama", intermediate_size=2048)
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
-    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    pinned = {"max_kv_size": 256, "prefill_step_size": 16}
+    roomy, _ = load(str(store), progress=False, **pinned)
     budget = (roomy.flash_plan.floor + roomy.flash_plan.total) // 2
-    model, _ = load(str(store), max_kv_size=256, dram_budget=budget, **options)
+    model, _ = load(str(store), dram_budget=budget, **pinned, **options)
     if not options:
         assert 0 < sum(model.flash_plan.capacities) < 2 * 2048  # a hybrid
     cache, y, active = make_prompt_cache(model), mx.array([PROMPT]), []
@@ -333,7 +334,9 @@ def test_the_gate_selector_runs_with_its_rows_streamed(tmp_path):
     """The gate selector's rows are a group like any other: under a budget too small
     to hold them they are read with every token, and the selection (exact top
     activations) is the same."""
-    make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=4, intermediate_size=512)
+    make_checkpoint(
+        tmp_path / "hf", "llama", num_hidden_layers=4, intermediate_size=512
+    )
     store = convert(tmp_path / "hf", tmp_path / "store", layout="gate", progress=False)
     options = {"selector": "gate", "fraction": 0.5, "max_kv_size": 256}
     roomy, _ = load(str(store), progress=False, **options)
@@ -345,3 +348,56 @@ def test_the_gate_selector_runs_with_its_rows_streamed(tmp_path):
     assert sum("gate rows" in n for n in streamed) == 4, streamed
     assert model.flash_plan.total <= floor
     assert greedy(model) == expected
+
+
+def test_a_prompt_goes_through_in_the_plans_prefill_steps(tmp_path, small_chunks):
+    """A prompt longer than the plan's prefill step, given whole (mlx-lm's default
+    step is 2,048): it goes through in steps of that many tokens, each into the KV
+    cache before the next, with the same logits (the streamed head's a lazy graph,
+    exact when evaluated) and greedy tokens as one unbudgeted pass."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=4)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    prompt = mx.array([[(7 * i) % 60 + 1 for i in range(100)]])
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    assert roomy.flash_plan.prefill_step >= 100  # one step
+    expected = roomy(prompt, cache=make_prompt_cache(roomy))
+    floor = roomy.flash_plan.floor
+    model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
+    p = model.flash_plan
+    assert p.prefill_step == 16 and any("lm_head" in g.name for g in p.streamed()), (
+        p.describe()
+    )
+    model.flash_stats.reset()
+    logits = model(prompt, cache=make_prompt_cache(model))
+    assert model.flash_stats.dense_layers == 4 * 7  # ceil(100 / 16) steps, 4 layers
+    assert mx.allclose(logits, expected, atol=1e-5, rtol=1e-5)
+    steps = lambda m: generate_step(  # noqa: E731
+        prompt[0], m, max_tokens=6, sampler=lambda l: mx.argmax(l, -1)
+    )
+    assert [int(t) for t, _ in steps(model)] == [int(t) for t, _ in steps(roomy)]
+
+
+def test_the_prefill_step_shrinks_with_the_budget_and_is_in_the_plan(tmp_path):
+    """The plan holds one prefill step's activations: the step halves (down to 16)
+    while they would take more than an eighth of the budget; a step asked for is
+    an upper bound; the floor is the smallest step's."""
+    from mlx_flash.budget import MIN_PREFILL, PREFILL_SHARE
+    from mlx_flash.planner import PREFILL
+
+    make_checkpoint(tmp_path / "hf", "llama", intermediate_size=2048)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    floor = roomy.flash_plan.floor
+    steps = []
+    for budget in (floor, floor * 2, floor * 8, floor * 64):
+        p = load(str(store), max_kv_size=256, dram_budget=budget)[0].flash_plan
+        assert p.total <= budget
+        assert p.prefill_step == MIN_PREFILL or (
+            p.fixed[PREFILL] <= PREFILL_SHARE * budget
+        )
+        steps.append(p.prefill_step)
+    assert steps == sorted(steps) and steps[0] == MIN_PREFILL < steps[-1]
+    asked = load(str(store), max_kv_size=256, prefill_step_size=100)[0].flash_plan
+    assert asked.prefill_step == 100

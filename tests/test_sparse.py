@@ -84,13 +84,12 @@ def test_gate_selector_needs_the_gate_layout(stores):
 def test_selection_larger_than_the_cache_streams_the_overflow(stores):
     """A small budget costs reads, never quality: the same tokens as a roomy cache."""
     store = stores["llama", "bundled"]
-    roomy, _ = load(str(store), selector="oracle", fraction=0.5, progress=False)
+    options = {"selector": "oracle", "fraction": 0.5, "prefill_step_size": 16}
+    roomy, _ = load(str(store), progress=False, **options)
     expected = greedy(roomy)
     plan = roomy.flash_plan
     budget = plan.budget_for_slots(20)  # 20 slots
-    model, _ = load(
-        str(store), selector="oracle", fraction=0.5, dram_budget=budget, progress=False
-    )
+    model, _ = load(str(store), dram_budget=budget, progress=False, **options)
     assert model.flash_plan.capacity == 20 and model.flash_plan.total <= budget
     # the plan counts exactly what the caches allocated
     assert (
