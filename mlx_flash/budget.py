@@ -79,6 +79,9 @@ MAX_PREFILL = 2048
 # more than this share of the DRAM budget
 PREFILL_SHARE = 0.125
 MIN_PREFILL = 16
+# ... and larger than MIN_PREFILL only while it costs decoding at most this share
+# more bytes read per token (what the budget holds is for decoding first)
+PREFILL_COST = 0.01
 
 
 def prefill_bytes(

@@ -34,7 +34,12 @@ from .layerwise import (
     text_tokens,
     token_nll,
 )
-from .predictor import PredictorSet, load_predictors, top_fraction_targets
+from .predictor import (
+    PredictorSet,
+    load_predictors,
+    targets_for,
+    top_fraction_targets,
+)
 from .sparse_ffn import ACTIVATIONS
 from .utils import load
 
@@ -164,11 +169,8 @@ def evaluate(args) -> Dict:
             ps = load_predictors(model.flash_store.path, m.hidden_size, neurons)
         except FlashError as e:
             print(f"[mlx_flash] no lowrank rows: {e}", file=sys.stderr)
-    if ps is not None and ps.target.get("kind") == "top":
-        target_fraction = ps.target["fraction"]
-        targets = lambda a: top_fraction_targets(mx.abs(a), target_fraction)  # noqa
-    else:
-        targets = lambda a: a > 0  # noqa: E731
+    # the neurons that matter, as the predictors were trained to find them
+    targets = targets_for(ps.target if ps is not None else {"kind": "relu"})
     activation = ACTIVATIONS[m.activation]
     configs = configurations(
         activation, gated, args.fractions, args.recalls, ps, m.rows, args.shadow_bits

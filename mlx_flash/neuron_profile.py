@@ -23,7 +23,7 @@ from .blas import run_offline
 from .errors import FlashError
 from .hot_set import FrequencyCounter, LayerCounts
 from .layerwise import Lane, for_many_tokens, read_text, run_layers, text_tokens
-from .predictor import top_fraction_targets
+from .predictor import target_error, top_fraction_targets
 from .sidecar import sha256_file, write_sidecar
 from .store.manifest import Manifest
 from .store.safety import check_safetensors, read_json_object
@@ -179,14 +179,7 @@ def _manifest_error(m: dict) -> str:
             return f"{key} must be a non-negative integer"
     if pairs > tokens:
         return "more token pairs than tokens"
-    target = m["target"]
-    if target.get("kind") == "top":
-        f = target.get("fraction")
-        if type(f) not in (int, float) or not 0 < f <= 1:
-            return f"target fraction {f!r} must be in (0, 1]"
-    elif target.get("kind") != "relu":
-        return f"unknown target {target.get('kind')!r}"
-    return ""
+    return target_error(m["target"])
 
 
 def setup_arg_parser():

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,6 +48,45 @@ def top_fraction_targets(scores: mx.array, fraction: float) -> mx.array:
     k = max(1, min(scores.shape[-1], round(fraction * scores.shape[-1])))
     kth = mx.topk(scores, k, axis=-1).min(axis=-1, keepdims=True)
     return scores >= kth
+
+
+def mass_targets(scores: mx.array, share: float) -> mx.array:
+    """Per row, True for the fewest largest `scores` (N, n), non-negative, whose sum
+    reaches `share` of the row's: the neurons that carry that share of the FFN's
+    |activation| mass, as many as each token needs (a token whose activations are
+    concentrated needs few, a diffuse one many) -> (N, n) bool."""
+    ranked = -mx.sort(-scores, axis=-1)  # descending
+    mass = mx.cumsum(ranked, axis=-1)
+    k = (mass < share * mass[..., -1:]).sum(axis=-1, keepdims=True)
+    k = mx.minimum(k, scores.shape[-1] - 1)
+    return scores >= mx.take_along_axis(ranked, k, axis=-1)
+
+
+TARGET_KINDS = ("top", "mass", "relu")
+
+
+def target_error(target: dict) -> str:
+    """Why `target` (``{"kind": "top", "fraction": f}``, ``{"kind": "mass",
+    "share": s}`` or ``{"kind": "relu"}``) is not one, or ""."""
+    kind = target.get("kind")
+    key = {"top": "fraction", "mass": "share"}.get(kind)
+    if key is not None:
+        v = target.get(key)
+        if type(v) not in (int, float) or not 0 < v <= 1:
+            return f"target {key} {v!r} must be in (0, 1]"
+    elif kind != "relu":
+        return f"unknown target {kind!r}"
+    return ""
+
+
+def targets_for(target: dict) -> Callable[[mx.array], mx.array]:
+    """The rule that marks the neurons that matter from a layer's activations `a`
+    (act(gate) * up, or act(fc1)), for a target `target_error` accepts."""
+    if target["kind"] == "top":
+        return lambda a: top_fraction_targets(mx.abs(a), target["fraction"])
+    if target["kind"] == "mass":
+        return lambda a: mass_targets(mx.abs(a), target["share"])
+    return lambda a: a > 0
 
 
 @dataclass
@@ -270,6 +309,8 @@ def _manifest_error(m: dict) -> str:
         return f"unknown activation {m.get('activation')!r}"
     if not isinstance(m.get("target"), dict) or not isinstance(m.get("text"), dict):
         return "target and text must be objects"
+    if target_error(m["target"]):
+        return target_error(m["target"])
     layers = m.get("layers")
     if not isinstance(layers, list):
         return "layers must be a list"

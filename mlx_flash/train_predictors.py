@@ -5,7 +5,9 @@ The text runs through the model one layer at a time (`layerwise`): collect that
 layer's FFN inputs and targets, train its predictor, free them, go on. DRAM holds one
 layer's FFN, the text's hidden states and one layer's (inputs, targets); never every
 layer's at once. Targets: activation > 0 for ReLU models; for gated SiLU/GELU models,
-each token's top `--fraction` of neurons by |act(gate) * up| (no exact zeros there).
+each token's top `--fraction` of neurons by |act(gate) * up| (no exact zeros there),
+or with ``--target mass`` the fewest neurons that carry `--mass` of it. Each layer is saved as it is trained: an interrupted run resumes where it stopped
+(`training_progress`).
 """
 
 import argparse
@@ -25,9 +27,11 @@ from .predictor import (
     PredictorSet,
     load_predictors,
     save,
-    top_fraction_targets,
+    target_error,
+    targets_for,
     train_layer,
 )
+from .training_progress import Progress
 from .utils import load
 
 
@@ -81,16 +85,36 @@ def setup_arg_parser():
         "on SmolLM2) or relu (Deja Vu's MLP)",
     )
     parser.add_argument(
+        "--target",
+        choices=["top", "mass"],
+        default="top",
+        help="Gated models, which neurons the predictor learns to find: each token's "
+        "top --fraction by |act(gate) * up| (top), or the fewest that carry --mass of "
+        "that token's |act(gate) * up| (mass: as many as each token needs)",
+    )
+    parser.add_argument(
         "--fraction",
         type=float,
         default=0.25,
-        help="Gated models: each token's top share of neurons are the targets",
+        help="--target top: each token's top share of neurons are the targets",
+    )
+    parser.add_argument(
+        "--mass",
+        type=float,
+        default=0.9,
+        help="--target mass: the share of each token's |activation| mass to cover",
     )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--held-out", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="Discard the progress of an interrupted run (by default a run with the "
+        "same arguments resumes it: each layer is saved as it is trained)",
+    )
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="No progress bar"
     )
@@ -106,16 +130,50 @@ def train(args) -> PredictorSet:
     tokens = text_tokens(tokenizer, text, args.tokens, args.seq_len, args.skip)
     ranks = parse_ranks(args.rank, len(m.layers))
     gated = len(m.rows) == 2
-    target = {"kind": "top", "fraction": args.fraction} if gated else {"kind": "relu"}
+    target = {"kind": "relu"}
+    if gated:
+        target = (
+            {"kind": "mass", "share": args.mass}
+            if args.target == "mass"
+            else {"kind": "top", "fraction": args.fraction}
+        )
+    why = target_error(target)
+    if why:
+        raise FlashError(why, fix="give --fraction / --mass in (0, 1]")
+    marks = targets_for(target)
     inputs, targets, predictors, metrics = [], [], [], []
+    run = {
+        "text_sha256": text_sha256,
+        "tokens": int(tokens.size),
+        "skip": args.skip,
+        "seq_len": args.seq_len,
+        "ranks": ranks,
+        "activation": args.activation,
+        "target": target,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "held_out": args.held_out,
+        "seed": args.seed,
+    }
+    progress = Progress(store.path, run, args.restart)
+    resumed = progress.finished()
 
     def record(layer, x, a, pre, w):
-        t = top_fraction_targets(mx.abs(a), args.fraction) if gated else a > 0
+        if layer < resumed:  # trained before: only its output is needed
+            return None
+        t = marks(a)
         inputs.append(np.array(x.astype(mx.float32)))
         targets.append(np.array(t))
         return None  # the FFN stays dense: the next layer sees the true model
 
     def fit(layer):
+        if layer < resumed:
+            n = m.layers[layer].neurons
+            p, metric = progress.load(layer, m.hidden_size, n, args.activation)
+            predictors.append(p), metrics.append(metric)
+            bar.update(1)
+            return
         x, t = np.concatenate(inputs), np.concatenate(targets)
         inputs.clear(), targets.clear()
         p, metric = train_layer(
@@ -129,6 +187,7 @@ def train(args) -> PredictorSet:
             args.held_out,
             seed=args.seed + layer,
         )
+        progress.save(layer, p, metric)
         predictors.append(p), metrics.append(metric)
         bar.update(1)
         bar.set_postfix(
@@ -147,8 +206,18 @@ def train(args) -> PredictorSet:
         f"{dram_estimate(model, tokens.size) / 2**30:.2f} GiB + MLX's working memory",
         flush=True,
     )
+    if resumed:
+        print(f"[mlx_flash] resuming: layers 0-{resumed - 1} were trained before")
     with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:
-        run_layers(model, tokens, [Lane(record)], progress=fit)
+        try:
+            run_layers(model, tokens, [Lane(record)], progress=fit)
+        except KeyboardInterrupt:
+            print(
+                f"\n[mlx_flash] interrupted: {progress.finished()} layers saved in "
+                f"{progress.path}; the same command resumes",
+                flush=True,
+            )
+            raise
     ps = PredictorSet(
         predictors,
         metrics,
@@ -162,6 +231,7 @@ def train(args) -> PredictorSet:
         },
     )
     save(store.path, ps)
+    progress.remove()
     m = store.manifest
     runtime = load_predictors(
         store.path, m.hidden_size, [l.neurons for l in m.layers], bits=PREDICTOR_BITS

@@ -380,10 +380,11 @@ def test_a_prompt_goes_through_in_the_plans_prefill_steps(tmp_path, small_chunks
 
 
 def test_the_prefill_step_shrinks_with_the_budget_and_is_in_the_plan(tmp_path):
-    """The plan holds one prefill step's activations: the step halves (down to 16)
-    while they would take more than an eighth of the budget; a step asked for is
-    an upper bound; the floor is the smallest step's."""
-    from mlx_flash.budget import MIN_PREFILL, PREFILL_SHARE
+    """The plan holds one prefill step's activations: 16 tokens, doubled while that
+    costs decoding at most 1% more bytes per token and takes at most an eighth of
+    the budget; a step asked for is an upper bound; the floor is the smallest
+    step's."""
+    from mlx_flash.budget import MIN_PREFILL, PREFILL_COST, PREFILL_SHARE
     from mlx_flash.planner import PREFILL
 
     make_checkpoint(tmp_path / "hf", "llama", intermediate_size=2048)
@@ -397,6 +398,10 @@ def test_the_prefill_step_shrinks_with_the_budget_and_is_in_the_plan(tmp_path):
         assert p.prefill_step == MIN_PREFILL or (
             p.fixed[PREFILL] <= PREFILL_SHARE * budget
         )
+        least = load(
+            str(store), max_kv_size=256, dram_budget=budget, prefill_step_size=16
+        )[0].flash_plan
+        assert p.estimate() <= least.estimate() * (1 + PREFILL_COST)
         steps.append(p.prefill_step)
     assert steps == sorted(steps) and steps[0] == MIN_PREFILL < steps[-1]
     asked = load(str(store), max_kv_size=256, prefill_step_size=100)[0].flash_plan

@@ -270,3 +270,108 @@ def test_commands_refuse_a_missing_text(stores, tmp_path, capsys):
             main([str(stores["llama"]), "--text", str(tmp_path / "none.txt")])
         assert e.value.code == 2
         assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_resumes_where_it_stopped(stores, tmp_path):
+    """Each layer is saved as it is trained: after a Ctrl-C during layer 1 the same
+    command trains layer 1 only and saves what an uninterrupted run saves; other
+    arguments are refused (naming --restart), which discards the progress."""
+    import shutil
+
+    import mlx_flash.train_predictors as tp
+    from mlx_flash.training_progress import PARTIAL_NAME
+
+    def copy(name):  # the store with no predictors (another test may have trained)
+        out = shutil.copytree(stores["llama"], tmp_path / name)
+        for f in ("predictors.json", "predictors.safetensors"):
+            (out / f).unlink(missing_ok=True)
+        return out
+
+    args = ["--text", str(stores["text"]), "--tokens", "256", "--seq-len", "32"]
+    args += ["--rank", "8", "--epochs", "2", "--no-progress"]
+    whole, cut = copy("whole"), copy("cut")
+    train_main([str(whole), *args])
+    real, calls = tp.train_layer, []
+
+    def interrupted(*a, **k):
+        calls.append(k["seed"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    tp.train_layer = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_main([str(cut), *args])
+        assert (cut / PARTIAL_NAME / "layer-000.json").is_file()
+        assert not (cut / PARTIAL_NAME / "layer-001.json").exists()
+        assert not (cut / "predictors.json").exists()
+        with pytest.raises(SystemExit):  # a one-line error naming the fix
+            train_main([str(cut), *args[:-3], "--epochs", "3", "--no-progress"])
+        calls.clear()
+        train_main([str(cut), *args])
+    finally:
+        tp.train_layer = real
+    assert calls == [1]  # layer 1 only (its seed), layer 0 loaded
+    assert not (cut / PARTIAL_NAME).exists()
+    a = mx.load(str(whole / "predictors.safetensors"))
+    b = mx.load(str(cut / "predictors.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    first = json.loads((whole / "predictors.json").read_text())["layers"]
+    again = json.loads((cut / "predictors.json").read_text())["layers"]
+    assert [l["thresholds"] for l in first] == [l["thresholds"] for l in again]
+    # --restart: the progress of other arguments discarded, every layer trained
+    other = copy("other")
+    tp.train_layer, calls[:] = interrupted, []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_main([str(other), *args])
+        calls.clear()
+        tp.train_layer = lambda *a, **k: calls.append(k["seed"]) or real(*a, **k)
+        restart = [*args[:-3], "--epochs", "3", "--no-progress", "--restart"]
+        train_main([str(other), *restart])
+    finally:
+        tp.train_layer = real
+    assert calls == [0, 1] and not (other / PARTIAL_NAME).exists()
+
+
+def test_mass_targets_are_the_fewest_neurons_that_carry_the_share():
+    from mlx_flash.predictor import mass_targets
+
+    row = mx.array([[1.0, 4.0, 2.0, 3.0]])  # total 10
+    assert mass_targets(row, 0.5).tolist() == [[False, True, False, True]]  # 4 + 3
+    assert mass_targets(row, 0.4).tolist() == [[False, True, False, False]]
+    assert mass_targets(row, 1.0).tolist() == [[True] * 4]
+    rng = np.random.default_rng(0)
+    scores = np.abs(rng.standard_normal((64, 97))).astype(np.float32) ** 3
+    for share in (0.3, 0.8, 0.95):
+        mask = np.array(mass_targets(mx.array(scores), share))
+        for s, m in zip(scores, mask):
+            kept = np.sort(s[m])
+            assert kept.sum() >= share * s.sum() * (1 - 1e-5)  # reaches the share
+            assert kept[1:].sum() < share * s.sum()  # minus its smallest: it does not
+            assert kept.min() >= s[~m].max(initial=0)  # the largest ones
+
+
+def test_training_on_the_mass_target(stores, tmp_path):
+    """--target mass: the manifest records it, load and the selector accept it, and a
+    target outside (0, 1] in a manifest is refused as malformed."""
+    import shutil
+
+    store = shutil.copytree(stores["llama"], tmp_path / "store")
+    args = ["--text", str(stores["text"]), "--tokens", "256", "--seq-len", "32"]
+    train_main(
+        [str(store), *args, "--target", "mass", "--mass", "0.8", "--epochs", "1"]
+    )
+    manifest = json.loads((store / "predictors.json").read_text())
+    assert manifest["target"] == {"kind": "mass", "share": 0.8}
+    assert len(load_predictors(store, 64, [128, 128]).predictors) == 2
+    model, _ = load(str(store), selector="lowrank", recall=0.9, progress=False)
+    steps = generate_step(
+        mx.array([1, 5, 9]), model, max_tokens=3, sampler=lambda l: mx.argmax(l, -1)
+    )
+    assert len([t for t, _ in steps]) == 3
+    manifest["target"]["share"] = 2
+    (store / "predictors.json").write_text(json.dumps(manifest))
+    with pytest.raises(FlashError, match="share"):
+        load_predictors(store, 64, [128, 128])
