@@ -6,8 +6,13 @@ layers with that configuration's per-token masks on the FFN activations — the 
 result of decoding token by token with that selection (a dense FFN computed, then the
 unselected neurons zeroed), never a union over a prefill chunk. Configurations: dense;
 oracle top-k (the true |activation|) and `gate` (|act(gate pre-activation)|) at each
-`--fractions`; and with trained predictors, `lowrank` at each calibrated `--recalls`
-and at each fraction (top-k by predicted logit).
+`--fractions`; low-bit shadows of gate+up (`--shadow-bits`); on the FFN's input
+(`--input-sparsity`: TEAL- and WINA-like, the input's smallest channels zeroed, then
+the same share of neurons by the |a| they give); and with trained predictors,
+`lowrank` at each calibrated `--recalls` and at each fraction (top-k by predicted
+logit). Each row also gives the share of the FFN's bytes a token touches (the
+oracle reads gate and up whole; `gate` its rows; an input selection the kept
+columns of gate and up and the kept down rows).
 """
 
 import argparse
@@ -47,7 +52,11 @@ from .utils import load
 @dataclass
 class Config:
     name: str
-    mask: Optional[Callable]  # (layer, x, a, pre) -> (N, n) bool, or None: dense
+    # (layer, x, a, pre, w) -> (N, n) bool, or None: dense; or (mask, activations)
+    # for a selection that changes the FFN's input (input sparsity)
+    mask: Optional[Callable]
+    # the share of the FFN's bytes a token touches, from the share of neurons used
+    touched: Callable[[float], float] = lambda used: used
     lane: Optional[Lane] = None
     # per layer: [selected, neurons x tokens, selected targets, targets]
     sums: Dict[int, np.ndarray] = field(default_factory=dict)
@@ -83,6 +92,30 @@ class Shadow:
         return sum(a.nbytes for c in copies for a in c)
 
 
+def input_sparse(
+    activation: Callable, rows: List[str], sparsity: float, wina: bool
+) -> Callable:
+    """A selection on the FFN's input (TEAL; WINA with `wina`): per token, zero the
+    `sparsity` share of input channels with the smallest |x_j| (WINA: |x_j| x the
+    norm of column j of gate and up), so only the other columns of gate and up are
+    needed; then keep the same share of neurons by the |a| computed from that input,
+    so only their down rows are needed."""
+    keep = 1 - sparsity
+
+    def select(layer, x, a, pre, w):
+        score = mx.abs(x)
+        if wina:
+            stacked = mx.concatenate([w[n] for n in rows], axis=0)  # (2n, D)
+            score = score * mx.sqrt((stacked * stacked).sum(axis=0))
+        channels = top_fraction_targets(score, keep) if keep < 1 else None
+        xs = x if channels is None else x * channels
+        h = [xs @ w[n].T for n in rows]
+        a_s = activation(h[0]) * h[1]
+        return top_fraction_targets(mx.abs(a_s), keep), a_s
+
+    return select
+
+
 def configurations(
     activation: Callable,
     gated: bool,
@@ -91,20 +124,39 @@ def configurations(
     ps: Optional[PredictorSet],
     rows: List[str],
     shadow_bits: List[int],
+    input_sparsities: List[float] = (),
 ) -> List[Config]:
     top = top_fraction_targets
-    configs = [Config("dense", None)]
+    configs = [Config("dense", None, lambda used: 1.0)]
+    # the oracle reads gate and up (or fc1) whole to know |a|; `gate` reads its rows
+    oracle = (lambda u: (2 + u) / 3) if gated else (lambda u: (1 + u) / 2)
     if not gated:
-        configs.append(Config("oracle relu (a > 0)", lambda i, x, a, pre, w: a > 0))
+        configs.append(
+            Config("oracle relu (a > 0)", lambda i, x, a, pre, w: a > 0, oracle)
+        )
     for f in fractions:
         configs.append(
-            Config(f"oracle top {f:g}", lambda i, x, a, pre, w, f=f: top(mx.abs(a), f))
+            Config(
+                f"oracle top {f:g}",
+                lambda i, x, a, pre, w, f=f: top(mx.abs(a), f),
+                oracle,
+            )
         )
         if gated:  # ReLU models: the gate rows give the true activation (= oracle)
             configs.append(
                 Config(
                     f"gate top {f:g}",
                     lambda i, x, a, pre, w, f=f: top(mx.abs(activation(pre)), f),
+                    lambda u: (1 + 2 * u) / 3,
+                )
+            )
+    for s in input_sparsities if gated else []:
+        for wina in (False, True):
+            configs.append(
+                Config(
+                    f"input {'WINA' if wina else 'TEAL'} {s:g}",
+                    input_sparse(activation, rows, s, wina),
+                    lambda u, s=s: (2 * (1 - s) + u) / 3,
                 )
             )
     for bits in shadow_bits if gated else []:
@@ -143,11 +195,15 @@ def _hook(config: Config, targets: Callable):
     def hook(layer, x, a, pre, w):
         if config.mask is None:
             return None
-        chosen, t = config.mask(layer, x, a, pre, w), targets(a)
+        chosen, instead = config.mask(layer, x, a, pre, w), None
+        if isinstance(chosen, tuple):
+            chosen, instead = chosen
+        t = targets(a)
         counts = [chosen.sum(), chosen.size, (chosen & t).sum(), t.sum()]
         s = config.sums.setdefault(layer, np.zeros(4))
         s += [float(c.item()) if isinstance(c, mx.array) else c for c in counts]
-        return chosen.astype(a.dtype)
+        mask = chosen.astype(a.dtype)
+        return mask if instead is None else (mask, instead)
 
     return hook
 
@@ -173,7 +229,14 @@ def evaluate(args) -> Dict:
     targets = targets_for(ps.target if ps is not None else {"kind": "relu"})
     activation = ACTIVATIONS[m.activation]
     configs = configurations(
-        activation, gated, args.fractions, args.recalls, ps, m.rows, args.shadow_bits
+        activation,
+        gated,
+        args.fractions,
+        args.recalls,
+        ps,
+        m.rows,
+        args.shadow_bits,
+        args.input_sparsity,
     )
     for c in configs:
         c.lane = Lane(_hook(c, targets))
@@ -251,6 +314,7 @@ def report(args, configs, tokens, ps, text_path, costs) -> Dict:
                 "ppl": ppl,
                 "delta": ppl / dense - 1,
                 "neurons_used": float(np.mean(used)) if used else 1.0,
+                "ffn_touched": c.touched(float(np.mean(used)) if used else 1.0),
                 "per_layer_used": used,
                 "per_layer_recall": c.per_layer(2, 3) if lowrank else None,
                 "per_layer_precision": c.per_layer(2, 0) if lowrank else None,
@@ -296,12 +360,14 @@ def table(result: Dict) -> str:
         f"Perplexity on {result['tokens']} tokens of {result['text']} "
         f"(sequences of {result['seq_len']}, after skipping {result['skip']}):",
         "",
-        "| selection | perplexity | vs dense | FFN neurons used per token |",
-        "|---|---|---|---|",
+        "| selection | perplexity | vs dense | FFN neurons used per token | FFN bytes "
+        "touched per token |",
+        "|---|---|---|---|---|",
     ]
     for r in result["configs"]:
         lines.append(
-            f"| {r['config']} | {r['ppl']:.2f} | {r['delta']:+.1%} | {r['neurons_used']:.1%} |"
+            f"| {r['config']} | {r['ppl']:.2f} | {r['delta']:+.1%} | "
+            f"{r['neurons_used']:.1%} | {r['ffn_touched']:.1%} |"
         )
     lines += [
         "",
@@ -361,6 +427,15 @@ def setup_arg_parser():
         type=lambda t: [int(b) for b in t.split(",") if b],
         default=[2, 4],
         help="Gated models: score neurons with gate/up copies at these bits",
+    )
+    parser.add_argument(
+        "--input-sparsity",
+        type=floats,
+        default=[],
+        help="Gated models: also select on the FFN's input at these sparsities (e.g. "
+        "0.25,0.5): per token the smallest |x_j| channels zeroed (TEAL), or by |x_j| "
+        "x the norm of gate/up column j (WINA), then the same share of neurons by the "
+        "|a| that input gives",
     )
     parser.add_argument(
         "--no-predictors", action="store_true", help="Skip the lowrank rows"

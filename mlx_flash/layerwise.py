@@ -110,6 +110,8 @@ class _HookedFFN(nn.Module):
         h = [x2 @ w[name].T + self.bias(name) for name in ffn.rows]
         a = ffn.activate(h)  # (N, n_ff)
         mask = self.hook(self.layer, x2, a, h[0], w)
+        if isinstance(mask, tuple):  # (mask, the activations it computed instead)
+            mask, a = mask
         if mask is not None:
             a = a * mask
         return ffn.with_bias(a @ w[ffn.column]).reshape(S, L, -1)

@@ -375,3 +375,26 @@ def test_training_on_the_mass_target(stores, tmp_path):
     (store / "predictors.json").write_text(json.dumps(manifest))
     with pytest.raises(FlashError, match="share"):
         load_predictors(store, 64, [128, 128])
+
+
+def test_input_sparse_rows_are_dense_at_zero_and_touch_their_share(stores, tmp_path):
+    """TEAL- and WINA-like selections on the FFN's input: at sparsity 0 the dense
+    perplexity; at s the share 1 - s of neurons used and of FFN bytes touched (the
+    oracle touches gate and up whole)."""
+    out = tmp_path / "eval.json"
+    evaluate_main(
+        [str(stores["llama"]), "--text", str(stores["text"]), "--tokens", "256"]
+        + ["--seq-len", "32", "--fractions", "0.25", "--input-sparsity", "0,0.5"]
+        + ["--shadow-bits", "", "--no-predictors", "--json", str(out), "--no-progress"]
+    )
+    rows = {r["config"]: r for r in json.loads(out.read_text())["configs"]}
+    dense = rows["dense"]["ppl"]
+    for name in ("input TEAL 0", "input WINA 0"):
+        assert rows[name]["ppl"] == pytest.approx(dense, 1e-5)
+        assert rows[name]["ffn_touched"] == pytest.approx(1.0)
+    for name in ("input TEAL 0.5", "input WINA 0.5"):
+        assert rows[name]["ppl"] != pytest.approx(dense, 1e-4)
+        assert rows[name]["neurons_used"] == pytest.approx(0.5, abs=0.01)
+        assert rows[name]["ffn_touched"] == pytest.approx(0.5, abs=0.01)
+    assert rows["oracle top 0.25"]["ffn_touched"] == pytest.approx(0.75, abs=0.01)
+    assert rows["gate top 0.25"]["ffn_touched"] == pytest.approx(0.5, abs=0.01)
