@@ -109,9 +109,10 @@ def prefill_bytes(
 def prefill_step(
     budget: Optional[int], activations: Callable[[int], int], most: int = MAX_PREFILL
 ) -> int:
-    """The prefill step the plan holds: `most` tokens, or fewer (halving, down to
-    `MIN_PREFILL`) while one step's `activations(step)` bytes would take more than
-    `PREFILL_SHARE` of the budget."""
+    """The largest prefill step the budget allows: `most` tokens, or fewer (halving,
+    down to `MIN_PREFILL`) while one step's `activations(step)` bytes would take more
+    than `PREFILL_SHARE` of it (the plan then takes the largest step up to this one
+    that costs decoding at most `PREFILL_COST`: `flash_setup.setup`)."""
     step = most
     while (
         budget is not None

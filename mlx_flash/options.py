@@ -16,6 +16,7 @@ from .budget import (
     BUDGET_FORMS,
     MAX_PREFILL,
     MIN_PREFILL,
+    PREFILL_COST,
     PREFILL_SHARE,
     parse_budget,
 )
@@ -130,8 +131,9 @@ class FlashOptions:
     )
     prefill_step_size: int = _option(
         f"Prompt tokens processed at a time, at most (default {MAX_PREFILL}, as in "
-        "mlx-lm); the DRAM plan holds one step's activations and takes fewer tokens "
-        f"(halving, down to {MIN_PREFILL}) where they would take more than "
+        "mlx-lm); the DRAM plan holds one step's activations: "
+        f"{MIN_PREFILL} tokens, doubled while that costs decoding at most "
+        f"{PREFILL_COST * 100:g}%% more bytes read per token and takes at most "
         f"{PREFILL_SHARE * 100:.1f}%% of the budget",
         MAX_PREFILL,
         number=_number(
