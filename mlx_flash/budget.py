@@ -22,15 +22,33 @@ SLACK = 160 << 20
 RUNTIME = 16 << 20
 
 
+def float_parts(components: List[Component]) -> List[Tuple[Component, int]]:
+    """Each float part of one neuron's components (values, or a quantization's
+    scales and biases), with its stored bytes: the parts decoding converts (packed
+    words and the float modes' uint8 scales are kept as they are)."""
+    return [
+        (c, size)
+        for c in components
+        for part, size in c.encoding.parts(c.length)
+        if part != "packed" and c.encoding.dtype != "uint8"
+    ]
+
+
+def _converted(components: List[Component], dtype: mx.Dtype, every: bool) -> int:
+    """The float parts in `dtype` (with `every`, also those already stored in it)."""
+    return sum(
+        size // c.encoding.itemsize * dtype.size
+        for c, size in float_parts(components)
+        if every or FLOAT_DTYPES[c.encoding.dtype] != dtype
+    )
+
+
 def decoded_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     """Bytes of one neuron's components once decoded (packed words and the float
     modes' uint8 scales kept, floats in the compute dtype)."""
-    total = 0
-    for c in components:
-        for part, size in c.encoding.parts(c.length):
-            kept = part == "packed" or c.encoding.dtype == "uint8"
-            total += size if kept else size // c.encoding.itemsize * dtype.size
-    return total
+    stored = sum(c.nbytes for c in components)
+    floats = sum(size for _, size in float_parts(components))
+    return stored - floats + _converted(components, dtype, every=True)
 
 
 def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
@@ -40,13 +58,8 @@ def in_flight_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     Qwen2.5-Coder-1.5B: without the first two, RSS went 27 MiB past the plan and a
     limit of budget + idle killed it)."""
     stored = sum(c.nbytes for c in components)
-    converted = sum(
-        size
-        for c in components
-        for part, size in c.encoding.parts(c.length)
-        if part != "packed" and c.encoding.dtype != "uint8"
-    )
-    return stored + converted + decoded_bytes(components, dtype)
+    floats = sum(size for _, size in float_parts(components))
+    return stored + floats + decoded_bytes(components, dtype)
 
 
 def pool_bytes(components: List[Component], dtype: mx.Dtype) -> int:
@@ -54,15 +67,7 @@ def pool_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     ``convert=False``): its bundle bytes as stored, and the float parts MLX converts
     to the compute dtype while the layer computes."""
     stored = sum(c.nbytes for c in components)
-    converted = sum(
-        size // c.encoding.itemsize * dtype.size
-        for c in components
-        for part, size in c.encoding.parts(c.length)
-        if part != "packed"
-        and c.encoding.dtype != "uint8"
-        and FLOAT_DTYPES[c.encoding.dtype] != dtype
-    )
-    return stored + converted
+    return stored + _converted(components, dtype, every=False)
 
 
 def working_bytes(config: dict, hidden: int, kv_cache: int, dtype: mx.Dtype) -> int:

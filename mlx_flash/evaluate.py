@@ -100,13 +100,16 @@ def input_sparse(
     norm of column j of gate and up), so only the other columns of gate and up are
     needed; then keep the same share of neurons by the |a| computed from that input,
     so only their down rows are needed."""
-    keep = 1 - sparsity
+    keep, norms = 1 - sparsity, {}  # layer -> its gate/up column norms (WINA)
 
     def select(layer, x, a, pre, w):
         score = mx.abs(x)
         if wina:
-            stacked = mx.concatenate([w[n] for n in rows], axis=0)  # (2n, D)
-            score = score * mx.sqrt((stacked * stacked).sum(axis=0))
+            if layer not in norms:  # once per layer, not per batch of sequences
+                stacked = mx.concatenate([w[n] for n in rows], axis=0)  # (2n, D)
+                norms.clear()
+                norms[layer] = mx.sqrt((stacked * stacked).sum(axis=0))
+            score = score * norms[layer]
         channels = top_fraction_targets(score, keep) if keep < 1 else None
         xs = x if channels is None else x * channels
         h = [xs @ w[n].T for n in rows]

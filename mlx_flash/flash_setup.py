@@ -19,12 +19,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .budget import (
+    MIN_PREFILL,
+    PREFILL_COST,
     RUNTIME,
     decoded_bytes,
     in_flight_bytes,
     pool_bytes,
-    MIN_PREFILL,
-    PREFILL_COST,
     prefill_bytes,
     prefill_step,
     working_bytes,
@@ -373,7 +373,8 @@ def setup(
     `capacity` neurons stay cached, the rest stream every token); the others stream.
     The KV cache (`kv_cache` bytes for `context` tokens) and the working memory of
     decoding and of one prefill step are fixed; the prefill step is the largest
-    that fits its share of the budget (`budget.prefill_step`).
+    that costs decoding at most `PREFILL_COST` more bytes per token and fits its
+    share of the budget (`budget.prefill_step`).
     """
     m = store.manifest
     sections = split_sections(store, options.selector)
@@ -428,8 +429,7 @@ def setup(
     # of the budget for prefill would have pushed its 166 MiB head out: +48% reads)
     cap = prefill_step(budget, prefill, options.prefill_step_size)
     p = plan(min(MIN_PREFILL, cap))
-    p.least_fixed = dict(p.fixed)  # the floor's
-    best = p.estimate()
+    least, best = dict(p.fixed), p.estimate()  # the floor's fixed part; its reads
     while p.prefill_step < cap:
         try:
             bigger = plan(min(p.prefill_step * 2, cap))
@@ -437,7 +437,8 @@ def setup(
             break
         if bigger.estimate() > best * (1 + PREFILL_COST):
             break
-        bigger.least_fixed, p = p.least_fixed, bigger
+        p = bigger
+    p.least_fixed = least
     if options.naive:
         p.capacities = [0] * len(m.layers)
     staging = max(

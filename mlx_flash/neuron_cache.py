@@ -177,9 +177,8 @@ class Slots:
         self.components, self.capacity = components, capacity
         self.arrays: Dict[str, Weight] = {}  # as held (floats: see `convert`)
         self._parts: Dict[str, list] = {}  # name -> [(view, offset, size, stored)]
-        self._cast: Dict[
-            str, list
-        ] = {}  # name -> per part: dtype to convert to, or None
+        # name -> per part: the dtype MLX converts it to where it is used, or None
+        self._cast: Dict[str, list] = {}
         for c in components:
             parts, fillers, casts, at = [], [], [], 0
             for part, size in c.encoding.parts(c.length):

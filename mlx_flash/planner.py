@@ -5,11 +5,12 @@ when it is not resident: each layer's attention (read whole every token), the LM
 (whole, every token, in vocabulary chunks), an untied embedding table (one row per
 token), each FFN neuron (its probability of being selected x its bundle bytes). What
 no plan can stream is fixed: the KV cache of the context it allows, decoding's working
-memory and one prefill step's activations, the readers' buffers and one layer's neurons in flight, the tensors too small
-to stream (norms, biases), the selector's state, and the runtime. The plan keeps
-resident what saves the most bytes per token per byte of DRAM (greedy by that ratio;
-ties go to the groups, then to the earlier layer, so that with `all` whole layers are
-cached and compute with no gather) and streams the rest through the reader.
+memory and one prefill step's activations, the readers' buffers and one layer's
+neurons in flight, the tensors too small to stream (norms, biases), the selector's
+state, and the runtime. The plan keeps resident what saves the most bytes per token
+per byte of DRAM (greedy by that ratio; ties go to the groups, then to the earlier
+layer, so that with `all` whole layers are cached and compute with no gather) and
+streams the rest through the reader.
 
 A pure function of sizes: `plan_residency` knows nothing of models or files.
 """
@@ -135,8 +136,13 @@ class Plan:
     def describe(self) -> str:
         mb = lambda n: f"{n / MiB:.1f} MiB"  # noqa: E731
         budget = "no budget" if self.budget is None else f"budget {mb(self.budget)}"
-        shown = lambda k: f"{k} of {self.prefill_step} tokens" if k == PREFILL else k  # noqa: E731
-        fixed = " + ".join(f"{shown(k)} {mb(v)}" for k, v in self.fixed.items() if v)
+        fixed = " + ".join(
+            f"{k} of {self.prefill_step} tokens {mb(v)}"
+            if k == PREFILL
+            else f"{k} {mb(v)}"
+            for k, v in self.fixed.items()
+            if v
+        )
         streamed = self.streamed()
         cached = sum(self.capacities)
         neurons = sum(n.count for n in self.layers)

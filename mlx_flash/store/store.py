@@ -15,8 +15,8 @@ from .format import (
     FORMAT_VERSION,
     HEADER_BYTES,
     MANIFEST_NAME,
-    Manifest,
     Component,
+    Manifest,
     Weight,
     align_up,
     check_header,
@@ -246,19 +246,20 @@ class BundleStore:
         (`read_runs`, gathered); `out`, a (>= len(ids), bytes) uint8 array, receives
         them, else they are allocated."""
         entry = self.manifest.layers[layer]
-        width = sum(entry.sections[k].bundle_bytes for k in sections)
+        col, width = {}, 0  # each section's first component -> its columns' start
+        for s in (entry.sections[k] for k in sections):
+            col[s.components[0]] = width
+            width += s.bundle_bytes
         if out is None:
             out = np.empty((len(ids), width), np.uint8)
         if out.shape[0] < len(ids) or out.shape[1] != width:
             raise ValueError(f"out {out.shape} cannot hold {len(ids)} x {width} bytes")
-        rows, col, seen = out[: len(ids)], 0, None
+        rows = out[: len(ids)]
         for positions, components, piece in self.read_runs(
             layer, ids, sections, max_gap
         ):
-            if components is not seen:  # the next section's columns
-                col += 0 if seen is None else sum(c.nbytes for c in seen)
-                seen = components
-            rows[positions, col : col + piece.shape[1]] = piece
+            a = col[components[0].name]
+            rows[positions, a : a + piece.shape[1]] = piece
         return rows
 
     def verify(self, progress: Optional[Callable[[int], None]] = None) -> None:
