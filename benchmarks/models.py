@@ -17,6 +17,17 @@ STORES = {  # name: mlx_flash.convert options
     "q4-bundled": {"ffn_format": "q4", "group_size": 32},
     "q4-split": {"ffn_format": "q4", "group_size": 32, "layout": "split"},
     "q4-gate": {"ffn_format": "q4", "group_size": 32, "layout": "gate"},
+    # gate/up also by input channel, re-quantized at 4 (or 8) bits along the neurons
+    "q4-columns": {"ffn_format": "q4", "group_size": 32, "layout": "columns"},
+    **{
+        f"q4-columns{bits}": {
+            "ffn_format": "q4",
+            "group_size": 32,
+            "layout": "columns",
+            "column_format": f"q{bits}",
+        }
+        for bits in (5, 6, 8)
+    },
     "fp16-bundled": {"ffn_format": "float16"},
     "fp16-split": {"ffn_format": "float16", "layout": "split"},
     "fp16-gate": {"ffn_format": "float16", "layout": "gate"},

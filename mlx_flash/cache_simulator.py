@@ -138,3 +138,38 @@ def trace_counts(trace: Trace, neurons: int) -> List[LayerCounts]:
         for ids in tokens:
             counter.update(layer, ids)
     return counter.layers
+
+
+class Replay:
+    """One layer's cache of one kind (neurons, or the input selector's channels)
+    replayed token by token as decoding runs it: the same admission (hits first,
+    then the best-scored misses that fit, the rest streamed past the cache) and the
+    same reads (the misses' runs merged within `gap`, widened to 4 KiB), so its
+    bytes are those the reader would count (`store.read_bytes`).
+
+    Args:
+        count: neurons (or channels) in the layer.
+        capacity: the cache's slots (the plan's).
+        sections: the store sections a miss reads.
+        gap: the read gap, in neurons (channels).
+        window: the strict window, as the cache's.
+    """
+
+    def __init__(self, count: int, capacity: int, sections, gap: int, window=None):
+        self.slots = SlotMap(count, min(capacity, count), window)
+        self.sections, self.gap = sections, gap
+        self.bytes = self.selected = self.hits = 0
+
+    def step(self, ids: np.ndarray) -> int:
+        """One token's ids, most important first: the bytes read for it."""
+        from .store.store import read_bytes
+
+        ids = np.asarray(ids, np.int64)
+        through = self.slots.admissible(ids)
+        _, loaded, _ = self.slots.admit(ids[through])
+        missing = np.concatenate([loaded, ids[~through]])
+        read = read_bytes(self.sections, missing, self.gap) if len(missing) else 0
+        self.bytes += read
+        self.selected += len(ids)
+        self.hits += len(ids) - len(missing)
+        return read

@@ -41,6 +41,7 @@ def convert(
     down_format: str = "auto",
     group_size: Optional[int] = None,
     layout: str = "bundled",
+    column_format: str = "auto",
     dense_out: Union[str, Path, None] = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -61,7 +62,8 @@ def convert(
         dequantize: turn a quantized model into a float one (FFN and dense part).
         trust_remote_code: accepted for mlx-lm's sake; conversion never runs a
             model's own code.
-        ffn_format, down_format, group_size, layout, dense_out, overwrite, progress:
+        ffn_format, down_format, group_size, layout, column_format, dense_out,
+        overwrite, progress:
             the store's own options (see `mlx_flash.store.writer.convert`).
 
     Returns:
@@ -88,6 +90,7 @@ def convert(
         down_format=down_format,
         group_size=group_size,
         layout=layout,
+        column_format=column_format,
         dense_out=dense_out,
         overwrite=overwrite,
         revision=revision,
@@ -207,8 +210,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--layout",
         choices=writer.LAYOUTS,
         default="bundled",
-        help="bundled (one read per neuron), split (no bundling: the ablation) or "
-        "gate (gate rows apart, for --selector gate)",
+        help="bundled (one read per neuron), split (no bundling: the ablation), "
+        "gate (gate rows apart, for --selector gate) or columns (gate/up also "
+        "bundled by input channel, for --selector input)",
+    )
+    parser.add_argument(
+        "--column-format",
+        choices=FFN_FORMATS,
+        default="auto",
+        help="--layout columns: encoding of the gate/up columns by input channel "
+        "(auto: as the rows; quantized ones are re-quantized along the neuron axis)",
     )
     parser.add_argument(
         "--dense-out",
@@ -307,6 +318,7 @@ def main(argv=None) -> None:
             down_format=args.down_format,
             group_size=args.group_size,
             layout=args.layout,
+            column_format=args.column_format,
             dense_out=args.dense_out,
             overwrite=args.overwrite,
             progress=not args.quiet,

@@ -45,7 +45,9 @@ from .predictor import (
     targets_for,
     top_fraction_targets,
 )
+from .input_sparse import kept, load_calibration
 from .sparse_ffn import ACTIVATIONS
+from .store.format import dequantize
 from .utils import load
 
 
@@ -119,6 +121,50 @@ def input_sparse(
     return select
 
 
+def calibrated(activation: Callable, store, calibration, replays=None) -> Callable:
+    """The input selector exactly as it runs (`input_sparse.py`): per token, the
+    channels with |x_j| above the layer's threshold, gate and up computed from the
+    store's own columns of those channels (their stored precision: re-quantized
+    columns cost what they cost), then the neurons with |a| above the second.
+
+    `replays`, per layer a (channels, neurons) pair of `cache_simulator.Replay`,
+    replay each token's selections through the caches of a plan, in text order:
+    ``select.read[t]`` is then token t's bytes read, summed over the layers."""
+    m, columns = store.manifest, {}
+
+    def select(layer, x, a, pre, w):
+        if layer not in columns:  # once per layer, not per batch of sequences
+            columns.clear()
+            weights = store.read_layer(layer, mx.float32, columns=True)
+            columns[layer] = [
+                dequantize(weights[n], m.intermediate_size) for n in m.rows
+            ]
+            select.at = 0  # the first token of this layer's pass over the text
+        t = calibration.layers[layer]
+        keep = t.channel_scores(x) > t.channel_threshold
+        select.channels += [keep.sum().item(), keep.size]
+        xs = x * keep
+        gate, up = (xs @ c for c in columns[layer])
+        a_s = activation(gate) * up
+        chosen = mx.abs(a_s) > t.neuron_threshold
+        if replays is not None:
+            replay(layer, np.array(t.channel_scores(x)), np.abs(np.array(a_s)), t)
+        return chosen, a_s
+
+    def replay(layer, xa, aa, t):
+        channels, neurons = replays[layer]
+        for k in range(xa.shape[0]):  # token by token, as decoding reads
+            c, n = kept(xa[k], t.channel_threshold), kept(aa[k], t.neuron_threshold)
+            if select.at >= len(select.read):
+                select.read.append(0)
+            select.read[select.at] += channels.step(c) + neurons.step(n)
+            select.at += 1
+
+    select.channels = np.zeros(2)  # input channels kept, of all (tokens x D)
+    select.read, select.at = [], 0
+    return select
+
+
 def configurations(
     activation: Callable,
     gated: bool,
@@ -128,6 +174,8 @@ def configurations(
     rows: List[str],
     shadow_bits: List[int],
     input_sparsities: List[float] = (),
+    calibrations: list = (),
+    store=None,
 ) -> List[Config]:
     top = top_fraction_targets
     configs = [Config("dense", None, lambda used: 1.0)]
@@ -162,6 +210,19 @@ def configurations(
                     lambda u, s=s: (2 * (1 - s) + u) / 3,
                 )
             )
+    for c in calibrations:
+        share = float(np.mean(store_column_share(store)))
+        select = calibrated(activation, store, c)
+        configs.append(
+            Config(
+                f"input calibrated {c.target:g}",
+                select,
+                # the shares of neurons and of channels kept, as counted
+                lambda u, f=select, k=share: (
+                    k * f.channels[0] / max(f.channels[1], 1) + (1 - k) * u
+                ),
+            )
+        )
     for bits in shadow_bits if gated else []:
         shadow = Shadow(activation, bits)
         for f in fractions:
@@ -190,6 +251,15 @@ def configurations(
                 )
             )
     return configs
+
+
+def store_column_share(store) -> List[float]:
+    """Per layer, the gate/up columns' share of the FFN bytes (the rest: down rows)."""
+    m, out = store.manifest, []
+    for entry, columns in zip(m.layers, store.columns):
+        c = columns.bundle_bytes() * m.hidden_size
+        out.append(c / (c + entry.components[m.column].nbytes * entry.neurons))
+    return out
 
 
 def _hook(config: Config, targets: Callable):
@@ -240,6 +310,11 @@ def evaluate(args) -> Dict:
         m.rows,
         args.shadow_bits,
         args.input_sparsity,
+        [
+            load_calibration(model.flash_store.path, s, len(m.layers))
+            for s in args.calibrated
+        ],
+        model.flash_store,
     )
     for c in configs:
         c.lane = Lane(_hook(c, targets))
@@ -439,6 +514,13 @@ def setup_arg_parser():
         "0.25,0.5): per token the smallest |x_j| channels zeroed (TEAL), or by |x_j| "
         "x the norm of gate/up column j (WINA), then the same share of neurons by the "
         "|a| that input gives",
+    )
+    parser.add_argument(
+        "--calibrated",
+        type=floats,
+        default=[],
+        help="Gated models with columns: the input selector at these calibrated "
+        "sparsities (python -m mlx_flash.calibrate), computed from the stored columns",
     )
     parser.add_argument(
         "--no-predictors", action="store_true", help="Skip the lowrank rows"

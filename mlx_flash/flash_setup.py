@@ -32,12 +32,14 @@ from .budget import (
 from .disk_embedding import table_on_disk
 from .errors import FlashError
 from .hot_set import propose_split
+from .input_sparse import Calibration, InputSelector, load_calibration
 from .neuron_cache import NeuronCache, Slots
 from .neuron_profile import NeuronProfile, has_profile, load_profile
 from .options import DEFAULT_FRACTION, FlashOptions
 from .planner import PREFILL, Group, Neurons, Plan, plan_residency
 from .predictor import PREDICTOR_BITS, PredictorSet, load_predictors
 from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
+from .sparse_ffn import Columns
 from .stats import FlashStats
 from .store.encoding import Encoding
 from .store.format import (
@@ -79,10 +81,24 @@ class Sections:
 
 def split_sections(store: BundleStore, selector: str) -> Sections:
     """All sections are cached, except the gate/fc1 rows the `gate` selector keeps
-    resident (a store converted with ``--layout gate``)."""
+    resident (a store converted with ``--layout gate``); the `input` selector reads
+    the output projection's rows alone (its gate/up come by column: ``--layout
+    columns``)."""
     m = store.manifest
     sections = m.layers[0].sections  # every layer has the same sections
     everything = list(range(len(sections)))
+    if selector == "input":
+        store.entry(0, columns=True)  # the columns, or the error naming the fix
+        down = [k for k, s in enumerate(sections) if s.components == [m.column]]
+        if not down:
+            raise FlashError(
+                "the input selector reads down rows alone: it needs a store whose "
+                "down rows are stored apart",
+                store.path,
+                "convert the model with `python -m mlx_flash.convert ... --layout "
+                "columns`",
+            )
+        return Sections([], down)
     if selector != "gate":
         return Sections([], everything)
     first = {m.rows[0], m.rows[0] + ".bias"}
@@ -106,6 +122,7 @@ def make_selector(
     predictors: Optional[PredictorSet],
     dtype: mx.Dtype,
     streamed: bool = False,
+    calibration: Optional[Calibration] = None,
 ):
     """Layer `i`'s selector: what it scores with, and how much it keeps (`gate`:
     its rows held, or with `streamed` read for every token)."""
@@ -113,6 +130,8 @@ def make_selector(
     fraction = options.fraction_for(gated=len(m.rows) == 2)
     if options.selector == "all":
         return AllSelector(n)
+    if options.selector == "input":
+        return InputSelector(calibration.layers[i])
     if options.selector == "oracle":
         return OracleSelector(ffn, fraction, options.threshold)
     if options.selector == "lowrank":
@@ -319,7 +338,9 @@ def neuron_profile(
 ) -> Optional[NeuronProfile]:
     """The store's neuron profile, for a selector that picks a share of the neurons
     (`all` and `naive` use every neuron: no profile needed)."""
-    if options.selector == "all" or options.naive or not has_profile(store.path):
+    if options.selector in ("all", "input") or options.naive:
+        return None  # (input: its channels and neurons are as likely as any other)
+    if not has_profile(store.path):
         return None
     return load_profile(store.path, store.manifest)
 
@@ -330,12 +351,29 @@ def neuron_layers(
     options: FlashOptions,
     dtype: mx.Dtype,
     profile: Optional[NeuronProfile],
+    calibration: Optional[Calibration] = None,
 ) -> List[Neurons]:
     """Each layer's neurons as the planner weighs them: their decoded and stored
     bytes and how often a token selects each (a profile's frequencies, most frequent
-    first; else the selector's share; `all`: every neuron every token)."""
+    first; else the selector's share; `all`: every neuron every token). With a
+    `calibration` (the input selector), each layer's down rows, then each layer's
+    input channels (their gate/up columns), at the calibrated shares."""
     m, layers = store.manifest, []
     share = options.fraction_for(gated=len(m.rows) == 2) or DEFAULT_FRACTION
+    if calibration is not None:
+        for entry, k in zip(m.layers, calibration.layers):
+            cs = sections.components(entry, False)
+            use = np.full(entry.neurons, 1 - k.neurons)
+            layers.append(
+                Neurons(decoded_bytes(cs, dtype), sum(c.nbytes for c in cs), use)
+            )
+        for entry, k in zip(m.columns, calibration.layers):
+            cs = list(entry.components.values())
+            use = np.full(entry.neurons, 1 - k.channels)
+            layers.append(
+                Neurons(decoded_bytes(cs, dtype), sum(c.nbytes for c in cs), use)
+            )
+        return layers
     for i, entry in enumerate(m.layers):
         cs = sections.components(entry, False)
         if options.selector == "all":
@@ -385,6 +423,11 @@ def setup(
             store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
         )
     profile = neuron_profile(store, options)
+    calibration = None
+    if options.selector == "input":
+        calibration = load_calibration(
+            store.path, options.sparsity_for(), len(m.layers)
+        )
     tensors = dense_tensors(store.path / DENSE_NAME)
     candidates = attention_candidates(model, tensors)
     chunk = head_chunk(candidates)
@@ -395,10 +438,12 @@ def setup(
     gate_streamed = set()  # layers whose gate rows the plan streams
     candidates += gate_candidates(store, sections, dtype, gate_streamed)
     groups = [c.group for c in candidates]
-    layers = (
-        [] if options.naive else neuron_layers(store, sections, options, dtype, profile)
-    )
+    layers = []
+    if not options.naive:
+        layers = neuron_layers(store, sections, options, dtype, profile, calibration)
     shapes = pool_shapes(m.layers)
+    if calibration is not None:  # the kept channels' columns streamed past the cache
+        shapes.update(pool_shapes(m.columns))
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
         "KV cache and working memory": working_bytes(
@@ -411,7 +456,9 @@ def setup(
         "predictors": predictors.nbytes if predictors else 0,
         "runtime": RUNTIME,
     }
-    even = options.selector != "all" and profile is None
+    # a selector with no profile: every layer the same slots (an LRU hits nowhere
+    # without); input's columns and down rows differ, each weighed by its own worth
+    even = options.selector not in ("all", "input") and profile is None
 
     def prefill(n: int) -> int:
         args = (config, m.hidden_size, m.intermediate_size, n, context, dtype)
@@ -439,6 +486,8 @@ def setup(
             break
         p = bigger
     p.least_fixed = least
+    if calibration is not None:
+        p.channels_from = len(m.layers)
     if options.naive:
         p.capacities = [0] * len(m.layers)
     staging = max(
@@ -471,13 +520,14 @@ def setup(
         predictors,
         profile,
         gate_streamed,
+        calibration,
     )
     streamed = sum(g.streamed for g in p.streamed())
     ffn = expected_ffn_bytes(m.layers, sections, options, p.capacities)
     if ffn is not None:
         p.expected_bytes = streamed + ffn
-    elif profile is not None:  # an estimate: the profile's frequencies past the caches
-        p.expected_bytes = int(p.estimate())
+    elif profile is not None or calibration is not None:  # an estimate: the
+        p.expected_bytes = int(p.estimate())  # frequencies past the caches
     return p
 
 
@@ -492,6 +542,7 @@ def give_layers_their_caches(
     predictors,
     profile,
     gate_streamed=(),
+    calibration: Optional[Calibration] = None,
 ) -> None:
     m = store.manifest
     sparse = options.selector != "all" and not options.naive
@@ -500,12 +551,20 @@ def give_layers_their_caches(
     # others stream whole. The layers take turns: one pool per shape serves them all.
     pools = {
         key: Slots(cs, n, dtype, convert=False)
-        for key, (cs, n) in pool_shapes(m.layers).items()
+        for key, (cs, n) in pool_shapes(m.layers + (m.columns or [])).items()
     }
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
         select = make_selector(
-            options, store, i, ffn, sections, predictors, dtype, i in gate_streamed
+            options,
+            store,
+            i,
+            ffn,
+            sections,
+            predictors,
+            dtype,
+            i in gate_streamed,
+            calibration,
         )
         width = entry.bundle_bytes(sections.cached)
         gap = options.gap if options.gap is not None else gap_bytes // width
@@ -525,7 +584,20 @@ def give_layers_their_caches(
                 pieces = store.read_runs(i, pinned, sections.cached)
                 for positions, components, rows in pieces:
                     cache.put(positions, components, rows)
-        ffn.setup(select, cache, sections.cached, gap, pools[shape_key(entry)])
+        columns = None
+        if calibration is not None:
+            c_entry, capacity = m.columns[i], p.capacities[len(m.layers) + i]
+            c_cache = NeuronCache(
+                list(c_entry.components.values()),
+                c_entry.neurons,
+                min(capacity, c_entry.neurons),
+                dtype,
+                options.window,
+            )
+            c_gap = gap_bytes // c_entry.bundle_bytes()
+            columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap)
+        pool = pools[shape_key(entry)]
+        ffn.setup(select, cache, sections.cached, gap, pool, columns)
 
 
 def shape_key(entry: LayerEntry) -> tuple:

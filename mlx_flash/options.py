@@ -28,6 +28,7 @@ from .store.reader import READERS as _READER_CLASSES
 READERS = tuple(_READER_CLASSES)
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_FRACTION = 0.5  # gated models have no exact zeros: the top half by |activation|
+DEFAULT_SPARSITY = 0.3  # input: 30% of the FFN bytes left unused per token
 DEFAULT_RECALL = 0.9  # lowrank: each layer's threshold calibrated for this recall
 DEFAULT_THREADS = 4  # reads in flight without a probe (`python -m mlx_flash.probe`)
 # Reading unneeded neurons is cheaper than another request up to about this many bytes
@@ -56,9 +57,17 @@ class FlashOptions:
         "How each token's neurons are chosen: all (every neuron; exact), oracle (true "
         "top activations, a reference), gate (resident gate rows; needs a store "
         "converted with --layout gate) or lowrank (learned predictors; see "
-        "mlx_flash.train_predictors)",
+        "mlx_flash.train_predictors) or input (the FFN input's smallest channels, "
+        "then the smallest activations, left out by calibrated thresholds: the fast "
+        "mode for gated models; needs a store converted with --layout columns and "
+        "calibrated with mlx_flash.calibrate; see --sparsity)",
         "all",
         choices=SELECTORS,
+    )
+    sparsity: Optional[float] = _option(
+        "input: the share of FFN bytes per token left unused, one the store was "
+        f"calibrated for (default {DEFAULT_SPARSITY})",
+        number=_number(float, "a share in [0, 1)", "0.3", lambda v: 0 <= v < 1),
     )
     fraction: Optional[float] = _option(
         f"Share of FFN neurons used per token (gated models; default "
@@ -161,6 +170,12 @@ class FlashOptions:
                 "selector or window",
                 fix="drop --naive, or --selector/--window",
             )
+
+    def sparsity_for(self) -> Optional[float]:
+        """The input selector's calibrated share (None for the other selectors)."""
+        if self.selector != "input":
+            return None
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
 
     def fraction_for(self, gated: bool) -> Optional[float]:
         """The share of neurons to select: as given, else the default for a gated

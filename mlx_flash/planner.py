@@ -87,6 +87,9 @@ class Plan:
     # what the process holds beside the plan, measured at load (`load` fills it):
     # the interpreter with MLX, numpy and mlx-lm imported, and the tokenizer
     outside: Dict[str, int] = field(default_factory=dict)
+    # the input selector's: `layers` from here on are input channels (their gate/up
+    # columns), one entry per decoder layer after the down rows' entries
+    channels_from: Optional[int] = None
 
     @property
     def caches(self) -> int:
@@ -144,9 +147,10 @@ class Plan:
             if v
         )
         streamed = self.streamed()
-        cached = sum(self.capacities)
-        neurons = sum(n.count for n in self.layers)
-        whole = sum(c == n.count for c, n in zip(self.capacities, self.layers))
+        cut = len(self.layers) if self.channels_from is None else self.channels_from
+        cached = sum(self.capacities[:cut])
+        neurons = sum(n.count for n in self.layers[:cut])
+        whole = sum(c == n.count for c, n in zip(self.capacities, self.layers[:cut]))
         held = f"resident {len(self.groups) - len(streamed)}/{len(self.groups)} groups "
         held += f"({mb(self.resident_groups)})"
         if streamed:
@@ -160,9 +164,13 @@ class Plan:
         if self.outside:
             parts = " + ".join(f"{k} {mb(v)}" for k, v in self.outside.items())
             outside = f"; beside it, measured at load: {parts}"
+        channels = ""
+        if self.channels_from is not None:
+            kept = sum(self.capacities[cut:])
+            channels = f", {kept}/{sum(n.count for n in self.layers[cut:])} channels"
         return (
             f"[mlx_flash] DRAM plan ({budget}): {fixed}; {held}; neuron caches "
-            f"{mb(self.caches)} ({cached}/{neurons} neurons, {whole}/{len(self.layers)} "
+            f"{mb(self.caches)} ({cached}/{neurons} neurons{channels}, {whole}/{cut} "
             f"layers whole{pinned}) = {mb(self.total)}; expected read per token: "
             f"{self.expected()}{outside}"
         )

@@ -5,6 +5,9 @@
   the ceiling any predictor can reach, for tests and measurements.
 - ``gate``: gate (or fc1) rows resident in DRAM give the true pre-activation; only the
   up/down (fc2) part of the chosen neurons is read — exact selection, one matrix of DRAM.
+- ``input``: input sparsity (TEAL-like, `input_sparse.py`): the FFN input's smallest
+  channels dropped, then the smallest |act(gate)·up|, by thresholds calibrated per layer
+  for a share of FFN bytes (`--sparsity`); needs a store with columns by input channel.
 - ``lowrank``: the learned low-rank predictor (`predictor.py`): no FFN weight in DRAM
   decides; neurons whose logit passes the layer's threshold calibrated for a target
   recall (or the top `fraction` by logit).
@@ -21,7 +24,7 @@ import numpy as np
 
 from .store.format import Weight
 
-SELECTORS = ("all", "oracle", "gate", "lowrank")
+SELECTORS = ("all", "oracle", "gate", "lowrank", "input")
 
 
 @dataclass

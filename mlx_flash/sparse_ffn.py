@@ -8,7 +8,8 @@ prefill chunk's selections would be nearly dense anyway (see README, "Prefill").
 """
 
 import contextlib
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +37,17 @@ class OutBias(nn.Module):
         self.bias = mx.zeros((dims,))
 
 
+@dataclass
+class Columns:
+    """A layer's gate/up columns by input channel (the `input` selector): the cache
+    of recently kept channels, the pool that what streams past it is decoded into,
+    and the read gap in channels."""
+
+    cache: NeuronCache
+    pool: Slots
+    gap: int
+
+
 class FlashFFN(nn.Module):
     """A layer's FFN computed from neuron bundles read from a `BundleStore`.
 
@@ -54,10 +66,13 @@ class FlashFFN(nn.Module):
         self.rows, self.column, self.gated = m.rows, m.column, len(m.rows) == 2
         components = m.layers[layer].components
         self._encodings = {n: c.encoding for n, c in components.items()}
+        columns = (m.columns[layer].components if m.columns else {}).items()
+        self._column_encodings = {n: c.encoding for n, c in columns}
         self.activation = ACTIVATIONS[m.activation]
         self._selector, self._cache, self._sections = None, None, []
-        self._gap, self._pool = 0, None
+        self._gap, self._pool, self._columns = 0, None, None
         self._whole = False  # the cache holds every neuron and the selector takes all
+        self.trace = None  # a list: each decoded token's (channels or None, ids)
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
 
@@ -68,19 +83,23 @@ class FlashFFN(nn.Module):
         sections: List[int],
         gap: int,
         pool: Slots,
+        columns: Optional[Columns] = None,
     ):
         """Decoding: `selector` picks ids, `cache` (or None: stream the layer whole)
         holds the bundle `sections`; what streams past it is decoded into `pool`
-        (rows for every neuron of the layer, shared by the layers in turn)."""
+        (rows for every neuron of the layer, shared by the layers in turn). With
+        `columns`, the `input` selector first picks input channels, read by column."""
         self._selector, self._cache, self._sections = selector, cache, sections
         self._gap, self._pool, self._whole = gap, pool, False
+        self._columns = columns
 
     def forget(self) -> None:
         """Empty the neuron cache: after a step interrupted between admitting neurons
         and reading them, its slots cannot be trusted."""
         self._whole = False
-        if self._cache is not None:
-            self._cache.clear()
+        for cache in (self._cache, self._columns and self._columns.cache):
+            if cache is not None:
+                cache.clear()
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
@@ -96,7 +115,10 @@ class FlashFFN(nn.Module):
             self._stats.tokens += 1
         reads = self._store.reader.stats
         bytes_before, reads_before = reads.bytes, reads.reads
-        y = self._dense(x) if self._cache is None else self._sparse(x)
+        if self._cache is None:
+            y = self._dense(x)
+        else:
+            y = self._sparse(x) if self._columns is None else self._input(x)
         self._stats.bytes += reads.bytes - bytes_before
         self._stats.reads += reads.reads - reads_before
         with self._stats.timed("compute"):
@@ -137,59 +159,123 @@ class FlashFFN(nn.Module):
         with stats.timed("select"):  # (the attention before it included)
             selection = self._selector(x)  # one host sync: the decision
         stats.syncs += 1
-        pre = selection.pre
-        with stats.timed("memory"):
-            # hits first (a cached neuron costs no slot), then the best-scored misses
-            # that fit; the rest streams past the cache (benchmarks/results/hot-set.md:
-            # LRU's hit rate 2.4% -> 7.2% at 5% of a layer on SmolLM2)
-            through = cache.admissible(selection.ids)
-            ids, extra = selection.ids[through], selection.ids[~through]
-            if pre is not None and len(extra):
-                order = np.concatenate(
-                    [np.nonzero(through)[0], np.nonzero(~through)[0]]
+        ids, pre = selection.ids, selection.pre
+        if self.trace is not None:
+            self.trace.append((None, ids))
+        parts = self._fetch(cache, self._pool, ids, self._sections, self._gap)
+        stats.selected += len(ids)
+        self._whole = (
+            isinstance(self._selector, AllSelector)
+            and cache.window is None
+            and cache.capacity == len(cache.slot_of)  # the cache holds the layer
+            and len(ids) == cache.capacity  # and it was all selected
+        )
+        y = mx.zeros_like(x)
+        with stats.timed("compute"):
+            for positions, w in parts:
+                p = None if pre is None else pre[mx.array(positions.astype(np.uint32))]
+                y = y + self._partial(x, w, p)
+        return self.with_bias(y)
+
+    def _input(self, x: mx.array) -> mx.array:
+        """The `input` selector (`input_sparse.py`): the kept input channels' gate/up
+        columns through the column cache give every neuron's a = act(gate)·up from
+        the sparsified input; the kept neurons' down rows through the neuron cache
+        give the output. Two host syncs, each a decision before its read."""
+        stats, select, columns = self._stats, self._selector, self._columns
+        with stats.timed("select"):
+            channels = select.channels(x)  # (the attention before it included)
+        stats.syncs += 1
+        parts = self._fetch(
+            columns.cache, columns.pool, channels, [0], columns.gap, True
+        )
+        stats.channels += len(channels)
+        xs = x.reshape(-1)
+        with stats.timed("compute"):
+            h = [0, 0]
+            for positions, w in parts:
+                xk = xs[mx.array(channels[positions].astype(np.uint32))].reshape(
+                    1, 1, -1
                 )
-                pre = pre[mx.array(order.astype(np.uint32))]
-            slots, load_ids, load_slots = cache.admit(ids)
-        # cache misses and the overflow in one coalesced read, each neuron's bytes
-        # moved once: into its slot, or into the pool's rows that compute the overflow
+                for k, name in enumerate(self.rows):
+                    h[k] = h[k] + matmul(
+                        xk, w[name], self._column_encodings[name], False
+                    )
+            a = self.activate(h)  # (1, 1, n)
+        with stats.timed("select"):
+            ids = select.neurons(a)
+        stats.syncs += 1
+        if self.trace is not None:
+            self.trace.append((channels, ids))
+        parts = self._fetch(self._cache, self._pool, ids, self._sections, self._gap)
+        stats.selected += len(ids)
+        y = mx.zeros_like(x)
+        a = a.reshape(-1)
+        enc = self._encodings[self.column]
+        with stats.timed("compute"):
+            for positions, w in parts:
+                ak = a[mx.array(ids[positions].astype(np.uint32))].reshape(1, 1, -1)
+                y = y + matmul(ak, w[self.column], enc, transpose=False)
+        return self.with_bias(y)
+
+    def _fetch(
+        self,
+        cache: NeuronCache,
+        pool: Slots,
+        ids: np.ndarray,
+        sections: List[int],
+        gap: int,
+        columns: bool = False,
+    ) -> List[Tuple[np.ndarray, Dict[str, Weight]]]:
+        """The weights of `ids` (most important first) as pieces ``(positions,
+        weights)``: the hits and the best-scored misses that fit through the cache
+        (a cached id costs no slot), the rest streamed past it into the pool
+        (benchmarks/results/hot-set.md: LRU's hit rate 2.4% -> 7.2% at 5% of a
+        layer on SmolLM2). Misses and overflow are one coalesced read, each id's
+        bytes moved once: into its slot, or into the pool's rows."""
+        stats = self._stats
+        with stats.timed("memory"):
+            through = cache.admissible(ids)
+            mine, extra = ids[through], ids[~through]
+            slots, load_ids, load_slots = cache.admit(mine)
         try:
-            pieces = self._read(np.concatenate([load_ids, extra]))
+            pieces = self._read(
+                np.concatenate([load_ids, extra]), sections, gap, columns
+            )
         except BaseException:
             cache.release(load_slots)  # admitted, never filled: forget them
             raise
         with stats.timed("memory"):
-            self._place(pieces, load_slots)
-        stats.selected += len(selection.ids)
-        stats.loaded += len(load_ids) + len(extra)
-        stats.hits += len(ids) - len(load_ids)
-        self._whole = (
-            isinstance(self._selector, AllSelector)
-            and cache.window is None
-            and len(ids) == len(cache.slot_of)  # the cache holds the whole layer
-        )
-        y = mx.zeros_like(x)
-        with stats.timed("compute"):
-            if len(ids):
-                w = cache.gather(slots)
-                y = y + self._partial(x, w, None if pre is None else pre[: len(ids)])
+            self._place(cache, pool, pieces, load_slots)
+        hits, loaded = len(mine) - len(load_ids), len(load_ids) + len(extra)
+        if columns:
+            stats.channel_hits += hits
+            stats.channels_loaded += loaded
+        else:
+            stats.hits += hits
+            stats.loaded += loaded
+        parts = []
+        if len(mine):
+            parts.append((np.nonzero(through)[0], cache.gather(slots)))
         if len(extra):
-            w = self._pool.first(len(extra), cache.arrays)
-            with stats.timed("compute"):
-                y = y + self._partial(x, w, None if pre is None else pre[len(ids) :])
-        return self.with_bias(y)
+            parts.append(
+                (np.nonzero(~through)[0], pool.first(len(extra), cache.arrays))
+            )
+        return parts
 
     def _from_cache(self, x: mx.array) -> mx.array:
         """Every neuron cached, every neuron used: no selection, no reads, no gather
         (the FFN is a sum over neurons, so the slots' order does not matter)."""
         return self.with_bias(self._partial(x, self._cache.arrays, None))
 
-    def _read(self, ids: np.ndarray) -> list:
+    def _read(self, ids: np.ndarray, sections, gap: int, columns: bool) -> list:
         if not len(ids):
             return []
         with self._stats.timed("io"):
-            return self._store.read_runs(self._layer, ids, self._sections, self._gap)
+            return self._store.read_runs(self._layer, ids, sections, gap, columns)
 
-    def _place(self, pieces: list, load_slots: np.ndarray) -> None:
+    @staticmethod
+    def _place(cache, pool, pieces: list, load_slots: np.ndarray) -> None:
         """Read rows to where they are used: the first ``len(load_slots)`` ids into
         their cache slots, the rest (the overflow, past the cache) into the pool's
         rows in their order."""
@@ -197,12 +283,12 @@ class FlashFFN(nn.Module):
         for positions, components, rows in pieces:
             miss = positions < n
             if miss.all():
-                self._cache.put(load_slots[positions], components, rows)
+                cache.put(load_slots[positions], components, rows)
             elif not miss.any():
-                self._pool.put(positions - n, components, rows)
+                pool.put(positions - n, components, rows)
             else:  # a run with both (their rows picked apart: a copy)
-                self._cache.put(load_slots[positions[miss]], components, rows[miss])
-                self._pool.put(positions[~miss] - n, components, rows[~miss])
+                cache.put(load_slots[positions[miss]], components, rows[miss])
+                pool.put(positions[~miss] - n, components, rows[~miss])
 
     def _partial(self, x: mx.array, w: Dict[str, Weight], pre) -> mx.array:
         """The FFN output of the neurons in `w` (bias excluded); `pre` is their first

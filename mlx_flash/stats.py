@@ -27,6 +27,9 @@ class FlashStats:
     selected: int = 0
     loaded: int = 0
     hits: int = 0
+    channels: int = 0  # the `input` selector's kept input channels (their columns)
+    channels_loaded: int = 0
+    channel_hits: int = 0
     dense_layers: int = 0  # layer calls that streamed the whole layer (prefill, `all`)
     seconds: Dict[str, float] = field(
         default_factory=lambda: {
@@ -73,7 +76,14 @@ class FlashStats:
             f"compute {ms['compute']:.1f} ms; "
             f"{self.bytes / n / 1e6:.2f} MB in {self.reads / n:.0f} reads, "
             f"neurons selected {self.selected / n:.0f}, loaded {self.loaded / n:.0f}, "
-            f"cache hit rate {hit:.1%}, host syncs {self.syncs / n:.0f}, evaluations "
+            f"cache hit rate {hit:.1%}, "
+            + (
+                f"channels kept {self.channels / n:.0f} (column cache hit rate "
+                f"{self.channel_hits / max(self.channels, 1):.1%}), "
+                if self.channels
+                else ""
+            )
+            + f"host syncs {self.syncs / n:.0f}, evaluations "
             f"{self.evals / n:.0f}; "
             f"{self.tokens} tokens; prefill {self.seconds['prefill']:.2f} s, "
             f"{self.dense_layers} dense layer passes"

@@ -149,3 +149,47 @@ def dense_origins(src: Source, dense: Dict[str, mx.array]) -> Dict[str, Origin]:
             t = dense.get(base + ".weight", dense.get(base + ".bias"))
             out[base] = Origin(describe(t, 1) if t is not None else "float")
     return out
+
+
+def channel_columns(
+    weights: Dict[str, Weight],
+    arch: FFNArch,
+    src: Source,
+    i: int,
+    formats: Tuple[str, str, Optional[int], str],
+    hidden: int,
+) -> Tuple[Dict[str, Component], np.ndarray]:
+    """Layer `i`'s row projections bundled by input channel (docs/FORMAT.md §7.1):
+    their components (``length`` = neurons) and bytes (hidden, B) uint8, channel
+    `c`'s bundle holding column `c` of each row projection in `arch.rows` order.
+
+    A quantized source's groups run along the input axis, so its columns are
+    re-quantized along the neuron axis (a named lossy step); a float source's are
+    transposed exactly. ``auto`` takes the rows' encoding."""
+    ffn_format, _, group_size, fmt = formats
+    components, blocks = {}, []
+    for name in arch.rows:
+        w = weights[name]
+        n_ff = (w[0] if isinstance(w, tuple) else w).shape[0]
+        rows = row_encoding(w, hidden, ffn_format, group_size)
+        if fmt == "auto":
+            enc = rows
+        else:
+            enc = Encoding.parse(fmt, group_size or rows.group_size or None)
+        if enc.quantized and n_ff % enc.group_size:
+            enc = Encoding(enc.dtype, enc.bits, 32, enc.mode)
+        enc.parts(n_ff)  # a group size that does not divide the columns: FlashError
+        columns = dequantize(w, hidden).T  # (hidden, n_ff)
+        data, error = encode_rows(columns, enc, n_ff)
+        quantized = isinstance(w, tuple) or enc.quantized
+        origin = src.origins.get(arch.name(i, name)) or Origin(describe(w, hidden))
+        stored = stored_origin(origin, enc, error, False)
+        if quantized and error > 0:
+            note = (
+                f"dequantized, transposed, stored per input channel as {enc.describe()}"
+            )
+            steps = [origin.note] if origin.note else []
+            stored = stored._replace(note="; ".join(steps + [note]))
+        components[name] = Component(name, n_ff, enc, stored)
+        blocks.append(data)
+    return components, np.concatenate(blocks, axis=1)

@@ -34,6 +34,7 @@ from .manifest import (  # noqa: F401
     ACTIVATIONS,
     ALIGN,
     BUNDLES_NAME,
+    COLUMNS,
     DENSE_NAME,
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -46,7 +47,10 @@ from .manifest import (  # noqa: F401
     Manifest,
     Section,
     align_up,
+    check_columns_header,
+    layer_dict,
     check_header,
+    pack_columns_header,
     pack_header,
 )
 

@@ -28,10 +28,14 @@ MANIFEST_NAME = "flash_config.json"
 BUNDLES_NAME = "ffn.bundles"
 DENSE_NAME = "model.safetensors"
 ACTIVATIONS = ("silu", "gelu", "gelu_approx", "relu")  # what FlashFFN computes
-KNOWN_EXTENSIONS = ("checksums",)  # what this reader understands
+COLUMNS = "columns"  # gate/up bundled by input channel (docs/FORMAT.md §7.1)
+KNOWN_EXTENSIONS = ("checksums", COLUMNS)  # what this reader understands
+COLUMNS_MAGIC = b"MLXFCOLS"
 
 # magic, version, header bytes, file bytes, layers, layout digest
 _HEADER = struct.Struct("<8sIIQI32s")
+# the columns extension's first block: magic, layers, digest of its layout (§7.1)
+_COLUMNS_HEADER = struct.Struct("<8sI32s")
 HEADER_FIELDS = _HEADER.size  # 60: the header bytes past these are zeros
 _RECONVERT = "convert the model again with `python -m mlx_flash.convert`"
 
@@ -110,6 +114,18 @@ class Manifest:
     def extension(self, name: str) -> Optional[Extension]:
         return next((e for e in self.extensions if e.name == name), None)
 
+    @property
+    def columns(self) -> Optional[List[LayerEntry]]:
+        """The columns extension's layers (§7.1): per layer, one bundle per input
+        channel (``neurons`` counts channels) holding that channel's column of each
+        row projection (``length`` = intermediate_size); None without it."""
+        ext = self.extension(COLUMNS)
+        if ext is None:
+            return None
+        if "_columns" not in self.__dict__:
+            self.__dict__["_columns"] = [_layer(d) for d in ext.meta["layers"]]
+        return self.__dict__["_columns"]
+
     def lossy_steps(self) -> List[str]:
         """Every inexact step the conversion took, one line per (tensor kind, step):
         what the converter prints, `inspect` shows and docs/FORMAT.md §5 defines."""
@@ -143,21 +159,7 @@ class Manifest:
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "layout": self.layout,
-            "layers": [
-                {
-                    "neurons": l.neurons,
-                    "components": {
-                        n: {
-                            "length": c.length,
-                            "encoding": c.encoding.to_dict(),
-                            "origin": c.origin._asdict(),
-                        }
-                        for n, c in l.components.items()
-                    },
-                    "sections": [s.__dict__ for s in l.sections],
-                }
-                for l in self.layers
-            ],
+            "layers": [layer_dict(l) for l in self.layers],
             "dense": {k: o._asdict() for k, o in self.dense.items()},
             "extensions": [e.__dict__ for e in self.extensions],
             "file_bytes": self.file_bytes,
@@ -190,24 +192,19 @@ class Manifest:
         if why:
             raise FlashError(f"the manifest is malformed: {why}", path, _RECONVERT)
         try:
-            layers = [
-                LayerEntry(
-                    l["neurons"],
-                    {
-                        n: Component(
-                            n,
-                            c["length"],
-                            Encoding(**c["encoding"]),
-                            Origin(**c["origin"]),
-                        )
-                        for n, c in l["components"].items()
-                    },
-                    [Section(**s) for s in l["sections"]],
-                )
-                for l in d["layers"]
-            ]
+            layers = [_layer(l) for l in d["layers"]]
             dense = {k: Origin(**o) for k, o in d["dense"].items()}
             extensions = [Extension(**e) for e in d["extensions"]]
+            columns = [e for e in extensions if e.name == COLUMNS]
+            for e in columns:
+                why = _columns_error(e.meta)
+                if why:
+                    raise FlashError(
+                        f"the manifest is malformed: columns extension: {why}",
+                        path,
+                        _RECONVERT,
+                    )
+                [_layer(l) for l in e.meta["layers"]]
         except TypeError as e:  # a wrong key or an unhashable value inside
             raise FlashError(
                 f"the manifest is malformed ({e})", path, _RECONVERT
@@ -256,35 +253,7 @@ class Manifest:
             for name in projections:
                 if name not in layer.components:
                     raise bad(f"layer {i} has no component {name!r}")
-            for name, c in layer.components.items():
-                if name not in allowed:
-                    raise bad(
-                        f"layer {i}: component {name!r} is none of {sorted(allowed)}"
-                    )
-                expected = 1 if name.endswith(".bias") else self.hidden_size
-                if not _positive_int(c.length) or c.length != expected:
-                    raise bad(
-                        f"layer {i}: component {name} has length {c.length!r}, "
-                        f"expected {expected}"
-                    )
-                if expected == 1 and c.encoding.quantized:
-                    raise bad(f"layer {i}: the bias {name} cannot be quantized")
-            named = sorted(n for s in layer.sections for n in s.components)
-            if named != sorted(layer.components):
-                raise bad(
-                    f"layer {i} stores {named}, expected {sorted(layer.components)} "
-                    "once each"
-                )
-            for s in layer.sections:
-                if not all(type(v) is int for v in (s.offset, s.bundle_bytes)):
-                    raise bad(f"layer {i}: offsets and sizes must be integers")
-                if not s.components:
-                    raise bad(f"layer {i}: a section holds no component")
-                if s.bundle_bytes != sum(c.nbytes for c in layer.section_components(s)):
-                    raise bad(f"layer {i}: bundle size disagrees with its components")
-                if s.offset % ALIGN or s.offset < end:
-                    raise bad(f"layer {i}: section offset {s.offset} is misplaced")
-                end = s.offset + layer.neurons * s.bundle_bytes
+            end = _check_layer(f"layer {i}", layer, allowed, self.hidden_size, end, bad)
         if end > self.file_bytes:
             raise FlashError(
                 "the manifest points past the end of the bundles file", path, _RECONVERT
@@ -302,6 +271,8 @@ class Manifest:
                     "upgrade mlx_flash, or convert the model again with this version",
                 )
             end = e.offset + e.bytes
+            if e.name == COLUMNS:
+                self._check_columns(e, bad)
         if self.file_bytes % ALIGN:
             raise bad(f"file_bytes {self.file_bytes} is not a multiple of {ALIGN}")
         if end > self.file_bytes:
@@ -309,20 +280,115 @@ class Manifest:
                 "the manifest points past the end of the bundles file", path, _RECONVERT
             )
 
+    def _check_columns(self, ext: Extension, bad) -> None:
+        """The columns extension (§7.1): one layer per decoder layer, each with one
+        bundle per input channel of the row projections' columns, inside the
+        extension after its header block."""
+        columns = self.columns
+        if len(columns) != len(self.layers):
+            raise bad(f"the columns extension has {len(columns)} layers")
+        end = ext.offset + HEADER_BYTES
+        for i, layer in enumerate(columns):
+            if layer.neurons != self.hidden_size:
+                raise bad(f"columns of layer {i}: {layer.neurons} channels")
+            if sorted(layer.components) != sorted(self.rows):
+                raise bad(f"columns of layer {i} must hold exactly {self.rows}")
+            where = f"columns of layer {i}"
+            end = _check_layer(
+                where, layer, set(self.rows), self.intermediate_size, end, bad
+            )
+        if end > ext.offset + ext.bytes:
+            raise bad("the columns extension's layers run past its end")
+
     def layout_digest(self) -> bytes:
         """SHA-256 of the byte layout (docs/FORMAT.md §6): ties the bundles file to
         this manifest. Origins, extension parameters and `source` are not covered."""
-        layout = [
-            [
-                l.neurons,
-                {n: [c.length, c.encoding.to_dict()] for n, c in l.components.items()},
-                [[s.components, s.offset, s.bundle_bytes] for s in l.sections],
-            ]
-            for l in self.layers
-        ]
+        layout = _layout(self.layers)
         ext = [[e.name, e.offset, e.bytes, e.required] for e in self.extensions]
         blob = json.dumps([layout, ext, self.file_bytes], sort_keys=True).encode()
         return hashlib.sha256(blob).digest()
+
+    def columns_digest(self) -> bytes:
+        """SHA-256 of the columns extension's layout (§7.1), the same text as §6's
+        layers part; its header block holds it, as the file's header holds §6's."""
+        return hashlib.sha256(
+            json.dumps(_layout(self.columns), sort_keys=True).encode()
+        ).digest()
+
+
+def _layout(layers: List[LayerEntry]) -> list:
+    return [
+        [
+            l.neurons,
+            {n: [c.length, c.encoding.to_dict()] for n, c in l.components.items()},
+            [[s.components, s.offset, s.bundle_bytes] for s in l.sections],
+        ]
+        for l in layers
+    ]
+
+
+def layer_dict(l: LayerEntry) -> dict:
+    """A layer as the manifest writes it (§5)."""
+    return {
+        "neurons": l.neurons,
+        "components": {
+            n: {
+                "length": c.length,
+                "encoding": c.encoding.to_dict(),
+                "origin": c.origin._asdict(),
+            }
+            for n, c in l.components.items()
+        },
+        "sections": [s.__dict__ for s in l.sections],
+    }
+
+
+def _layer(l: dict) -> LayerEntry:
+    return LayerEntry(
+        l["neurons"],
+        {
+            n: Component(
+                n, c["length"], Encoding(**c["encoding"]), Origin(**c["origin"])
+            )
+            for n, c in l["components"].items()
+        },
+        [Section(**s) for s in l["sections"]],
+    )
+
+
+def _check_layer(where: str, layer: LayerEntry, allowed, length: int, end: int, bad):
+    """One layer's components and sections (§8.3): known components of `length`
+    (biases 1, never quantized), each stored once, sections in order from `end`;
+    the end of its last section."""
+    if not _positive_int(layer.neurons):
+        raise bad(f"{where} has no neurons")
+    for name, c in layer.components.items():
+        if name not in allowed:
+            raise bad(f"{where}: component {name!r} is none of {sorted(allowed)}")
+        expected = 1 if name.endswith(".bias") else length
+        if not _positive_int(c.length) or c.length != expected:
+            raise bad(
+                f"{where}: component {name} has length {c.length!r}, "
+                f"expected {expected}"
+            )
+        if expected == 1 and c.encoding.quantized:
+            raise bad(f"{where}: the bias {name} cannot be quantized")
+    named = sorted(n for s in layer.sections for n in s.components)
+    if named != sorted(layer.components):
+        raise bad(
+            f"{where} stores {named}, expected {sorted(layer.components)} once each"
+        )
+    for s in layer.sections:
+        if not all(type(v) is int for v in (s.offset, s.bundle_bytes)):
+            raise bad(f"{where}: offsets and sizes must be integers")
+        if not s.components:
+            raise bad(f"{where}: a section holds no component")
+        if s.bundle_bytes != sum(c.nbytes for c in layer.section_components(s)):
+            raise bad(f"{where}: bundle size disagrees with its components")
+        if s.offset % ALIGN or s.offset < end:
+            raise bad(f"{where}: section offset {s.offset} is misplaced")
+        end = s.offset + layer.neurons * s.bundle_bytes
+    return end
 
 
 def reconvert_fix(source, store: Path) -> str:
@@ -387,7 +453,32 @@ def _structure_error(d: dict) -> str:
             return f"{key} must be a {kind.__name__}"
     if not all(isinstance(r, str) for r in d["rows"]):
         return "rows must be strings"
-    for i, layer in enumerate(d["layers"]):
+    why = _layers_error(d["layers"])
+    if why:
+        return why
+    for name, o in d["dense"].items():
+        why = _origin_error(o)
+        if why:
+            return f"dense tensor {name!r}: the origin {why}"
+    for e in d["extensions"]:
+        if not isinstance(e, dict) or set(e) != _EXTENSION_KEYS:
+            return f"an extension must have exactly {sorted(_EXTENSION_KEYS)}"
+        if not isinstance(e["name"], str) or not isinstance(e["meta"], dict):
+            return "an extension's name must be a string and its meta an object"
+        if not isinstance(e["required"], bool):
+            return "an extension's required must be true or false"
+    return ""
+
+
+def _columns_error(meta: dict) -> str:
+    if set(meta) != {"layers"} or not isinstance(meta["layers"], list):
+        return "meta must be exactly {layers: [...]}"
+    return _layers_error(meta["layers"])
+
+
+def _layers_error(layers: list) -> str:
+    """What is wrong with the shape of a list of layers (§5), or ""."""
+    for i, layer in enumerate(layers):
         if not isinstance(layer, dict) or set(layer) != {
             "neurons",
             "components",
@@ -419,17 +510,6 @@ def _structure_error(d: dict) -> str:
                 isinstance(c, str) for c in comps
             ):
                 return f"layer {i}: section components must be a list of names"
-    for name, o in d["dense"].items():
-        why = _origin_error(o)
-        if why:
-            return f"dense tensor {name!r}: the origin {why}"
-    for e in d["extensions"]:
-        if not isinstance(e, dict) or set(e) != _EXTENSION_KEYS:
-            return f"an extension must have exactly {sorted(_EXTENSION_KEYS)}"
-        if not isinstance(e["name"], str) or not isinstance(e["meta"], dict):
-            return "an extension's name must be a string and its meta an object"
-        if not isinstance(e["required"], bool):
-            return "an extension's required must be true or false"
     return ""
 
 
@@ -471,4 +551,27 @@ def check_header(head: bytes, manifest: Manifest, path: Path) -> None:
     if digest != manifest.layout_digest():
         raise FlashError(
             "the bundles file was written for another manifest", path, _RECONVERT
+        )
+
+
+def pack_columns_header(manifest: Manifest) -> bytes:
+    head = _COLUMNS_HEADER.pack(
+        COLUMNS_MAGIC, len(manifest.columns), manifest.columns_digest()
+    )
+    return head.ljust(HEADER_BYTES, b"\0")
+
+
+def check_columns_header(head: bytes, manifest: Manifest, path: Path) -> None:
+    """The columns extension's first block: its magic, layer count and the digest of
+    the layout the manifest gives it (checked at every load, like the header)."""
+    magic, layers, digest = _COLUMNS_HEADER.unpack_from(
+        head.ljust(_COLUMNS_HEADER.size, b"\0")
+    )
+    if (magic, layers, digest) != (
+        COLUMNS_MAGIC,
+        len(manifest.columns),
+        manifest.columns_digest(),
+    ):
+        raise FlashError(
+            "the columns extension was written for another manifest", path, _RECONVERT
         )

@@ -14,16 +14,20 @@ from .format import (
     DENSE_NAME,
     FORMAT_VERSION,
     HEADER_BYTES,
+    COLUMNS,
     MANIFEST_NAME,
     Component,
     Manifest,
     Weight,
+    LayerEntry,
+    Section,
     align_up,
+    check_columns_header,
     check_header,
     decode_bundles,
 )
 from .checksums import mismatches, meta_error, table_digest
-from .reader import READERS
+from .reader import READERS, aligned_extents
 from .safety import (
     MAX_JSON_BYTES,
     check_model_files,
@@ -41,6 +45,26 @@ def neuron_runs(ids: np.ndarray, max_gap: int = 0) -> List[Tuple[int, int]]:
     starts = np.concatenate([ids[:1], ids[breaks + 1]])
     stops = np.concatenate([ids[breaks] + 1, ids[-1:] + 1])
     return list(zip(starts.tolist(), stops.tolist()))
+
+
+def run_ranges(
+    sections: Sequence[Section], runs: List[Tuple[int, int]]
+) -> List[Tuple[int, int]]:
+    """The byte ranges (offset, size) that reading neuron `runs` of `sections` takes,
+    section after section (what `BundleStore.read_runs` asks the reader for)."""
+    return [
+        (s.offset + a * s.bundle_bytes, (b - a) * s.bundle_bytes)
+        for s in sections
+        for a, b in runs
+    ]
+
+
+def read_bytes(sections: Sequence[Section], ids: np.ndarray, max_gap: int) -> int:
+    """Bytes the reader moves to read bundles `ids` (any order) of `sections`:
+    their runs (`max_gap` merged) widened to 4 KiB, touching ones merged — exactly
+    `ReadStats.bytes` of that read (the cache simulator's cost of a miss)."""
+    runs = neuron_runs(np.unique(ids), max_gap)
+    return sum(e - s for s, e in aligned_extents(run_ranges(sections, runs)))
 
 
 def align_down(n: int) -> int:
@@ -156,7 +180,9 @@ class BundleStore:
             )
         # Any read of one layer, however sparse, lies within its sections' aligned
         # spans; validation put them inside the file, whose size was just checked.
-        largest = max(layer.whole_read() for layer in self.manifest.layers)
+        self.columns = self.manifest.columns  # per layer, or None (§7.1)
+        entries = self.manifest.layers + (self.columns or [])
+        largest = max(layer.whole_read() for layer in entries)
         assert largest <= size, "validation bounds every section by the file"
         if reader not in READERS:
             raise FlashError(f"unknown reader {reader!r}", fix="use direct or mmap")
@@ -165,6 +191,10 @@ class BundleStore:
             check_header(
                 bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles
             )
+            if self.columns is not None:
+                at = self.manifest.extension(COLUMNS).offset
+                head = bytes(self.reader.read(at, HEADER_BYTES))
+                check_columns_header(head, self.manifest, bundles)
             if verify:
                 self.verify()
         except BaseException:
@@ -175,11 +205,27 @@ class BundleStore:
     def num_layers(self) -> int:
         return len(self.manifest.layers)
 
-    def read_layer(self, layer: int, dtype: mx.Dtype) -> Dict[str, Weight]:
-        """Every neuron of `layer`: component name -> MLX weight (n_neurons, length)."""
-        entry, weights = self.manifest.layers[layer], {}
+    def entry(self, layer: int, columns: bool = False) -> LayerEntry:
+        """Layer `layer`'s neuron bundles, or with `columns` its channel bundles."""
+        if not columns:
+            return self.manifest.layers[layer]
+        if self.columns is None:
+            raise FlashError(
+                "the store has no gate/up columns by input channel",
+                self.path,
+                "convert the model with `python -m mlx_flash.convert ... --layout "
+                "columns`",
+            )
+        return self.columns[layer]
+
+    def read_layer(
+        self, layer: int, dtype: mx.Dtype, columns: bool = False
+    ) -> Dict[str, Weight]:
+        """Every neuron of `layer`: component name -> MLX weight (n_neurons, length);
+        with `columns`, every input channel's columns (hidden, neurons)."""
+        entry, weights = self.entry(layer, columns), {}
         for section in entry.sections:
-            with self._naming(layer, [(0, entry.neurons)], [section]):
+            with self._naming(layer, [(0, entry.neurons)], [section], columns):
                 raw = self.reader.read(
                     section.offset, entry.neurons * section.bundle_bytes
                 )
@@ -197,6 +243,7 @@ class BundleStore:
         ids: np.ndarray,
         sections: Sequence[int],
         max_gap: int = 0,
+        columns: bool = False,
     ) -> List[Tuple[np.ndarray, List[Component], np.ndarray]]:
         """Read the bundles of neurons `ids` of `layer` in `sections`, as pieces
         ``(positions, components, rows)``: `rows` (len(positions), bytes) uint8 are
@@ -206,17 +253,14 @@ class BundleStore:
 
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
+        With `columns`, `ids` are input channels and the bundles their columns.
         """
-        entry, order = self.manifest.layers[layer], np.argsort(ids, kind="stable")
+        entry, order = self.entry(layer, columns), np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         runs = neuron_runs(sorted_ids, max_gap)
         chosen = [entry.sections[k] for k in sections]
-        ranges = [
-            (s.offset + a * s.bundle_bytes, (b - a) * s.bundle_bytes)
-            for s in chosen
-            for a, b in runs
-        ]
-        with self._naming(layer, runs, chosen):
+        ranges = run_ranges(chosen, runs)
+        with self._naming(layer, runs, chosen, columns):
             views = iter(self.reader.read_ranges(ranges))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
         pieces = []
@@ -296,13 +340,16 @@ class BundleStore:
             return "the dense part"
         if at < HEADER_BYTES:
             return "the header"
-        for i, entry in enumerate(self.manifest.layers):
-            for s in entry.sections:
-                stop = s.offset + entry.neurons * s.bundle_bytes
-                if s.offset <= at < align_up(stop):
-                    first = max(0, (at - s.offset) // s.bundle_bytes)
-                    last = min(entry.neurons, (at + ALIGN - s.offset) // s.bundle_bytes)
-                    return f"layer {i}, neurons {first}-{min(last, entry.neurons - 1)}"
+        kinds = [(self.manifest.layers, "neurons"), (self.columns or [], "channels")]
+        for entries, unit in kinds:
+            for i, entry in enumerate(entries):
+                for s in entry.sections:
+                    stop = s.offset + entry.neurons * s.bundle_bytes
+                    if s.offset <= at < align_up(stop):
+                        first = max(0, (at - s.offset) // s.bundle_bytes)
+                        last = (at + ALIGN - s.offset) // s.bundle_bytes
+                        last = min(last, entry.neurons - 1)
+                        return f"layer {i}, {unit} {first}-{last}"
         for e in self.manifest.extensions:
             if e.offset <= at < align_up(e.offset + e.bytes):
                 return f"the {e.name} extension"
@@ -320,9 +367,10 @@ class BundleStore:
             )
 
     @contextlib.contextmanager
-    def _naming(self, layer: int, runs, sections) -> Iterator[None]:
-        """Re-raise a failed read as a `ReadError` naming the layer and neurons: the
-        run of neurons holding the failing byte when it is known, else all of them."""
+    def _naming(self, layer: int, runs, sections, columns=False) -> Iterator[None]:
+        """Re-raise a failed read as a `ReadError` naming the layer and neurons (or
+        input channels): the run holding the failing byte when it is known, else
+        all of them."""
         try:
             yield
         except FlashError as e:
@@ -340,8 +388,9 @@ class BundleStore:
                 if hit:
                     first, last = hit[0][0], hit[0][1] - 1
                     break
+            unit = "channels" if columns else "neurons"
             raise ReadError(
-                f"layer {layer}, neurons {first}-{last}: {e.message}",
+                f"layer {layer}, {unit} {first}-{last}: {e.message}",
                 e.path,
                 e.fix,
                 offset=at,

@@ -10,7 +10,8 @@ import contextlib
 import errno
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+import shutil
+from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +24,7 @@ from .checksums import build_table
 from .format import (
     ALIGN,
     BUNDLES_NAME,
+    COLUMNS,
     DENSE_NAME,
     HEADER_BYTES,
     MANIFEST_NAME,
@@ -33,14 +35,16 @@ from .format import (
     Section,
     Weight,
     align_up,
+    layer_dict,
+    pack_columns_header,
     pack_header,
 )
 from .safety import check_safetensors, clean_config
-from .components import dense_origins, encode_component
+from .components import channel_columns, dense_origins, encode_component
 from .sources import Source, open_source
 from .staging import _staged
 
-LAYOUTS = ("bundled", "split", "gate")
+LAYOUTS = ("bundled", "split", "gate", "columns")
 
 
 def convert(
@@ -57,6 +61,7 @@ def convert(
     dtype: Optional[str] = None,
     quantization: Optional[dict] = None,
     dequantize: bool = False,
+    column_format: str = "auto",
 ) -> Path:
     """Convert a model into a flash bundle store.
 
@@ -73,8 +78,10 @@ def convert(
         group_size: group size for ``q1``-``q8`` (default 64; the source's for a
             quantized source).
         layout: ``bundled`` (one read brings a neuron's every component), ``split``
-            (each component in its own run: the no-bundling ablation) or ``gate``
-            (gate/fc1 rows apart, for the ``gate`` selector).
+            (each component in its own run: the no-bundling ablation), ``gate``
+            (gate/fc1 rows apart, for the ``gate`` selector) or ``columns`` (gate/up
+            rows apart from down, and gate/up also bundled by input channel, for the
+            ``input`` selector: docs/FORMAT.md §7.1).
         dense_out: also write a plain mlx-lm directory holding exactly the values
             the store computes with (its reference).
         overwrite: replace an existing ``out``.
@@ -86,6 +93,10 @@ def convert(
             ``{"bits", "group_size", "mode", "predicate"}``.
         dequantize: turn a quantized source into floats first (mlx-lm's
             ``dequantize``), in `dtype` or its scales' dtype.
+        column_format: with ``layout="columns"``, the encoding of the gate/up
+            columns (re-quantized along the neuron axis where quantized): ``auto``
+            is the rows' encoding (bits, group size, scales' dtype), or one of
+            `FFN_FORMATS`.
 
     Returns:
         The store path.
@@ -103,7 +114,8 @@ def convert(
         raise FlashError(
             f"unknown layout {layout!r}", fix="use " + " or ".join(LAYOUTS)
         )
-    for name, fmt in (("ffn_format", ffn_format), ("down_format", down_format)):
+    formats = ("ffn_format", ffn_format), ("down_format", down_format)
+    for name, fmt in formats + (("column_format", column_format),):
         if fmt != "auto":
             Encoding.parse(fmt, group_size)  # a bad name fails before any read
     src = open_source(source, revision, **({"float_dtype": dtype} if dtype else {}))
@@ -118,7 +130,12 @@ def convert(
         with contextlib.ExitStack() as stack:  # both written, or neither
             tmp = stack.enter_context(_staged(out, overwrite))
             manifest = write_store(
-                tmp, src, arch, ffn_format, down_format, group_size, layout, progress
+                tmp,
+                src,
+                arch,
+                (ffn_format, down_format, group_size, column_format),
+                layout,
+                progress,
             )
             if dense_out:
                 from .dense import export_dense
@@ -147,14 +164,14 @@ def write_store(
     path: Path,
     src: Source,
     arch: FFNArch,
-    ffn_format: str,
-    down_format: str,
-    group_size: Optional[int],
+    formats: Tuple[str, str, Optional[int], str],
     layout: str,
     progress: bool,
 ) -> Manifest:
     """Write every file of a store into the (empty) directory `path`: the FFN
-    bundles layer by layer, the dense part, then the block checksums and header."""
+    bundles layer by layer, the dense part, then the extensions (the columns, with
+    ``layout="columns"``; the block checksums) and the header. `formats`: the
+    rows', down's and columns' formats and the group size (`convert`'s)."""
     config, dense = src.config, dict(src.weights)
     n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
     n_ff = int(config.get("intermediate_size") or config.get("ffn_dim"))
@@ -170,18 +187,31 @@ def write_store(
         out_bias=arch.name(0, arch.column) + ".bias" in dense,
         source={"path": str(src.path), "kind": src.kind},
     )
+    if layout == "columns" and (len(arch.rows) != 2 or _row_biases(dense, arch)):
+        raise FlashError(
+            "--layout columns is for gated FFNs (gate_proj and up_proj) without biases",
+            src.path,
+            "use --layout bundled for this model",
+        )
     at = HEADER_BYTES
+    columns = [] if layout == "columns" else None  # per layer: (entry, bytes file)
     with open(path / BUNDLES_NAME, "wb") as f:
         f.write(b"\0" * HEADER_BYTES)
         for i in tqdm(
             range(n_layers), desc="converting FFN", unit="layer", disable=not progress
         ):
             components, data = {}, {}
-            formats = (ffn_format, down_format, group_size)
-            for name, w in layer_weights(dense, arch, i).items():
+            weights = layer_weights(dense, arch, i)
+            for name, w in weights.items():
                 origin = src.origins.get(arch.name(i, name.removesuffix(".bias")))
                 components[name], data[name] = encode_component(
-                    name, w, arch, hidden, n_ff, formats, origin
+                    name, w, arch, hidden, n_ff, formats[:3], origin
+                )
+            if columns is not None:
+                columns.append(
+                    _spill(
+                        path, i, channel_columns(weights, arch, src, i, formats, hidden)
+                    )
                 )
             sections = []
             for group in layout_sections(list(components), arch.rows[0], layout):
@@ -195,12 +225,14 @@ def write_store(
             del data
         _write_model_dir(path, _store_config(config, arch), dense, src.tokenizer_files)
         manifest.dense = dense_origins(src, dense)
+        if columns is not None:
+            at = _write_columns(f, manifest, columns, align_up(at))
         # the checksums cover the bundles up to their own table, and the dense part
         table_at = align_up(at)
         dense_bytes = (path / DENSE_NAME).stat().st_size
         blocks = table_at // ALIGN + -(-dense_bytes // ALIGN)
         ext = Extension("checksums", table_at, 8 * blocks)
-        manifest.extensions = [ext]
+        manifest.extensions = manifest.extensions + [ext]
         manifest.file_bytes = align_up(table_at + ext.bytes)
         f.truncate(manifest.file_bytes)
         f.seek(0)
@@ -221,13 +253,51 @@ def write_store(
 def layout_sections(order: List[str], first: str, layout: str) -> List[List[str]]:
     """Components per section: ``bundled`` one section; ``split`` one per component
     (the no-bundling ablation); ``gate`` the first row (gate/fc1, with its bias) apart,
-    so it can stay resident while the rest of each bundle is read on demand."""
+    so it can stay resident while the rest of each bundle is read on demand;
+    ``columns`` the rows apart from the output projection (the last component), which
+    the ``input`` selector reads alone."""
     if layout == "bundled":
         return [order]
     if layout == "split":
         return [[n] for n in order]
+    if layout == "columns":
+        return [order[:-1], order[-1:]]
     head = [n for n in order if n in (first, first + ".bias")]
     return [head, [n for n in order if n not in head]]
+
+
+def _row_biases(weights: Dict[str, mx.array], arch: FFNArch) -> bool:
+    return any(arch.name(0, r) + ".bias" in weights for r in arch.rows)
+
+
+def _spill(path: Path, i: int, encoded) -> tuple:
+    """Layer `i`'s encoded columns, to a scratch file until the layers are written
+    (an extension follows them): (components, file, bundle bytes)."""
+    components, block = encoded
+    scratch = path / f".columns-{i}.tmp"
+    scratch.write_bytes(block.tobytes())
+    return components, scratch, block.shape[1]
+
+
+def _write_columns(f, manifest: Manifest, columns: list, start: int) -> int:
+    """The columns extension at `start` (§7.1): its header block, then each layer's
+    channel bundles; returns its end."""
+    hidden, layers, at = manifest.hidden_size, [], start + HEADER_BYTES
+    for components, scratch, width in columns:
+        at = align_up(at)
+        f.seek(at)
+        with open(scratch, "rb") as part:
+            shutil.copyfileobj(part, f, 1 << 20)
+        scratch.unlink()
+        names = list(components)
+        layers.append(LayerEntry(hidden, components, [Section(names, at, width)]))
+        at += hidden * width
+    ext = Extension(COLUMNS, start, at - start, required=False)
+    ext.meta = {"layers": [layer_dict(l) for l in layers]}
+    manifest.extensions = [ext]
+    f.seek(start)
+    f.write(pack_columns_header(manifest))
+    return at
 
 
 def layer_weights(

@@ -1,0 +1,368 @@
+"""Issue #15's frontier: perplexity against FFN bytes touched and read, per method.
+
+For one model's store (converted with ``--layout columns`` and calibrated with
+``python -m mlx_flash.calibrate``), every method runs over the same held-out text
+layer by layer (`mlx_flash.evaluate`'s lanes): dense, the output oracle (top share by
+|act(gate)·up|, gate/up read whole), TEAL-like uniform input sparsity (per token), and
+the runtime `input` selector at each calibrated sparsity (its thresholds, gate/up from
+the stored columns). For the `input` rows the bytes *read* per token are those of a
+trace-driven replay of the caches the DRAM planner gives at the budget
+(`cache_simulator.Replay`, the runtime's own admission and reads); the reference rows
+(oracle, uniform) are not runtime methods: their bytes read are their bytes touched
+(no cache). Then real decoding at two sparsities, under the same plan, over the first
+tokens of the same text, checks the replay (the issue asks for agreement within 10%),
+and gives the selector's ms per token and the decode speed.
+
+    python benchmarks/frontier.py --model qwen0.5b [--store q4-columns] [--budget 0.5]
+        [--tokens 2048] [--skip 200000] [--sparsity 0.2,0.25,0.3,0.35,0.4,0.5]
+        [--check 0.25,0.4] [--code] [--out benchmarks/results]
+
+Writes frontier-<model>.json, .md and .png (perplexity vs MB read per token; the
+oracle as the ceiling, naive — the whole FFN every token, dense quality — as the floor).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import bench_cache, model_gguf  # noqa: E402
+
+from mlx_flash import load  # noqa: E402
+from mlx_flash.cache_simulator import Replay  # noqa: E402
+from mlx_flash.evaluate import (  # noqa: E402
+    Config,
+    _hook,
+    calibrated,
+    configurations,
+    store_column_share,
+)
+from mlx_flash.input_sparse import load_calibration  # noqa: E402
+from mlx_flash.layerwise import (  # noqa: E402
+    Lane,
+    for_many_tokens,
+    run_layers,
+    text_tokens,
+    token_nll,
+)
+from mlx_flash.predictor import targets_for  # noqa: E402
+from mlx_flash.sparse_ffn import ACTIVATIONS  # noqa: E402
+
+WIKITEXT = (
+    Path(__file__).resolve().parents[2] / "shared/data/corpora/wikitext2-test.txt"
+)
+
+
+def code_text(out: Path) -> Path:
+    """The Python sources of the installed mlx-lm (pinned by pyproject), as one text:
+    a code text fixed once for the coder models."""
+    import mlx_lm
+
+    root = Path(mlx_lm.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    path = out / f"mlx-lm-{mlx_lm.__version__}-sources.txt"
+    if not path.exists():
+        path.write_text("".join(f.read_text() for f in files))
+    return path
+
+
+def plan_replays(store_path: Path, sparsity: float, budget: int):
+    """The `input` selector's plan at `budget`: per layer (channels, neurons) replays
+    with its capacities and read gaps."""
+    model, _ = load(
+        str(store_path), selector="input", sparsity=sparsity, dram_budget=budget
+    )
+    plan, store, m = model.flash_plan, model.flash_store, model.flash_store.manifest
+    L, replays = len(m.layers), []
+    for i, layer in enumerate(model.layers):
+        ffn = layer.mlp
+        down = [m.layers[i].sections[k] for k in ffn._sections]
+        replays.append(
+            (
+                Replay(
+                    m.hidden_size,
+                    plan.capacities[L + i],
+                    store.columns[i].sections,
+                    ffn._columns.gap,
+                ),
+                Replay(m.intermediate_size, plan.capacities[i], down, ffn._gap),
+            )
+        )
+    caches = plan.caches
+    del model
+    return replays, caches
+
+
+def lanes_for(args, model, m, budget, with_replay: bool):
+    activation = ACTIVATIONS[m.activation]
+    configs = configurations(
+        activation,
+        True,
+        args.fractions,
+        [],
+        None,
+        m.rows,
+        [],
+        args.uniform,
+    )
+    configs = [c for c in configs if not c.name.startswith("gate")]
+    share = float(np.mean(store_column_share(model.flash_store)))
+    replayed = {}
+    for s in args.sparsity:
+        calibration = load_calibration(model.flash_store.path, s, len(m.layers))
+        replays, caches = (None, 0)
+        if with_replay:
+            replays, caches = plan_replays(model.flash_store.path, s, budget)
+        select = calibrated(activation, model.flash_store, calibration, replays)
+        configs.append(
+            Config(
+                f"input {s:g}",
+                select,
+                lambda u, f=select, k=share: (
+                    k * f.channels[0] / max(f.channels[1], 1) + (1 - k) * u
+                ),
+            )
+        )
+        replayed[configs[-1].name] = (select, caches)
+    return configs, replayed
+
+
+def perplexities(args, model, tokenizer, text: Path, budget: int, with_replay: bool):
+    m = model.flash_store.manifest
+    tokens = text_tokens(
+        tokenizer, text.read_text(), args.tokens, args.seq_len, args.skip
+    )
+    configs, replayed = lanes_for(args, model, m, budget, with_replay)
+    targets = targets_for({"kind": "relu"})
+    for c in configs:
+        c.lane = Lane(_hook(c, targets))
+    run_layers(model, tokens, [c.lane for c in configs])
+    for c in configs:
+        nll = [
+            token_nll(model, tokens[s : s + 8], c.lane.h[s : s + 8])
+            for s in range(0, tokens.shape[0], 8)
+        ]
+        c.nll = mx.concatenate(nll).mean().item()
+    return configs, replayed, tokens
+
+
+def decode_check(store_path, sparsity, budget, tokens, first, count):
+    """Real decoding of the text's first tokens (teacher-forced, one at a time)
+    under the plan: MB read and ms per token over tokens [first, first + count)."""
+    model, _ = load(
+        str(store_path), selector="input", sparsity=sparsity, dram_budget=budget
+    )
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    ids = np.array(tokens[0]).tolist()[: first + count]
+    stats = model.flash_stats
+    for k, t in enumerate(ids):
+        if k == first:
+            stats.reset()
+            tic = time.perf_counter()
+        mx.eval(model(mx.array([[t]]), cache=cache))
+    seconds = time.perf_counter() - tic
+    n = max(stats.tokens, 1)
+    return {
+        "sparsity": sparsity,
+        "tokens": stats.tokens,
+        "mb_per_token": stats.bytes / n / 1e6,
+        "ms_per_token": 1e3 * seconds / n,
+        "select_ms_per_token": 1e3 * stats.seconds["select"] / n,
+        "channel_hit_rate": stats.channel_hits / max(stats.channels, 1),
+        "neuron_hit_rate": stats.hits / max(stats.selected, 1),
+        "plan": model.flash_plan.describe(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--store", default="q4-columns")
+    parser.add_argument("--budget", type=float, default=0.5, help="of the GGUF file")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--skip", type=int, default=200000)
+    floats = lambda t: [float(v) for v in t.split(",") if v]  # noqa: E731
+    parser.add_argument(
+        "--sparsity", type=floats, default=[0.2, 0.25, 0.3, 0.35, 0.4, 0.5]
+    )
+    parser.add_argument("--fractions", type=floats, default=[0.5, 0.6, 0.7])
+    parser.add_argument("--uniform", type=floats, default=[0.2, 0.25])
+    parser.add_argument("--check", type=floats, default=[0.25, 0.4])
+    parser.add_argument("--check-tokens", type=int, default=48)
+    parser.add_argument("--code", action="store_true", help="Also a code text")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store_path = bench_cache() / args.model / args.store
+    budget = int(args.budget * model_gguf(args.model).stat().st_size)
+    load_avg = os.getloadavg()
+    model, tokenizer = load(str(store_path), progress=False)
+    for_many_tokens(model)
+    m = model.flash_store.manifest
+    naive_mb = sum(layer.whole_read() for layer in m.layers) / 1e6
+    texts = {"wikitext": WIKITEXT}
+    if args.code:
+        texts["code"] = code_text(out)
+    rows, checks = {}, []
+    for name, text in texts.items():
+        configs, replayed, tokens = perplexities(
+            args, model, tokenizer, text, budget, name == "wikitext"
+        )
+        dense = math.exp(configs[0].nll)
+        for c in configs:
+            used = c.per_layer(0, 1)
+            touched = c.touched(float(np.mean(used)) if used else 1.0)
+            row = rows.setdefault(c.name, {"method": c.name})
+            row[f"ppl_{name}"] = math.exp(c.nll)
+            row[f"delta_{name}"] = math.exp(c.nll) / dense - 1
+            if name == "wikitext":
+                row["touched"] = touched
+                row["mb_touched"] = touched * naive_mb
+                row["mb_read"] = touched * naive_mb
+                if c.name in replayed:
+                    select, caches = replayed[c.name]
+                    row["mb_read"] = float(np.mean(select.read)) / 1e6
+                    row["caches_mib"] = caches / 2**20
+                    row["read_by_token"] = select.read
+        if name == "wikitext":
+            first = 16
+            for s in args.check:
+                check = decode_check(
+                    store_path, s, budget, tokens, first, args.check_tokens
+                )
+                read = rows[f"input {s:g}"]["read_by_token"][
+                    first : first + check["tokens"]
+                ]
+                check["simulated_mb_per_token"] = float(np.mean(read)) / 1e6
+                check["ratio"] = check["mb_per_token"] / check["simulated_mb_per_token"]
+                checks.append(check)
+    for row in rows.values():
+        row.pop("read_by_token", None)
+    result = {
+        "model": args.model,
+        "store": str(store_path),
+        "budget_bytes": budget,
+        "budget_fraction": args.budget,
+        "naive_mb": naive_mb,
+        "tokens": args.tokens,
+        "skip": args.skip,
+        "load_average": load_avg,
+        "rows": list(rows.values()),
+        "decode_checks": checks,
+    }
+    stem = out / f"frontier-{args.model}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(render(result))
+    print(render(result))
+    plot(result, stem.with_suffix(".png"))
+
+
+def render(r) -> str:
+    code = any("ppl_code" in row for row in r["rows"])
+    head = "| method | ppl WikiText-2 | vs dense |" + (
+        " ppl code | vs dense |" if code else ""
+    )
+    head += " FFN touched | MB touched/token | MB read/token at the plan |"
+    lines = [
+        f"Frontier of {r['model']} ({Path(r['store']).name}; {r['tokens']} held-out "
+        f"tokens after {r['skip']}; budget {r['budget_fraction']:g} of the GGUF file = "
+        f"{r['budget_bytes'] / 2**20:.0f} MiB; naive reads {r['naive_mb']:.1f} MB/token; "
+        f"load average {r['load_average'][0]:.1f}):",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for row in r["rows"]:
+        cells = [
+            row["method"],
+            f"{row['ppl_wikitext']:.2f}",
+            f"{row['delta_wikitext']:+.1%}",
+        ]
+        if code:
+            cells += [
+                f"{row.get('ppl_code', math.nan):.3f}",
+                f"{row.get('delta_code', math.nan):+.1%}",
+            ]
+        replayed = "caches_mib" in row
+        cells += [
+            f"{row['touched']:.1%}",
+            f"{row['mb_touched']:.1f}",
+            f"{row['mb_read']:.1f}"
+            + (f" (caches {row['caches_mib']:.0f} MiB)" if replayed else " (no cache)"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if r["decode_checks"]:
+        lines += [
+            "",
+            "Decoding the same text under the plan (teacher-forced), against the replay:",
+            "",
+            "| input sparsity | tokens | MB read/token measured | simulated | ratio | ms/token | select ms/token | column / neuron cache hits |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in r["decode_checks"]:
+            lines.append(
+                f"| {c['sparsity']:g} | {c['tokens']} | {c['mb_per_token']:.2f} | "
+                f"{c['simulated_mb_per_token']:.2f} | {c['ratio']:.3f} | "
+                f"{c['ms_per_token']:.0f} | {c['select_ms_per_token']:.1f} | "
+                f"{c['channel_hit_rate']:.1%} / {c['neuron_hit_rate']:.1%} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(r, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[frontier] no matplotlib: no PNG (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = {
+        "oracle": "oracle top share (ceiling)",
+        "input TEAL": "uniform input (TEAL)",
+        "input WINA": "uniform input (WINA)",
+        "input ": "input selector (runtime, at the plan)",
+    }
+    for prefix, label in families.items():
+        pts = [
+            (row["mb_read"], row["ppl_wikitext"])
+            for row in r["rows"]
+            if row["method"].startswith(prefix)
+            and not (
+                prefix == "input "
+                and ("TEAL" in row["method"] or "WINA" in row["method"])
+            )
+        ]
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, "o-", label=label)
+    dense = next(row for row in r["rows"] if row["method"] == "dense")
+    ax.plot(
+        [r["naive_mb"]], [dense["ppl_wikitext"]], "ks", label="naive (whole FFN; dense)"
+    )
+    ax.set_xlabel("FFN MB read per token")
+    ax.set_ylabel("perplexity (WikiText-2)")
+    ax.set_title(
+        f"{r['model']}: quality vs bytes at {r['budget_fraction']:g} of the file"
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
