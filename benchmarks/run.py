@@ -42,6 +42,8 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 SLOW_MS = 10_000  # baselines slower than this get one round
 DRIFT = 0.30
 LOWRANK = {"selector": "lowrank", "recall": 0.9}
+# the input selector's rows: (store, calibrated sparsity), each store calibrated once
+INPUT = [("columns", 0.3), ("columns", 0.4)]
 
 
 def configs(formats, budget: int):
@@ -89,6 +91,16 @@ def configs(formats, budget: int):
                 {"selector": "gate", "fraction": 0.5, "window": 4, **b},
                 True,
             ),
+        ]
+        rows += [
+            (
+                f"{f} input {s:g} ({store})",
+                "flash",
+                f"{f}-{store}",
+                {"selector": "input", "sparsity": s, **b},
+                True,
+            )
+            for store, s in INPUT
         ]
     return rows
 

@@ -219,7 +219,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         choices=FFN_FORMATS,
         default="auto",
         help="--layout columns: encoding of the gate/up columns by input channel "
-        "(auto: as the rows; quantized ones are re-quantized along the neuron axis)",
+        "(auto: a float model's own; quantized rows' bits + 1, re-quantized along the "
+        "neuron axis: at the rows' bits the columns lose quality)",
     )
     parser.add_argument(
         "--dense-out",

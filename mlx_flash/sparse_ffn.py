@@ -187,36 +187,40 @@ class FlashFFN(nn.Module):
             channels = select.channels(x)  # (the attention before it included)
         stats.syncs += 1
         parts = self._fetch(
-            columns.cache, columns.pool, channels, [0], columns.gap, True
+            columns.cache, columns.pool, channels, [0], columns.gap, True, True
         )
         stats.channels += len(channels)
-        xs = x.reshape(-1)
+        xk = self._take(x.reshape(-1), channels)
         with stats.timed("compute"):
             h = [0, 0]
-            for positions, w in parts:
-                xk = xs[mx.array(channels[positions].astype(np.uint32))].reshape(
-                    1, 1, -1
-                )
+            for index, w in parts:
+                v = xk[mx.array(index.astype(np.uint32))].reshape(1, 1, -1)
                 for k, name in enumerate(self.rows):
-                    h[k] = h[k] + matmul(
-                        xk, w[name], self._column_encodings[name], False
-                    )
+                    enc = self._column_encodings[name]
+                    h[k] = h[k] + matmul(v, w[name], enc, transpose=False)
             a = self.activate(h)  # (1, 1, n)
         with stats.timed("select"):
             ids = select.neurons(a)
         stats.syncs += 1
         if self.trace is not None:
             self.trace.append((channels, ids))
-        parts = self._fetch(self._cache, self._pool, ids, self._sections, self._gap)
+        parts = self._fetch(
+            self._cache, self._pool, ids, self._sections, self._gap, masked=True
+        )
         stats.selected += len(ids)
         y = mx.zeros_like(x)
-        a = a.reshape(-1)
-        enc = self._encodings[self.column]
+        ak, enc = self._take(a.reshape(-1), ids), self._encodings[self.column]
         with stats.timed("compute"):
-            for positions, w in parts:
-                ak = a[mx.array(ids[positions].astype(np.uint32))].reshape(1, 1, -1)
-                y = y + matmul(ak, w[self.column], enc, transpose=False)
+            for index, w in parts:
+                v = ak[mx.array(index.astype(np.uint32))].reshape(1, 1, -1)
+                y = y + matmul(v, w[self.column], enc, transpose=False)
         return self.with_bias(y)
+
+    @staticmethod
+    def _take(values: mx.array, ids: np.ndarray) -> mx.array:
+        """values[ids], and a zero after them (where a masked part points)."""
+        taken = values[mx.array(ids.astype(np.uint32))]
+        return mx.concatenate([taken, mx.zeros((1,), values.dtype)])
 
     def _fetch(
         self,
@@ -226,13 +230,20 @@ class FlashFFN(nn.Module):
         sections: List[int],
         gap: int,
         columns: bool = False,
+        masked: bool = False,
     ) -> List[Tuple[np.ndarray, Dict[str, Weight]]]:
         """The weights of `ids` (most important first) as pieces ``(positions,
         weights)``: the hits and the best-scored misses that fit through the cache
         (a cached id costs no slot), the rest streamed past it into the pool
         (benchmarks/results/hot-set.md: LRU's hit rate 2.4% -> 7.2% at 5% of a
         layer on SmolLM2). Misses and overflow are one coalesced read, each id's
-        bytes moved once: into its slot, or into the pool's rows."""
+        bytes moved once: into its slot, or into the pool's rows.
+
+        With `masked`, the cache's piece is every slot, no gather: its positions
+        give each slot the position of its id in `ids`, or ``len(ids)`` where the
+        slot's id was not selected (the caller multiplies those by zero). Cheaper
+        than gathering when most cached ids are selected (the input selector's
+        70-80% of channels: a gather copies them before the product reads them)."""
         stats = self._stats
         with stats.timed("memory"):
             through = cache.admissible(ids)
@@ -255,7 +266,11 @@ class FlashFFN(nn.Module):
             stats.hits += hits
             stats.loaded += loaded
         parts = []
-        if len(mine):
+        if masked and cache.capacity:
+            index = np.full(cache.capacity, len(ids), np.int64)
+            index[slots] = np.nonzero(through)[0]
+            parts.append((index, cache.arrays))
+        elif len(mine):
             parts.append((np.nonzero(through)[0], cache.gather(slots)))
         if len(extra):
             parts.append(

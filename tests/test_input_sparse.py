@@ -301,3 +301,15 @@ def test_replay_reads_what_decoding_reads(tmp_path):
         for c, ids in ffn.trace:
             simulated += channels.step(c) + neurons.step(ids)
     assert simulated == model.flash_stats.bytes > 0
+
+
+def test_page_bytes_counts_the_pages_a_share_touches():
+    """Small bundles read at a share cost their pages: the planner's per-bundle
+    figure for the input selector (a bundle of a page or more costs itself)."""
+    from mlx_flash.flash_setup import page_bytes
+
+    assert page_bytes(1008, 1.0) == 1008
+    assert page_bytes(8192, 0.5) == 8192
+    # 4 rows a page, 44% selected: 96% of the pages, so ~2.2x per selected row
+    assert 2000 < page_bytes(1008, 0.44) < 2200
+    assert page_bytes(512, 0.01) < 512 * 8

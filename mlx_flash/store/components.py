@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import FlashError
 from .archs import FFNArch
 from .format import (
+    AFFINE_BITS,
     DTYPE_NAMES,
     FLOAT_DTYPES,
     Component,
@@ -102,6 +103,20 @@ def column_encoding(
     return Encoding.parse(fmt, group_size or group)
 
 
+def column_bits(rows: Encoding) -> Encoding:
+    """The columns' default encoding: the rows' float dtype, or for quantized rows
+    affine with one bit more (8 past 6) and the rows' group size and scales. Measured
+    on Qwen2.5-Coder-0.5B (q4 g32 rows, 2,048 WikiText-2 tokens, dense 59.43):
+    every channel's columns at q4 give 61.87 (+4.1%), at q5 57.00, at q8 56.42 (the
+    rows are themselves a re-quantization of the file's Q5_0); q5 reads 1.2x the
+    rows' bytes, q8 1.8x."""
+    if not rows.quantized:
+        return rows
+    bits = next((b for b in AFFINE_BITS if b > rows.bits), 8)
+    dtype = rows.dtype if rows.mode == "affine" else "float16"
+    return Encoding(dtype, bits, rows.group_size)
+
+
 def _float_kind(origin: Optional[Origin]) -> bool:
     """Whether a source tensor was stored as floats (F16, bfloat16, ...), not as a
     quantized type read back as floats."""
@@ -165,7 +180,7 @@ def channel_columns(
 
     A quantized source's groups run along the input axis, so its columns are
     re-quantized along the neuron axis (a named lossy step); a float source's are
-    transposed exactly. ``auto`` takes the rows' encoding."""
+    transposed exactly. ``auto``: `column_bits` of the rows' encoding."""
     ffn_format, _, group_size, fmt = formats
     components, blocks = {}, []
     for name in arch.rows:
@@ -173,7 +188,7 @@ def channel_columns(
         n_ff = (w[0] if isinstance(w, tuple) else w).shape[0]
         rows = row_encoding(w, hidden, ffn_format, group_size)
         if fmt == "auto":
-            enc = rows
+            enc = column_bits(rows)
         else:
             enc = Encoding.parse(fmt, group_size or rows.group_size or None)
         if enc.quantized and n_ff % enc.group_size:

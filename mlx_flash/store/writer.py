@@ -95,8 +95,8 @@ def convert(
             ``dequantize``), in `dtype` or its scales' dtype.
         column_format: with ``layout="columns"``, the encoding of the gate/up
             columns (re-quantized along the neuron axis where quantized): ``auto``
-            is the rows' encoding (bits, group size, scales' dtype), or one of
-            `FFN_FORMATS`.
+            is a float model's own dtype, or for quantized rows one bit more than
+            theirs (`components.column_bits`), or one of `FFN_FORMATS`.
 
     Returns:
         The store path.
