@@ -38,11 +38,9 @@ from models import bench_cache, model_gguf  # noqa: E402
 from mlx_flash import load  # noqa: E402
 from mlx_flash.cache_simulator import Replay  # noqa: E402
 from mlx_flash.evaluate import (  # noqa: E402
-    Config,
     _hook,
-    calibrated,
+    calibrated_config,
     configurations,
-    store_column_share,
 )
 from mlx_flash.input_sparse import load_calibration  # noqa: E402
 from mlx_flash.layerwise import (  # noqa: E402
@@ -113,24 +111,17 @@ def lanes_for(args, model, m, budget, with_replay: bool):
         args.uniform,
     )
     configs = [c for c in configs if not c.name.startswith("gate")]
-    share = float(np.mean(store_column_share(model.flash_store)))
     replayed = {}
     for s in args.sparsity:
         calibration = load_calibration(model.flash_store.path, s, len(m.layers))
         replays, caches = (None, 0)
         if with_replay:
             replays, caches = plan_replays(model.flash_store.path, s, budget)
-        select = calibrated(activation, model.flash_store, calibration, replays)
-        configs.append(
-            Config(
-                f"input {s:g}",
-                select,
-                lambda u, f=select, k=share: (
-                    k * f.channels[0] / max(f.channels[1], 1) + (1 - k) * u
-                ),
-            )
+        config = calibrated_config(
+            f"input {s:g}", activation, model.flash_store, calibration, replays
         )
-        replayed[configs[-1].name] = (select, caches)
+        configs.append(config)
+        replayed[config.name] = (config.mask, caches)
     return configs, replayed
 
 

@@ -165,6 +165,22 @@ def calibrated(activation: Callable, store, calibration, replays=None) -> Callab
     return select
 
 
+def calibrated_config(
+    name: str, activation: Callable, store, calibration, replays=None
+) -> Config:
+    """The calibrated input selector as a lane (`calibrated`); the bytes it touches
+    from the shares of channels and of neurons it kept, as counted."""
+    share = float(np.mean(store_column_share(store)))
+    select = calibrated(activation, store, calibration, replays)
+    return Config(
+        name,
+        select,
+        lambda u: (
+            share * select.channels[0] / max(select.channels[1], 1) + (1 - share) * u
+        ),
+    )
+
+
 def configurations(
     activation: Callable,
     gated: bool,
@@ -211,18 +227,8 @@ def configurations(
                 )
             )
     for c in calibrations:
-        share = float(np.mean(store_column_share(store)))
-        select = calibrated(activation, store, c)
-        configs.append(
-            Config(
-                f"input calibrated {c.target:g}",
-                select,
-                # the shares of neurons and of channels kept, as counted
-                lambda u, f=select, k=share: (
-                    k * f.channels[0] / max(f.channels[1], 1) + (1 - k) * u
-                ),
-            )
-        )
+        name = f"input calibrated {c.target:g}"
+        configs.append(calibrated_config(name, activation, store, c))
     for bits in shadow_bits if gated else []:
         shadow = Shadow(activation, bits)
         for f in fractions:

@@ -313,3 +313,23 @@ def test_page_bytes_counts_the_pages_a_share_touches():
     # 4 rows a page, 44% selected: 96% of the pages, so ~2.2x per selected row
     assert 2000 < page_bytes(1008, 0.44) < 2200
     assert page_bytes(512, 0.01) < 512 * 8
+
+
+def test_evaluate_runs_the_calibrated_selector(tmp_path):
+    """`evaluate --calibrated`: at zero sparsity the dense perplexity (float columns
+    are the rows transposed); at 0.3 a higher one, touching about 70% of the FFN."""
+    from mlx_flash.evaluate import main as evaluate_main
+
+    store = columns_store(tmp_path)
+    calibrate(store, tmp_path)
+    out = tmp_path / "eval.json"
+    evaluate_main(
+        [str(store), "--text", str(tmp_path / "text.txt"), "--tokens", "256"]
+        + ["--seq-len", "32", "--fractions", "", "--shadow-bits", "", "--calibrated"]
+        + ["0,0.3", "--no-predictors", "--no-progress", "--json", str(out)]
+    )
+    rows = {r["config"]: r for r in json.loads(out.read_text())["configs"]}
+    zero, sparse = rows["input calibrated 0"], rows["input calibrated 0.3"]
+    assert abs(zero["ppl"] / rows["dense"]["ppl"] - 1) < 1e-4
+    assert zero["ffn_touched"] == pytest.approx(1.0)
+    assert sparse["ppl"] != zero["ppl"] and 0.55 < sparse["ffn_touched"] < 0.85
