@@ -305,7 +305,8 @@ def render(r) -> str:
     lines = [
         f"Frontier of {r['model']} ({Path(r['store']).name}; {r['tokens']} held-out "
         f"tokens after {r['skip']}; budget {r['budget_fraction']:g} of the GGUF file = "
-        f"{r['budget_bytes'] / 2**20:.0f} MiB; naive reads {r['naive_mb']:.1f} MB/token; "
+        f"{r['budget_bytes'] / 2**20:.0f} MiB; naive reads {r['naive_mb']:.1f} "
+        "MB/token; "
         f"load average {r['load_average'][0]:.1f}):",
         "",
         head,
@@ -333,9 +334,11 @@ def render(r) -> str:
     if r["decode_checks"]:
         lines += [
             "",
-            "Decoding the same text under the plan (teacher-forced), against the replay:",
+            "Decoding the same text under the plan (teacher-forced), against the "
+            "replay:",
             "",
-            "| input sparsity | tokens | FFN MB read/token measured | simulated | ratio "
+            "| input sparsity | tokens | FFN MB read/token measured | simulated "
+            "| ratio "
             "| all MB read/token | ms/token | select ms/token | column / neuron hits |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -343,7 +346,8 @@ def render(r) -> str:
             lines.append(
                 f"| {c['sparsity']:g} | {c['tokens']} | {c['mb_per_token']:.2f} | "
                 f"{c['simulated_mb_per_token']:.2f} | {c['ratio']:.3f} | "
-                f"{c.get('all_mb_per_token', math.nan):.1f} | {c['ms_per_token']:.0f} | {c['select_ms_per_token']:.1f} | "
+                f"{c.get('all_mb_per_token', math.nan):.1f} | "
+                f"{c['ms_per_token']:.0f} | {c['select_ms_per_token']:.1f} | "
                 f"{c['channel_hit_rate']:.1%} / {c['neuron_hit_rate']:.1%} |"
             )
     return "\n".join(lines) + "\n"

@@ -195,13 +195,12 @@ def calibrate(args) -> Path:
     }
     path = save_calibrations(store.path, calibrations, meta)
     for c in calibrations:
-        channels = np.mean([k.channels for k in c.layers])
-        neurons = np.mean([k.neurons for k in c.layers])
+        ch = [k.channels for k in c.layers]
+        ne = [k.neurons for k in c.layers]
         print(
-            f"[mlx_flash] sparsity {c.target:g}: channels {channels:.0%} and neurons "
-            f"{neurons:.0%} dropped on average (layers {min(k.channels for k in c.layers):.0%}"
-            f"-{max(k.channels for k in c.layers):.0%} and "
-            f"{min(k.neurons for k in c.layers):.0%}-{max(k.neurons for k in c.layers):.0%})"
+            f"[mlx_flash] sparsity {c.target:g}: channels {np.mean(ch):.0%} and "
+            f"neurons {np.mean(ne):.0%} dropped on average (layers "
+            f"{min(ch):.0%}-{max(ch):.0%} and {min(ne):.0%}-{max(ne):.0%})"
         )
     print(f"[mlx_flash] wrote {path}")
     return path
