@@ -19,10 +19,13 @@ from .store.store import BundleStore
 def describe(store: BundleStore) -> str:
     m = store.manifest
     encodings = {}
-    for i, layer in enumerate(m.layers):
-        for c in layer.components.values():
-            key = (c.name, c.encoding.describe(), c.origin.kind, c.origin.exact)
-            encodings.setdefault(key, []).append(i)
+    kinds = [(m.layers, "")] + ([(m.columns, " cols")] if m.columns else [])
+    for entries, suffix in kinds:  # rows, and the columns extension's (§7.1)
+        for i, layer in enumerate(entries):
+            for c in layer.components.values():
+                name = c.name + suffix
+                key = (name, c.encoding.describe(), c.origin.kind, c.origin.exact)
+                encodings.setdefault(key, []).append(i)
     lines = [
         f"store        {store.path}",
         f"format       v{FORMAT_VERSION}, layout {m.layout}",
@@ -52,12 +55,14 @@ def describe(store: BundleStore) -> str:
         f"{'layer':>5} {'neurons':>8} {'section':<28} {'offset':>12} {'bundle B':>9} "
         f"{'MiB':>8}",
     ]
-    for i, layer in enumerate(m.layers):
-        for s in layer.sections:
-            lines.append(
-                f"{i:>5} {layer.neurons:>8} {'+'.join(s.components):<28} {s.offset:>12} "
-                f"{s.bundle_bytes:>9} {layer.neurons * s.bundle_bytes / 2**20:>8.2f}"
-            )
+    for entries, suffix in kinds:  # (a columns layer's "neurons" are its channels)
+        for i, layer in enumerate(entries):
+            for s in layer.sections:
+                what = "+".join(s.components) + suffix
+                lines.append(
+                    f"{i:>5} {layer.neurons:>8} {what:<28} {s.offset:>12} "
+                    f"{s.bundle_bytes:>9} {layer.neurons * s.bundle_bytes / 2**20:>8.2f}"
+                )
     return "\n".join(lines)
 
 

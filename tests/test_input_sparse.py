@@ -333,3 +333,16 @@ def test_evaluate_runs_the_calibrated_selector(tmp_path):
     assert abs(zero["ppl"] / rows["dense"]["ppl"] - 1) < 1e-4
     assert zero["ffn_touched"] == pytest.approx(1.0)
     assert sparse["ppl"] != zero["ppl"] and 0.55 < sparse["ffn_touched"] < 0.85
+
+
+def test_inspect_and_the_converter_name_the_columns_lossy_step(tmp_path):
+    from mlx_flash.inspect import describe
+
+    store = BundleStore(columns_store(tmp_path, ffn_format="q4"))
+    text = describe(store)
+    assert "gate_proj cols   affine q5 g64" in text
+    assert "gate_proj+up_proj cols" in text
+    steps = store.manifest.lossy_steps()
+    assert any(
+        s.startswith("gate_proj columns") and "per input channel" in s for s in steps
+    )

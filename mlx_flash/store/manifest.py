@@ -130,11 +130,15 @@ class Manifest:
         """Every inexact step the conversion took, one line per (tensor kind, step):
         what the converter prints, `inspect` shows and docs/FORMAT.md §5 defines."""
         steps: Dict[tuple, list] = {}
-        for i, layer in enumerate(self.layers):
-            for c in layer.components.values():
-                if not c.origin.exact:
-                    key = (c.name, c.origin.kind, c.origin.note)
-                    steps.setdefault(key, []).append((i, c.origin.error))
+        kinds = [(self.layers, "")] + (
+            [(self.columns, " columns")] if self.columns else []
+        )
+        for entries, suffix in kinds:
+            for i, layer in enumerate(entries):
+                for c in layer.components.values():
+                    if not c.origin.exact:
+                        key = (c.name + suffix, c.origin.kind, c.origin.note)
+                        steps.setdefault(key, []).append((i, c.origin.error))
         for name, o in self.dense.items():
             if not o.exact:
                 steps.setdefault(("dense", o.kind, o.note), []).append((name, o.error))
