@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import bench_cache, model_gguf  # noqa: E402
 
 from mlx_flash import load  # noqa: E402
-from mlx_flash.cache_simulator import Replay  # noqa: E402
+from mlx_flash.cache_simulator import input_replays  # noqa: E402
 from mlx_flash.evaluate import (  # noqa: E402
     _hook,
     calibrated_config,
@@ -73,27 +73,11 @@ def code_text(out: Path) -> Path:
 
 def plan_replays(store_path: Path, sparsity: float, budget: int):
     """The `input` selector's plan at `budget`: per layer (channels, neurons) replays
-    with its capacities and read gaps."""
+    with its capacities and read gaps, and the plan's cache bytes."""
     model, _ = load(
         str(store_path), selector="input", sparsity=sparsity, dram_budget=budget
     )
-    plan, store, m = model.flash_plan, model.flash_store, model.flash_store.manifest
-    L, replays = len(m.layers), []
-    for i, layer in enumerate(model.layers):
-        ffn = layer.mlp
-        down = [m.layers[i].sections[k] for k in ffn._sections]
-        replays.append(
-            (
-                Replay(
-                    m.hidden_size,
-                    plan.capacities[L + i],
-                    store.columns[i].sections,
-                    ffn._columns.gap,
-                ),
-                Replay(m.intermediate_size, plan.capacities[i], down, ffn._gap),
-            )
-        )
-    caches = plan.caches
+    replays, caches = input_replays(model), model.flash_plan.caches
     del model
     return replays, caches
 

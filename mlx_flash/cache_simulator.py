@@ -15,6 +15,7 @@ import numpy as np
 
 from .hot_set import FrequencyCounter, LayerCounts, propose_split
 from .neuron_cache import SlotMap
+from .store.store import read_bytes
 
 Trace = Sequence[Sequence[np.ndarray]]  # trace[layer][token]: (n_selected,) ids
 
@@ -162,8 +163,6 @@ class Replay:
 
     def step(self, ids: np.ndarray) -> int:
         """One token's ids, most important first: the bytes read for it."""
-        from .store.store import read_bytes
-
         ids = np.asarray(ids, np.int64)
         through = self.slots.admissible(ids)
         _, loaded, _ = self.slots.admit(ids[through])
@@ -173,3 +172,34 @@ class Replay:
         self.selected += len(ids)
         self.hits += len(ids) - len(missing)
         return read
+
+
+def input_replays(model) -> List[tuple]:
+    """Per layer, the (channels, neurons) `Replay`s of a model loaded with the
+    `input` selector: its plan's capacities, the sections it reads and its gaps."""
+    plan, store = model.flash_plan, model.flash_store
+    m, replays = store.manifest, []
+    L = len(m.layers)
+    for i, layer in enumerate(model.layers):
+        ffn = layer.mlp
+        down = [m.layers[i].sections[k] for k in ffn._sections]
+        channels = store.columns[i]
+        replays.append(
+            (
+                Replay(
+                    channels.neurons,
+                    plan.capacities[L + i],
+                    channels.sections,
+                    ffn._columns.gap,
+                    ffn._columns.cache.window,
+                ),
+                Replay(
+                    m.layers[i].neurons,
+                    plan.capacities[i],
+                    down,
+                    ffn._gap,
+                    ffn._cache.window,
+                ),
+            )
+        )
+    return replays

@@ -106,7 +106,7 @@ def allocate(tables: List[LayerTables], targets: List[float]) -> List[Calibratio
         errors = t.channel_error if stage == 0 else t.neuron_error
         return max(errors[k + 1] - errors[k], 0.0) / saved(i, stage)
 
-    done, unused, out = [], 0.0, []
+    unused, out = 0.0, []
     for target in sorted(targets):
         while unused < target - 1e-9:
             i, stage = min(
@@ -127,7 +127,6 @@ def allocate(tables: List[LayerTables], targets: List[float]) -> List[Calibratio
             for t, (c, n) in zip(tables, at)
         ]
         out.append(Calibration(target, layers))
-        done.append(target)
     return out
 
 

@@ -21,24 +21,15 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import FlashError
+from .selectors import top_ids
 
 SPARSITY_NAME = "sparsity.json"
 
 
 def kept(scores: np.ndarray, threshold: float) -> np.ndarray:
     """Ids whose score exceeds `threshold`, the largest first (at least one)."""
-    ids = np.nonzero(scores > threshold)[0]
-    if not len(ids):
-        ids = np.array([int(np.argmax(scores))])
-    return ids[np.argsort(-scores[ids], kind="stable")]
-
-
-def quantile_threshold(scores: np.ndarray, sparsity: float) -> float:
-    """The threshold that drops a `sparsity` share of `scores` (any shape): the
-    scores' `sparsity` quantile; 0 sparsity keeps everything (-1)."""
-    if sparsity <= 0:
-        return -1.0
-    return float(np.quantile(np.asarray(scores, np.float32).reshape(-1), sparsity))
+    ids = top_ids(scores, None, threshold)
+    return ids if len(ids) else np.array([int(np.argmax(scores))])
 
 
 @dataclass
@@ -66,12 +57,6 @@ class LayerSparsity:
             self.__dict__[key] = scale if key == "_np" else mx.array(scale)
         return abs(x) * self.__dict__[key]
 
-    def touched(self, column_share: float) -> float:
-        """The share of the layer's FFN bytes a token touches, where the gate/up
-        columns are `column_share` of them and the down rows the rest."""
-        kept_columns = column_share * (1 - self.channels)
-        return kept_columns + (1 - column_share) * (1 - self.neurons)
-
 
 class InputSelector:
     """Layer thresholds: x -> the input channels to keep; a -> the neurons."""
@@ -97,9 +82,6 @@ class Calibration:
 
     target: float  # the share of FFN bytes not touched, over the model
     layers: List[LayerSparsity]
-
-    def touched(self, column_share: float) -> float:
-        return float(np.mean([layer.touched(column_share) for layer in self.layers]))
 
 
 def save_calibrations(store: Path, calibrations: List[Calibration], meta: Dict) -> Path:

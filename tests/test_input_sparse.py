@@ -11,7 +11,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import make_checkpoint
 from mlx_flash import load
-from mlx_flash.cache_simulator import Replay
+from mlx_flash.cache_simulator import input_replays
 from mlx_flash.calibrate import main as calibrate_main
 from mlx_flash.errors import FlashError
 from mlx_flash.input_sparse import SPARSITY_NAME, kept, load_calibration
@@ -285,20 +285,10 @@ def test_replay_reads_what_decoding_reads(tmp_path):
     model.flash_stats.reset()
     for t in STEPS * 2:
         model(mx.array([[t]]), cache=cache)
-    plan, m = model.flash_plan, model.flash_store.manifest
-    L, simulated = len(m.layers), 0
+    plan, simulated = model.flash_plan, 0
     assert 0 < sum(plan.capacities) < sum(n.count for n in plan.layers)
-    for i, layer in enumerate(model.layers):
-        ffn = layer.mlp
-        down = [m.layers[i].sections[k] for k in ffn._sections]
-        neurons = Replay(m.intermediate_size, plan.capacities[i], down, ffn._gap)
-        channels = Replay(
-            m.hidden_size,
-            plan.capacities[L + i],
-            model.flash_store.columns[i].sections,
-            ffn._columns.gap,
-        )
-        for c, ids in ffn.trace:
+    for layer, (channels, neurons) in zip(model.layers, input_replays(model)):
+        for c, ids in layer.mlp.trace:
             simulated += channels.step(c) + neurons.step(ids)
     assert simulated == model.flash_stats.bytes > 0
 

@@ -67,6 +67,7 @@ def encode_component(
     enc.parts(length)  # a group size that does not divide the rows: a FlashError
     data, error = encode_rows(rows, enc, length)
     source = source or Origin(describe(w, n_ff if name == arch.column else length))
+    relaid = "per neuron" if relaid else None
     return Component(name, length, enc, stored_origin(source, enc, error, relaid)), data
 
 
@@ -124,12 +125,15 @@ def _float_kind(origin: Optional[Origin]) -> bool:
     return origin is None or origin.kind in floats
 
 
-def stored_origin(source: Origin, enc: Encoding, error: float, relaid: bool) -> Origin:
+def stored_origin(
+    source: Origin, enc: Encoding, error: float, relaid: Optional[str] = None
+) -> Origin:
     """A stored component's origin: the source's, plus this store's own step when it
-    changed a value (`error` > 0)."""
+    changed a value (`error` > 0); `relaid` ("per neuron", "per input channel"): the
+    source was dequantized and transposed to be stored that way."""
     steps = [source.note] if source.note else []
     if relaid:
-        steps.append(f"dequantized, transposed, stored per neuron as {enc.describe()}")
+        steps.append(f"dequantized, transposed, stored {relaid} as {enc.describe()}")
     elif error > 0:
         steps.append(f"stored as {enc.describe()}")
     exact = source.exact and error == 0
@@ -198,13 +202,8 @@ def channel_columns(
         data, error = encode_rows(columns, enc, n_ff)
         quantized = isinstance(w, tuple) or enc.quantized
         origin = src.origins.get(arch.name(i, name)) or Origin(describe(w, hidden))
-        stored = stored_origin(origin, enc, error, False)
-        if quantized and error > 0:
-            note = (
-                f"dequantized, transposed, stored per input channel as {enc.describe()}"
-            )
-            steps = [origin.note] if origin.note else []
-            stored = stored._replace(note="; ".join(steps + [note]))
+        relaid = "per input channel" if quantized and error > 0 else None
+        stored = stored_origin(origin, enc, error, relaid)
         components[name] = Component(name, n_ff, enc, stored)
         blocks.append(data)
     return components, np.concatenate(blocks, axis=1)
