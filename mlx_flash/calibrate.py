@@ -8,7 +8,7 @@ channels (by |x|) costs, and the error that dropping s of the neurons (by |a|) c
 are measured as the FFN output's relative squared error over the text; the thresholds
 are the quantiles of |x| and |a| that drop those shares (|a| computed from the
 sparsified input, for every input share). TEAL's greedy allocation (Liu et al. 2024,
-§4.2) then raises, one grid step at a time, the stage of the layer whose step costs
+§4.2; `allocation.py`) then raises, one grid step at a time, the stage of the layer whose step costs
 the least error per FFN byte saved (a channel's gate/up columns or a neuron's down
 row, as stored), until the model-wide share of bytes not touched reaches each target.
 The two stages' errors are taken as additive. By default (``--allocate block``, as
@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .allocation import greedy
 from .blas import run_offline
 from .errors import FlashError
 from .input_sparse import Calibration, LayerSparsity, save_calibrations
@@ -88,34 +89,19 @@ class LayerTables:
 
 
 def allocate(tables: List[LayerTables], targets: List[float]) -> List[Calibration]:
-    """TEAL's greedy: from no sparsity, repeatedly take the one grid step (a layer's
-    channel or neuron share) with the least error per byte saved, recording the
-    shares where the model-wide share of bytes not touched first reaches each
-    target."""
-    L, step = len(tables), GRID[1] - GRID[0]
-    at = np.zeros((L, 2), int)  # grid index of each layer's channel and neuron share
-
-    def saved(i, stage):  # share of the model's FFN bytes one step of it saves
-        c = tables[i].column_share
-        return (c if stage == 0 else 1 - c) * step / L
-
-    def cost(i, stage):
-        t, k = tables[i], at[i, stage]
-        if k + 1 >= len(GRID):
-            return np.inf
-        errors = t.channel_error if stage == 0 else t.neuron_error
-        return max(errors[k + 1] - errors[k], 0.0) / saved(i, stage)
-
-    unused, out = 0.0, []
-    for target in sorted(targets):
-        while unused < target - 1e-9:
-            i, stage = min(
-                ((i, s) for i in range(L) for s in (0, 1)), key=lambda q: cost(*q)
-            )
-            if not np.isfinite(cost(i, stage)):
-                raise FlashError(f"sparsity {target:g} is beyond the grid's {GRID[-1]}")
-            unused += saved(i, stage)
-            at[i, stage] += 1
+    """TEAL's greedy (`allocation.greedy`) over every layer's two stages: a grid step
+    of a layer's channels saves its column share of the layer's bytes, one of its
+    neurons the rest."""
+    L = len(tables)
+    curves = []
+    for t in tables:
+        for share, errors in (
+            (t.column_share, t.channel_error),
+            (1 - t.column_share, t.neuron_error),
+        ):
+            curves.append((GRID * share / L, errors))
+    out = []
+    for target, at in zip(sorted(targets), greedy(curves, targets)):
         layers = [
             LayerSparsity(
                 float(GRID[c]),
@@ -124,7 +110,7 @@ def allocate(tables: List[LayerTables], targets: List[float]) -> List[Calibratio
                 float(t.neuron_threshold[c, n]),
                 t.channel_scale,
             )
-            for t, (c, n) in zip(tables, at)
+            for t, (c, n) in zip(tables, at.reshape(L, 2))
         ]
         out.append(Calibration(target, layers))
     return out

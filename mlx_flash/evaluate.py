@@ -46,6 +46,7 @@ from .predictor import (
     top_fraction_targets,
 )
 from .input_sparse import kept, load_calibration
+from .selectors import Shadow
 from .sparse_ffn import ACTIVATIONS
 from .store.format import dequantize
 from .utils import load
@@ -66,32 +67,6 @@ class Config:
 
     def per_layer(self, k: int, of: int) -> List[float]:
         return [s[k] / max(s[of], 1) for _, s in sorted(self.sums.items())]
-
-
-class Shadow:
-    """A low-bit copy of a layer's gate and up rows, kept in DRAM to score neurons by
-    an estimate of |act(gate) * up| (the issue's "cheap resident information")."""
-
-    def __init__(self, activation: Callable, bits: int, group_size: int = 32):
-        self.activation, self.bits, self.group_size = activation, bits, group_size
-        self.layer, self.copies = None, None  # the current layer's, quantized once
-
-    def quantize(self, layer: int, w: Dict[str, mx.array], rows: List[str]):
-        if layer != self.layer:
-            self.layer = layer
-            self.copies = [mx.quantize(w[n], self.group_size, self.bits) for n in rows]
-        return self.copies
-
-    def scores(self, x: mx.array, copies) -> mx.array:
-        gate, up = (
-            mx.quantized_matmul(x, *c, group_size=self.group_size, bits=self.bits)
-            for c in copies
-        )
-        return mx.abs(self.activation(gate) * up)
-
-    @staticmethod
-    def nbytes(copies) -> int:
-        return sum(a.nbytes for c in copies for a in c)
 
 
 def input_sparse(

@@ -8,7 +8,7 @@ and neurons the planner weighs (`planner.py`), and what each layer receives. Onl
 are the resident weights read; the streamed ones never are, until used.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -38,7 +38,16 @@ from .neuron_profile import NeuronProfile, has_profile, load_profile
 from .options import DEFAULT_FRACTION, FlashOptions
 from .planner import PREFILL, Group, Neurons, Plan, plan_residency
 from .predictor import PREDICTOR_BITS, PredictorSet, load_predictors
-from .selectors import AllSelector, GateSelector, LowRankSelector, OracleSelector
+from .selectors import (
+    SHADOW_GROUP,
+    AllSelector,
+    GateSelector,
+    LowRankSelector,
+    OracleSelector,
+    Shadow,
+    ShadowSelector,
+)
+from .sparse_ffn import ACTIVATIONS
 from .sparse_ffn import Columns
 from .stats import FlashStats
 from .store.encoding import Encoding
@@ -49,6 +58,7 @@ from .store.format import (
     LayerEntry,
     align_up,
     decode_bundles,
+    dequantize,
 )
 from .store.store import BundleStore
 from .streamed import (
@@ -113,31 +123,85 @@ def split_sections(store: BundleStore, selector: str) -> Sections:
     return Sections(apart, [k for k in everything if k not in apart])
 
 
+@dataclass
+class SelectorState:
+    """What a selector scores with, loaded once for every layer: the predictors
+    (lowrank), the thresholds (input), the shadow (its copies are made per layer),
+    and the layers whose gate rows the plan streams (gate)."""
+
+    predictors: Optional[PredictorSet] = None
+    calibration: Optional[Calibration] = None
+    shadow: Optional[Shadow] = None
+    gate_streamed: set = field(default_factory=set)
+
+
+def selector_state(store: BundleStore, options: FlashOptions) -> SelectorState:
+    m, state = store.manifest, SelectorState()
+    if options.selector == "lowrank":
+        neurons = [layer.neurons for layer in m.layers]
+        state.predictors = load_predictors(
+            store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
+        )
+    if options.selector == "input":
+        state.calibration = load_calibration(
+            store.path, options.sparsity_for(), len(m.layers)
+        )
+    if options.selector == "shadow":
+        if len(m.rows) != 2 or m.hidden_size % SHADOW_GROUP:
+            raise FlashError(
+                f"the shadow selector copies gate and up rows in groups of "
+                f"{SHADOW_GROUP}: it needs a gated FFN whose hidden size divides by "
+                f"{SHADOW_GROUP} (this one: {'/'.join(m.rows)}, {m.hidden_size})",
+                store.path,
+                "use --selector gate, lowrank or input",
+            )
+        state.shadow = Shadow(ACTIVATIONS[m.activation], options.shadow_bits)
+    return state
+
+
+def shadow_bytes(store: BundleStore, shadow: Optional[Shadow]) -> int:
+    m = store.manifest
+    if shadow is None:
+        return 0
+    return sum(shadow.bytes_for(layer.neurons, m.hidden_size) for layer in m.layers)
+
+
 def make_selector(
     options: FlashOptions,
     store: BundleStore,
     i: int,
     ffn: nn.Module,
     sections: Sections,
-    predictors: Optional[PredictorSet],
+    state: SelectorState,
     dtype: mx.Dtype,
-    streamed: bool = False,
-    calibration: Optional[Calibration] = None,
 ):
     """Layer `i`'s selector: what it scores with, and how much it keeps (`gate`:
-    its rows held, or with `streamed` read for every token)."""
+    its rows held, or, where the plan streams them, read for every token;
+    `shadow`: its low-bit copy of the layer's gate and up rows, made now)."""
     m, n = store.manifest, store.manifest.layers[i].neurons
     fraction = options.fraction_for(gated=len(m.rows) == 2)
     if options.selector == "all":
         return AllSelector(n)
     if options.selector == "input":
-        return InputSelector(calibration.layers[i])
+        return InputSelector(state.calibration.layers[i])
     if options.selector == "oracle":
         return OracleSelector(ffn, fraction, options.threshold)
     if options.selector == "lowrank":
-        recall = options.recall_for()
-        cut = options.threshold if recall is None else predictors.threshold(i, recall)
+        predictors = state.predictors
+        recall, sparsity = options.recall_for(), options.sparsity_for()
+        cut = options.threshold
+        if sparsity is not None:
+            cut = predictors.allocated(sparsity)[i]
+        elif recall is not None:
+            cut = predictors.threshold(i, recall)
         return LowRankSelector(predictors.predictors[i], fraction, cut)
+    if options.selector == "shadow":
+        w = store.read_layer(i, mx.float32)
+        rows = {name: dequantize(w[name], m.hidden_size) for name in m.rows}
+        copies = state.shadow.quantize(i, rows, m.rows)
+        del w, rows
+        mx.eval(copies)
+        return ShadowSelector(state.shadow, copies, fraction, options.threshold)
 
     def gate_rows():
         rows = store.read_neurons(i, np.arange(n), sections.resident)
@@ -145,7 +209,7 @@ def make_selector(
         bias = gate.get(m.rows[0] + ".bias")
         return gate[m.rows[0]], None if bias is None else bias.reshape(-1)
 
-    if streamed:  # read with each token (the plan could not hold them)
+    if i in state.gate_streamed:  # read with each token (the plan could not hold them)
         return GateSelector(ffn, gate_rows, None, fraction, options.threshold)
     rows, bias = gate_rows()
     mx.eval(rows, [] if bias is None else bias)
@@ -424,18 +488,9 @@ def setup(
     """
     m = store.manifest
     sections = split_sections(store, options.selector)
-    predictors = None
-    if options.selector == "lowrank":
-        neurons = [layer.neurons for layer in m.layers]
-        predictors = load_predictors(
-            store.path, m.hidden_size, neurons, bits=PREDICTOR_BITS
-        )
+    state = selector_state(store, options)
+    calibration = state.calibration
     profile = neuron_profile(store, options)
-    calibration = None
-    if options.selector == "input":
-        calibration = load_calibration(
-            store.path, options.sparsity_for(), len(m.layers)
-        )
     tensors = dense_tensors(store.path / DENSE_NAME)
     candidates = attention_candidates(model, tensors)
     chunk = head_chunk(candidates)
@@ -443,8 +498,7 @@ def setup(
         model, tensors, m.hidden_size, store.path / DENSE_NAME, chunk
     )
     dense_groups = sum(c.group.resident for c in candidates)
-    gate_streamed = set()  # layers whose gate rows the plan streams
-    candidates += gate_candidates(store, sections, dtype, gate_streamed)
+    candidates += gate_candidates(store, sections, dtype, state.gate_streamed)
     groups = [c.group for c in candidates]
     layers = []
     if not options.naive:
@@ -461,7 +515,8 @@ def setup(
         "FFN reader": len(store.reader.buffer),
         # a layer's streamed neurons decoded (the whole layer at most), one per shape
         "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values()),
-        "predictors": predictors.nbytes if predictors else 0,
+        "predictors": state.predictors.nbytes if state.predictors else 0,
+        "shadow": shadow_bytes(store, state.shadow),
         "runtime": RUNTIME,
     }
     # a selector with no profile: every layer the same slots (an LRU hits nowhere
@@ -525,10 +580,8 @@ def setup(
         gap_bytes,
         p,
         sections,
-        predictors,
+        state,
         profile,
-        gate_streamed,
-        calibration,
     )
     streamed = sum(g.streamed for g in p.streamed())
     ffn = expected_ffn_bytes(m.layers, sections, options, p.capacities)
@@ -547,12 +600,10 @@ def give_layers_their_caches(
     gap_bytes,
     p: Plan,
     sections,
-    predictors,
+    state: SelectorState,
     profile,
-    gate_streamed=(),
-    calibration: Optional[Calibration] = None,
 ) -> None:
-    m = store.manifest
+    m, calibration = store.manifest, state.calibration
     sparse = options.selector != "all" and not options.naive
     # layers with a cache: every layer of a sparse selector (the overflow streams past
     # even an empty cache); with `all`, those the plan caches (naive plans none); the
@@ -563,17 +614,7 @@ def give_layers_their_caches(
     }
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
-        select = make_selector(
-            options,
-            store,
-            i,
-            ffn,
-            sections,
-            predictors,
-            dtype,
-            i in gate_streamed,
-            calibration,
-        )
+        select = make_selector(options, store, i, ffn, sections, state, dtype)
         width = entry.bundle_bytes(sections.cached)
         gap = options.gap if options.gap is not None else gap_bytes // width
         cache = None

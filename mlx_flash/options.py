@@ -22,7 +22,7 @@ from .budget import (
 )
 from .errors import FlashError
 from .kv_cache import DEFAULT_CONTEXT, KV_SHARE, MIN_CONTEXT
-from .selectors import SELECTORS
+from .selectors import SELECTORS, SHADOW_BITS
 from .store.reader import READERS as _READER_CLASSES
 
 READERS = tuple(_READER_CLASSES)
@@ -60,13 +60,23 @@ class FlashOptions:
         "mlx_flash.train_predictors) or input (the FFN input's smallest channels, "
         "then the smallest activations, left out by calibrated thresholds: the fast "
         "mode for gated models; needs a store converted with --layout columns and "
-        "calibrated with mlx_flash.calibrate; see --sparsity)",
+        "calibrated with mlx_flash.calibrate; see --sparsity) or shadow (a "
+        "--shadow-bits copy of the gate and up rows held in DRAM scores every "
+        "neuron; the top --fraction are read and computed exactly)",
         "all",
         choices=SELECTORS,
     )
+    shadow_bits: int = _option(
+        "shadow: the bits of its resident copy of gate and up (2, 3 or 4; group "
+        "size 32, float32 scales: 0.5, 0.625 or 0.75 bytes per weight)",
+        3,
+        number=_number(int, "2, 3 or 4", "3", lambda v: v in SHADOW_BITS),
+    )
     sparsity: Optional[float] = _option(
         "input: the share of FFN bytes per token left unused, one the store was "
-        f"calibrated for (default {DEFAULT_SPARSITY})",
+        f"calibrated for (default {DEFAULT_SPARSITY}); lowrank: the share of "
+        "neurons left unused, each layer's recall allocated by its measured error "
+        "(default: one --recall for every layer)",
         number=_number(float, "a share in [0, 1)", "0.3", lambda v: 0 <= v < 1),
     )
     fraction: Optional[float] = _option(
@@ -170,9 +180,19 @@ class FlashOptions:
                 "selector or window",
                 fix="drop --naive, or --selector/--window",
             )
+        if self.selector == "lowrank" and self.sparsity is not None:
+            if (self.recall, self.threshold) != (None, None):
+                raise FlashError(
+                    "lowrank's --sparsity allocates each layer's recall: it takes no "
+                    "--recall or --threshold",
+                    fix="give one of --sparsity, --recall or --threshold",
+                )
 
     def sparsity_for(self) -> Optional[float]:
-        """The input selector's calibrated share (None for the other selectors)."""
+        """The input selector's calibrated share, lowrank's allocated one (None:
+        one recall), None for the other selectors."""
+        if self.selector == "lowrank":
+            return self.sparsity
         if self.selector != "input":
             return None
         return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
@@ -191,9 +211,8 @@ class FlashOptions:
         or a threshold is asked for instead."""
         if self.selector != "lowrank" or self.recall is not None:
             return self.recall
-        return (
-            None if (self.fraction, self.threshold) != (None, None) else DEFAULT_RECALL
-        )
+        chosen = (self.fraction, self.threshold, self.sparsity) != (None,) * 3
+        return None if chosen else DEFAULT_RECALL
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FlashOptions":

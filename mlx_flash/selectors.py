@@ -8,6 +8,9 @@
 - ``input``: input sparsity (TEAL-like, `input_sparse.py`): the FFN input's smallest
   channels dropped, then the smallest |act(gate)·up|, by thresholds calibrated per layer
   for a share of FFN bytes (`--sparsity`); needs a store with columns by input channel.
+- ``shadow``: a low-bit copy (2, 3 or 4 bits) of every layer's gate and up rows held
+  in DRAM estimates |act(gate)·up| for every neuron; the top `fraction` (or those
+  above `threshold`) are read whole and computed exactly.
 - ``lowrank``: the learned low-rank predictor (`predictor.py`): no FFN weight in DRAM
   decides; neurons whose logit passes the layer's threshold calibrated for a target
   recall (or the top `fraction` by logit).
@@ -17,14 +20,16 @@ zeros and select the top `fraction` by |activation| (or those above `threshold`)
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from .store.format import Weight
 
-SELECTORS = ("all", "oracle", "gate", "lowrank", "input")
+SELECTORS = ("all", "oracle", "gate", "lowrank", "input", "shadow")
+SHADOW_BITS = (2, 3, 4)
+SHADOW_GROUP = 32  # the shadow's quantization group (its scales and biases: float32)
 
 
 @dataclass
@@ -111,3 +116,48 @@ class LowRankSelector:
         logits = self.predictor(x.reshape(1, -1)).reshape(-1)
         scores = np.array(logits)  # the host sync
         return Selection(top_ids(scores, self.fraction, self.threshold))
+
+
+class Shadow:
+    """A low-bit copy of a layer's gate and up rows, kept in DRAM to score neurons by
+    an estimate of |act(gate) * up| (cheap resident information: the estimate
+    decides, the stored rows compute)."""
+
+    def __init__(self, activation: Callable, bits: int, group_size: int = SHADOW_GROUP):
+        self.activation, self.bits, self.group_size = activation, bits, group_size
+        self.layer, self.copies = None, None  # the current layer's, quantized once
+
+    def quantize(self, layer: int, w: Dict[str, mx.array], rows: List[str]):
+        if layer != self.layer:
+            self.layer = layer
+            self.copies = [mx.quantize(w[n], self.group_size, self.bits) for n in rows]
+        return self.copies
+
+    def scores(self, x: mx.array, copies) -> mx.array:
+        gate, up = (
+            mx.quantized_matmul(x, *c, group_size=self.group_size, bits=self.bits)
+            for c in copies
+        )
+        return mx.abs(self.activation(gate) * up)
+
+    @staticmethod
+    def nbytes(copies) -> int:
+        return sum(a.nbytes for c in copies for a in c)
+
+    def bytes_for(self, neurons: int, dims: int, rows: int = 2) -> int:
+        """What `quantize` makes of `rows` (neurons, dims) float32 matrices: the
+        packed values and a float32 scale and bias per group."""
+        groups = neurons * (dims // self.group_size)
+        return rows * (neurons * dims * self.bits // 8 + groups * 2 * 4)
+
+
+class ShadowSelector:
+    """The top `fraction` (or those above `threshold`) by the shadow's estimate."""
+
+    def __init__(self, shadow: Shadow, copies, fraction, threshold):
+        self.shadow, self.copies = shadow, copies
+        self.fraction, self.threshold = fraction, threshold
+
+    def __call__(self, x: mx.array) -> Selection:
+        scores = self.shadow.scores(x.reshape(1, -1), self.copies).reshape(-1)
+        return Selection(top_ids(np.array(scores), self.fraction, self.threshold))

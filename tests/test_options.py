@@ -38,12 +38,14 @@ def test_every_option_is_a_flag_with_the_same_default():
         "max_kv_size": "512",
         "prefill_step_size": "256",
         "sparsity": "0.4",
+        "shadow_bits": "2",
     }
     argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
     got = parse(*argv, "--verify")
     assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
     assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
     assert got.prefill_step_size == 256 and got.sparsity == 0.4
+    assert got.shadow_bits == 2
     assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify", "naive"}
     assert parse("--naive").naive
 
@@ -56,6 +58,8 @@ def test_every_option_is_a_flag_with_the_same_default():
         ("lowrank", {}, None, DEFAULT_RECALL),
         ("lowrank", {"fraction": 0.3}, 0.3, None),
         ("lowrank", {"recall": 0.8}, None, 0.8),
+        ("lowrank", {"sparsity": 0.3}, None, None),  # recalls allocated per layer
+        ("shadow", {}, DEFAULT_FRACTION, None),
     ],
 )
 def test_defaults_are_decided_in_one_place(selector, given, fraction, recall):

@@ -2,6 +2,7 @@
 `lowrank` selector, and `evaluate`'s per-token masks."""
 
 import json
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +16,8 @@ from mlx_flash import FlashError, convert, load
 from mlx_flash.evaluate import main as evaluate_main
 from mlx_flash.layerwise import Lane, run_layers, text_tokens, token_nll
 from mlx_flash.predictor import (
+    RANK_TOLERANCE,
+    RECALLS,
     WEIGHTS_NAME,
     load_predictors,
     top_fraction_targets,
@@ -93,7 +96,8 @@ def test_parse_ranks():
     assert parse_ranks("8", 3) == [8, 8, 8]
     assert parse_ranks("8,1-2:16", 4) == [8, 16, 16, 8]
     assert parse_ranks("8,3:32", 4) == [8, 8, 8, 32]
-    for bad in ("x", "8,9:4", "8,1-2", "0"):
+    assert parse_ranks("auto,0:16", 3) == [16, None, None]
+    for bad in ("x", "8,9:4", "8,1-2", "0", "auto,1:0"):
         with pytest.raises(FlashError):
             parse_ranks(bad, 4)
 
@@ -111,7 +115,7 @@ def trained(stores):
             "--seq-len",
             "32",
             "--rank",
-            "8,1:16",
+            "auto,1:16",
             "--epochs",
             "3",
             "--no-progress",
@@ -122,11 +126,23 @@ def trained(stores):
 
 def test_training_saves_predictors_into_the_store(trained):
     manifest = json.loads((trained / "predictors.json").read_text())
-    assert [layer["rank"] for layer in manifest["layers"]] == [8, 16]
+    first, second = manifest["layers"]
+    assert second["rank"] == 16 and not second["ranks"]
+    # auto: trained at the map's own rank (64 = D), cut to the smallest rank within
+    # the tolerance of it on the held-out tokens
+    assert set(first["ranks"]) <= {"32", "64"} and "64" in first["ranks"]
+    chosen = first["rank"]
+    assert first["ranks"][str(chosen)] <= first["ranks"]["64"] + RANK_TOLERANCE
+    if chosen == 64:  # the smaller rank was tried and selected too many
+        assert first["ranks"]["32"] > first["ranks"]["64"] + RANK_TOLERANCE
+    # every recall's FFN output error, measured on the held-out tokens
+    errors = [first["error"][f"{r:g}"] for r in RECALLS]
+    assert all(0 <= e <= 1.5 for e in errors) and errors[0] > errors[-1]
     assert manifest["target"] == {"kind": "top", "fraction": 0.25}
     assert manifest["text"]["tokens"] == 512 and len(manifest["text"]["sha256"]) == 64
     ps = load_predictors(trained, 64, [128, 128])
     assert ps.predictors[1].down.weight.shape == (16, 64)
+    assert ps.predictors[0].down.weight.shape == (chosen, 64)
     assert ps.threshold(0, 0.9) == manifest["layers"][0]["thresholds"]["0.9"]
     assert not list(trained.glob("tmp.*"))
 
@@ -164,6 +180,55 @@ def test_lowrank_selector_decodes_and_counts_its_cost(trained):
     sparse, _ = load(str(trained), selector="lowrank", recall=0.8, progress=False)
     greedy(sparse)
     assert sparse.flash_stats.selected < 128 * 2 * sparse.flash_stats.tokens
+
+
+def test_lowrank_sparsity_allocates_each_layers_recall(trained):
+    """--sparsity: each layer's recall chosen by its measured error (TEAL's greedy),
+    at least the asked share of neurons unused on the held-out tokens."""
+    ps = load_predictors(trained, 64, [128, 128])
+    for sparsity in (0.2, 0.4):
+        cuts = ps.allocated(sparsity)
+        keys = [
+            next((k for k, t in m.thresholds.items() if t == c), None)
+            for c, m in zip(cuts, ps.metrics)
+        ]
+        unused = [
+            0.0 if k is None else 1 - m.selected[k] for k, m in zip(keys, ps.metrics)
+        ]
+        assert np.mean(unused) >= sparsity - 1e-9, (sparsity, keys)
+    model, _ = load(str(trained), selector="lowrank", sparsity=0.4, progress=False)
+    cuts = [layer.mlp._selector.threshold for layer in model.layers]
+    assert cuts == ps.allocated(0.4)
+    with pytest.raises(FlashError, match="takes no --recall"):
+        load(str(trained), selector="lowrank", sparsity=0.4, recall=0.9)
+
+
+def test_allocation_gives_up_where_the_error_is_small():
+    """Two layers, the first 100x less sensitive: it is cut first and further."""
+    from mlx_flash.predictor import LayerMetrics, Predictor, PredictorSet
+
+    keys = ["0.99", "0.9", "0.5"]
+    selected = {"0.99": 0.9, "0.9": 0.6, "0.5": 0.3}
+
+    def metrics(scale):
+        error = {"0.99": 0.001 * scale, "0.9": 0.01 * scale, "0.5": 0.1 * scale}
+        thresholds = {k: float(i) for i, k in enumerate(keys)}
+        return LayerMetrics(8, 1, 0.0, {}, {}, selected, thresholds, error=error)
+
+    ps = PredictorSet(
+        [Predictor(64, 8, 128, "none") for _ in range(2)],
+        [metrics(1), metrics(100)],
+        "none",
+        {"kind": "top", "fraction": 0.5},
+        {},
+    )
+    assert ps.allocated(0.05) == [0.0, -math.inf]  # 0.99 in the cheap layer alone
+    assert ps.allocated(0.4) == [2.0, 0.0]  # 0.7 + 0.1 of each layer: mean 0.4
+    with pytest.raises(FlashError, match="beyond"):
+        ps.allocated(0.8)
+    ps.metrics[0].error.clear()
+    with pytest.raises(FlashError, match="no measured error"):
+        PredictorSet(ps.predictors, ps.metrics, "none", {}, {}).allocated(0.1)
 
 
 def test_damaged_predictors_are_refused(trained, tmp_path):
@@ -236,8 +301,10 @@ def test_evaluate_reports_every_selection(trained, stores, tmp_path, capsys):
         "shadow 4-bit gate+up",
         "lowrank (none, float32)",
     }
+    manifest = json.loads((trained / "predictors.json").read_text())
+    r0 = manifest["layers"][0]["rank"]  # chosen by --rank auto
     assert costs["lowrank (none, float32)"]["dram_bytes"] == 4 * (
-        (64 * 8 + 8 * 128 + 128) + (64 * 16 + 16 * 128 + 128)  # no hidden bias
+        (64 * r0 + r0 * 128 + 128) + (64 * 16 + 16 * 128 + 128)  # no hidden bias
     )
     assert all(c["ms_per_token"] > 0 for c in costs.values())
     assert "| lowrank recall 0.9 |" in capsys.readouterr().out
