@@ -36,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import bench_cache, model_gguf  # noqa: E402
 
 from mlx_flash import load  # noqa: E402
-from mlx_flash.cache_simulator import input_replays  # noqa: E402
+from mlx_flash.cache_simulator import input_replays, neuron_replays  # noqa: E402
+from mlx_flash.errors import FlashError  # noqa: E402
 from mlx_flash.evaluate import (  # noqa: E402
     _hook,
     calibrated_config,
     configurations,
+    predicted_config,
+    shadow_config,
 )
 from mlx_flash.input_sparse import load_calibration  # noqa: E402
 from mlx_flash.layerwise import (  # noqa: E402
@@ -50,7 +53,12 @@ from mlx_flash.layerwise import (  # noqa: E402
     text_tokens,
     token_nll,
 )
-from mlx_flash.predictor import targets_for  # noqa: E402
+from mlx_flash.predictor import (  # noqa: E402
+    PREDICTOR_BITS,
+    load_predictors,
+    targets_for,
+)
+from mlx_flash.selectors import Shadow  # noqa: E402
 from mlx_flash.sparse_ffn import ACTIVATIONS  # noqa: E402
 
 WIKITEXT = (
@@ -82,6 +90,18 @@ def plan_replays(store_path: Path, sparsity: float, budget: int):
     return replays, caches
 
 
+def planned(store_path: Path, budget: int, **options):
+    """A neuron selector's plan at `budget`: its per-layer `Replay`s and cache bytes,
+    or the refusal's message when the budget cannot hold it."""
+    try:
+        model, _ = load(str(store_path), dram_budget=budget, **options)
+    except FlashError as e:
+        return None, str(e).splitlines()[0]
+    replays, caches = neuron_replays(model), model.flash_plan.caches
+    del model
+    return replays, caches
+
+
 def lanes_for(args, model, m, budget, with_replay: bool):
     activation = ACTIVATIONS[m.activation]
     configs = configurations(
@@ -95,17 +115,59 @@ def lanes_for(args, model, m, budget, with_replay: bool):
         args.uniform,
     )
     configs = [c for c in configs if not c.name.startswith("gate")]
-    replayed = {}
+    replayed, path = {}, model.flash_store.path
     for s in args.sparsity:
-        calibration = load_calibration(model.flash_store.path, s, len(m.layers))
+        calibration = load_calibration(path, s, len(m.layers))
         replays, caches = (None, 0)
         if with_replay:
-            replays, caches = plan_replays(model.flash_store.path, s, budget)
+            replays, caches = plan_replays(path, s, budget)
         config = calibrated_config(
             f"input {s:g}", activation, model.flash_store, calibration, replays
         )
         configs.append(config)
         replayed[config.name] = (config.mask, caches)
+
+    def add(make, **options):  # a runtime neuron selector, replayed at its plan
+        replays, caches = (None, 0)
+        if with_replay:  # caches: the plan's bytes, or why it was refused
+            replays, caches = planned(path, budget, **options)
+        config = make(replays)
+        configs.append(config)
+        if with_replay:
+            replayed[config.name] = (config.mask, caches)
+
+    ps = None
+    if args.lowrank or args.recalls:
+        neurons = [layer.neurons for layer in m.layers]
+        ps = load_predictors(path, m.hidden_size, neurons, bits=PREDICTOR_BITS)
+    for r in args.recalls:
+        cuts = [ps.threshold(i, r) for i in range(len(m.layers))]
+        name = f"lowrank recall {r:g}"
+        add(
+            lambda rp, n=name, c=cuts: predicted_config(n, ps, c, rp),
+            selector="lowrank",
+            recall=r,
+        )
+    for s in args.lowrank:
+        cuts = ps.allocated(s)
+        add(
+            lambda rp, n=f"lowrank {s:g}", c=cuts: predicted_config(n, ps, c, rp),
+            selector="lowrank",
+            sparsity=s,
+        )
+        for d in args.combined:  # not a runtime method yet: touched = read
+            name = f"lowrank {s:g} + down top {d:g}"
+            configs.append(predicted_config(name, ps, cuts, down=d))
+    for bits in args.shadow:
+        shadow = Shadow(activation, bits)
+        for f in args.shadow_fractions:
+            name = f"shadow {bits}-bit top {f:g}"
+            add(
+                lambda rp, n=name, sh=shadow, f=f: shadow_config(n, sh, m.rows, f, rp),
+                selector="shadow",
+                shadow_bits=bits,
+                fraction=f,
+            )
     return configs, replayed
 
 
@@ -178,6 +240,24 @@ def main():
     )
     parser.add_argument("--fractions", type=floats, default=[0.5, 0.6, 0.7])
     parser.add_argument("--uniform", type=floats, default=[0.2, 0.25])
+    parser.add_argument(
+        "--lowrank",
+        type=floats,
+        default=[],
+        help="lowrank --sparsity lanes (each layer's recall allocated; the store's "
+        "predictors)",
+    )
+    parser.add_argument("--recalls", type=floats, default=[], help="lowrank --recall")
+    parser.add_argument(
+        "--combined",
+        type=floats,
+        default=[],
+        help="per --lowrank share, the predicted neurons' exact |a| keeps this top "
+        "share of the layer for down (touched = read: no runtime yet)",
+    )
+    ints = lambda t: [int(v) for v in t.split(",") if v]  # noqa: E731
+    parser.add_argument("--shadow", type=ints, default=[], help="shadow bits")
+    parser.add_argument("--shadow-fractions", type=floats, default=[0.5, 0.6])
     parser.add_argument("--check", type=floats, default=[0.25, 0.4])
     parser.add_argument("--check-tokens", type=int, default=48)
     parser.add_argument("--code", action="store_true", help="Also a code text")
@@ -218,9 +298,12 @@ def main():
                 row["mb_read"] = touched * naive_mb
                 if c.name in replayed:
                     select, caches = replayed[c.name]
-                    row["mb_read"] = float(np.mean(select.read)) / 1e6
-                    row["caches_mib"] = caches / 2**20
-                    row["read_by_token"] = select.read
+                    if isinstance(caches, str):  # the budget cannot hold it
+                        row["refused"] = caches
+                    else:
+                        row["mb_read"] = float(np.mean(select.reads.read)) / 1e6
+                        row["caches_mib"] = caches / 2**20
+                        row["read_by_token"] = select.reads.read
         if name == "wikitext":
             first = 16
             for s in args.check:
@@ -307,13 +390,14 @@ def render(r) -> str:
                 f"{row.get('ppl_code', math.nan):.3f}",
                 f"{row.get('delta_code', math.nan):+.1%}",
             ]
-        replayed = "caches_mib" in row
-        cells += [
-            f"{row['touched']:.1%}",
-            f"{row['mb_touched']:.1f}",
-            f"{row['mb_read']:.1f}"
-            + (f" (caches {row['caches_mib']:.0f} MiB)" if replayed else " (no cache)"),
-        ]
+        read = f"{row['mb_read']:.1f}" + (
+            f" (caches {row['caches_mib']:.0f} MiB)"
+            if "caches_mib" in row
+            else " (no cache)"
+        )
+        if "refused" in row:
+            read = f"refused at this budget ({row['refused']})"
+        cells += [f"{row['touched']:.1%}", f"{row['mb_touched']:.1f}", read]
         lines.append("| " + " | ".join(cells) + " |")
     if r["decode_checks"]:
         lines += [
@@ -361,30 +445,42 @@ def plot(r, path: Path) -> None:
         if pts:
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, "o-", label=label)
+    combined = [row for row in r["rows"] if "+ down" in row["method"]]
+    if combined:
+        xs, ys = zip(*sorted((row["mb_read"], row["ppl_wikitext"]) for row in combined))
+        ax.plot(xs, ys, "d:", label="lowrank + exact |a| for down (touched, no cache)")
     ours = [row for row in r["rows"] if "caches_mib" in row]
-    if ours:  # each sparsity has its own plan: points, not a curve
+    runtime = {  # each setting has its own plan: points, not a curve
+        "input": ("o", "tab:red", "input selector"),
+        "lowrank": ("^", "tab:purple", "lowrank predictor"),
+        "shadow": ("v", "tab:brown", "shadow"),
+    }
+    for family, (marker, color, label) in runtime.items():
+        rows = [row for row in ours if row["method"].split()[0] == family]
+        if not rows:
+            continue
         ax.plot(
-            [row["mb_touched"] for row in ours],
-            [row["ppl_wikitext"] for row in ours],
-            "x--",
-            color="tab:red",
+            [row["mb_touched"] for row in rows],
+            [row["ppl_wikitext"] for row in rows],
+            "x",
+            color=color,
             alpha=0.5,
-            label="input selector, touched (no cache)",
+            label=f"{label}, touched (no cache)",
         )
         ax.plot(
-            [row["mb_read"] for row in ours],
-            [row["ppl_wikitext"] for row in ours],
-            "o",
-            color="tab:red",
-            label="input selector, read at the plan (replayed)",
+            [row["mb_read"] for row in rows],
+            [row["ppl_wikitext"] for row in rows],
+            marker,
+            color=color,
+            label=f"{label}, read at the plan (replayed)",
         )
-        for row in ours:
+        for row in rows:
             ax.annotate(
-                row["method"].split()[-1],
+                " ".join(row["method"].split()[1:]),
                 (row["mb_read"], row["ppl_wikitext"]),
                 textcoords="offset points",
                 xytext=(4, 2),
-                fontsize=7,
+                fontsize=6,
             )
     dense = next(row for row in r["rows"] if row["method"] == "dense")
     ax.plot(

@@ -174,6 +174,27 @@ class Replay:
         return read
 
 
+def neuron_replays(model) -> List[Replay]:
+    """Per layer, the neuron cache's `Replay` of a model loaded with a neuron
+    selector (lowrank, shadow, gate, oracle): its plan's capacities, the sections
+    it reads and its gaps."""
+    plan, m = model.flash_plan, model.flash_store.manifest
+    replays = []
+    for i, layer in enumerate(model.layers):
+        ffn = layer.mlp
+        sections = [m.layers[i].sections[k] for k in ffn._sections]
+        replays.append(
+            Replay(
+                m.layers[i].neurons,
+                plan.capacities[i],
+                sections,
+                ffn._gap,
+                ffn._cache.window,
+            )
+        )
+    return replays
+
+
 def input_replays(model) -> List[tuple]:
     """Per layer, the (channels, neurons) `Replay`s of a model loaded with the
     `input` selector: its plan's capacities, the sections it reads and its gaps."""

@@ -23,13 +23,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
 from .blas import run_offline
+from .cache_simulator import Replay
 from .errors import FlashError
 from .layerwise import (
     Lane,
@@ -96,6 +97,24 @@ def input_sparse(
     return select
 
 
+class TokenReads:
+    """Each token's bytes read, summed over the layers, from per-layer replays
+    (`cache_simulator.Replay`) stepped token by token in text order, as decoding
+    runs them: ``read[t]`` is token t's."""
+
+    def __init__(self):
+        self.read, self.at, self.layer = [], 0, None
+
+    def step(self, layer: int, *replayed: Tuple[Replay, np.ndarray]) -> None:
+        """One token of `layer`: each replay stepped with its ids (best first)."""
+        if layer != self.layer:  # the first token of this layer's pass
+            self.layer, self.at = layer, 0
+        if self.at >= len(self.read):
+            self.read.append(0)
+        self.read[self.at] += sum(r.step(ids) for r, ids in replayed)
+        self.at += 1
+
+
 def calibrated(activation: Callable, store, calibration, replays=None) -> Callable:
     """The input selector exactly as it runs (`input_sparse.py`): per token, the
     channels with |x_j| above the layer's threshold, gate and up computed from the
@@ -104,7 +123,7 @@ def calibrated(activation: Callable, store, calibration, replays=None) -> Callab
 
     `replays`, per layer a (channels, neurons) pair of `cache_simulator.Replay`,
     replay each token's selections through the caches of a plan, in text order:
-    ``select.read[t]`` is then token t's bytes read, summed over the layers."""
+    ``select.reads.read[t]`` is then token t's bytes read, summed over the layers."""
     m, columns = store.manifest, {}
 
     def select(layer, x, a, pre, w):
@@ -114,7 +133,6 @@ def calibrated(activation: Callable, store, calibration, replays=None) -> Callab
             columns[layer] = [
                 dequantize(weights[n], m.intermediate_size) for n in m.rows
             ]
-            select.at = 0  # the first token of this layer's pass over the text
         t = calibration.layers[layer]
         keep = t.channel_scores(x) > t.channel_threshold
         select.channels += [keep.sum().item(), keep.size]
@@ -123,21 +141,72 @@ def calibrated(activation: Callable, store, calibration, replays=None) -> Callab
         a_s = activation(gate) * up
         chosen = mx.abs(a_s) > t.neuron_threshold
         if replays is not None:
-            replay(layer, np.array(t.channel_scores(x)), np.abs(np.array(a_s)), t)
+            xa, aa = np.array(t.channel_scores(x)), np.abs(np.array(a_s))
+            channels, neurons = replays[layer]
+            for k in range(xa.shape[0]):  # token by token, as decoding reads
+                select.reads.step(
+                    layer,
+                    (channels, kept(xa[k], t.channel_threshold)),
+                    (neurons, kept(aa[k], t.neuron_threshold)),
+                )
         return chosen, a_s
 
-    def replay(layer, xa, aa, t):
-        channels, neurons = replays[layer]
-        for k in range(xa.shape[0]):  # token by token, as decoding reads
-            c, n = kept(xa[k], t.channel_threshold), kept(aa[k], t.neuron_threshold)
-            if select.at >= len(select.read):
-                select.read.append(0)
-            select.read[select.at] += channels.step(c) + neurons.step(n)
-            select.at += 1
-
     select.channels = np.zeros(2)  # input channels kept, of all (tokens x D)
-    select.read, select.at = [], 0
+    select.reads = TokenReads()
     return select
+
+
+def replayed_top(scores: mx.array, chosen: mx.array, replays, layer, reads) -> None:
+    """Step `replays[layer]` with each token's chosen ids, best `scores` first (a
+    neuron selector's order: `selectors.top_ids`)."""
+    sc, ch = np.array(scores), np.array(chosen)
+    for k in range(sc.shape[0]):
+        ids = np.nonzero(ch[k])[0]
+        reads.step(layer, (replays[layer], ids[np.argsort(-sc[k, ids], kind="stable")]))
+
+
+def predicted_config(
+    name: str, ps: PredictorSet, cuts: List[float], replays=None, down=None
+) -> Config:
+    """The lowrank selector as it runs: per layer, the neurons whose predicted
+    logit passes its threshold (`cuts`: one recall's, or `PredictorSet.allocated`'s).
+    With `down` (a share of the layer's neurons), a combination not yet run by the
+    runtime: the predicted neurons' gate/up rows give their exact |a|, and only the
+    top `down` share by it (among the predicted) have their down rows read."""
+    predicted = np.zeros(2)  # neurons predicted, of all (tokens x n)
+
+    def select(layer, x, a, pre, w):
+        logits = ps.predictors[layer](x)
+        chosen = logits >= cuts[layer]
+        predicted[:] += [chosen.sum().item(), chosen.size]
+        if down is not None:
+            chosen = top_fraction_targets(mx.abs(a) * chosen, down) & chosen
+        elif replays is not None:
+            replayed_top(logits, chosen, replays, layer, select.reads)
+        return chosen
+
+    select.reads = TokenReads()
+    if down is None:
+        return Config(name, select)
+    # gate and up rows of the predicted, down rows of the kept (a third each)
+    return Config(name, select, lambda u: (2 * predicted[0] / predicted[1] + u) / 3)
+
+
+def shadow_config(
+    name: str, shadow: Shadow, rows: List[str], fraction: float, replays=None
+) -> Config:
+    """The shadow selector as it runs: the top `fraction` by the low-bit copy's
+    estimate of |act(gate)·up|, read whole (`selectors.ShadowSelector`)."""
+
+    def select(layer, x, a, pre, w):
+        scores = shadow.scores(x, shadow.quantize(layer, w, rows))
+        chosen = top_fraction_targets(scores, fraction)
+        if replays is not None:
+            replayed_top(scores, chosen, replays, layer, select.reads)
+        return chosen
+
+    select.reads = TokenReads()
+    return Config(name, select)
 
 
 def calibrated_config(

@@ -107,6 +107,9 @@ class LayerMetrics:
     error: Dict[str, float] = field(default_factory=dict)
     # --rank auto: the share selected at recall 0.9 at each rank tried
     ranks: Dict[str, float] = field(default_factory=dict)
+    # mean |FFN output|^2 / mean |block output|^2 on the held-out tokens: what turns
+    # `error` into the error relative to the residual stream (0: not measured)
+    output_share: float = 0.0
     positives: float = 0.0  # fraction of neurons that are targets
     seconds: float = 0.0
 
@@ -298,8 +301,12 @@ class PredictorSet:
     def allocated(self, sparsity: float) -> List[float]:
         """Each layer's logit threshold for a model-wide `sparsity` (the share of
         FFN neurons left unused per token), the recalls allocated by TEAL's greedy
-        (`allocation.greedy`) from each layer's measured error per recall: a layer
-        whose output suffers little gives up more. A layer may stay whole (-inf)."""
+        (`allocation.greedy`) from each layer's measured error per recall, taken
+        relative to the residual stream it is added to (`output_share`: after an
+        RMSNorm what matters is the perturbation's share of the hidden state; the
+        FFN-relative error alone let a layer with a small output and one with a
+        large one cost the same): a layer whose error moves the hidden state little
+        gives up more. A layer may stay whole (-inf)."""
         if sparsity not in self._allocated:
             self._allocated[sparsity] = self._allocate(sparsity)
         return self._allocated[sparsity]
@@ -318,9 +325,9 @@ class PredictorSet:
                 )
             share = p.up.weight.shape[0] / total
             saved = [0.0] + [(1 - m.selected[k]) * share for k in ranked]
-            curves.append(
-                (np.array(saved), np.array([0.0] + [m.error[k] for k in ranked]))
-            )
+            scale = m.output_share or 1.0  # relative to the residual stream
+            error = [0.0] + [m.error[k] * scale for k in ranked]
+            curves.append((np.array(saved), np.array(error)))
             keys.append(ranked)
         (at,) = greedy(curves, [sparsity])
         return [
@@ -440,6 +447,9 @@ def _manifest_error(m: dict) -> str:
         rank = entry.get("rank")
         if type(rank) is not int or rank <= 0:
             return f"layer {i}: rank {rank!r} must be a positive integer"
+        share = entry.get("output_share", 0.0)
+        if type(share) not in (int, float) or not 0 <= share < math.inf:
+            return f"layer {i}: output_share {share!r} must be a number >= 0"
         for key in ("recall", "precision", "selected", "thresholds", "error", "ranks"):
             if not isinstance(entry.get(key, {}), dict):
                 return f"layer {i}: {key} must be an object"

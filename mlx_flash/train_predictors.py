@@ -221,6 +221,9 @@ def train(args) -> PredictorSet:
             seed=args.seed + layer,
             ffn=ffn,
         )
+        y = mx.array(ffn.activations.astype(np.float32)) @ ffn.down
+        h = lane.h.reshape(-1, lane.h.shape[-1])[-n_val:]  # after this block
+        share = float((y * y).sum().item()) / (float((h * h).sum().item()) or 1.0)
         if auto:
             rank, p, tried = choose_rank(p, x, t, args.held_out)
             if rank != metric.rank:  # the cut predictor's own calibration
@@ -230,6 +233,7 @@ def train(args) -> PredictorSet:
                 metric.rank, metric.epochs, metric.loss = rank, epochs, loss
                 metric.positives, metric.seconds = float(t[:-n_val].mean()), seconds
             metric.ranks = {str(r): s for r, s in sorted(tried.items())}
+        metric.output_share = share
         progress.save(layer, p, metric)
         predictors.append(p), metrics.append(metric)
         bar.update(1)
@@ -257,9 +261,10 @@ def train(args) -> PredictorSet:
     )
     if resumed:
         print(f"[mlx_flash] resuming: layers 0-{resumed - 1} were trained before")
+    lane = Lane(record)
     with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:
         try:
-            run_layers(model, tokens, [Lane(record)], progress=fit)
+            run_layers(model, tokens, [lane], progress=fit)
         except KeyboardInterrupt:
             print(
                 f"\n[mlx_flash] interrupted: {progress.finished()} layers saved in "

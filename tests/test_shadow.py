@@ -70,3 +70,30 @@ def test_shadow_needs_a_gated_ffn(tmp_path):
         load(str(store), selector="shadow")
     with pytest.raises(FlashError, match="shadow_bits must be 2, 3 or 4"):
         load(str(store), selector="shadow", shadow_bits=5)
+
+
+def test_replay_reads_what_decoding_reads(tmp_path):
+    """A neuron selector's decoding replayed through the plan's caches (the
+    frontier's figure for shadow and lowrank rows) counts the reader's bytes."""
+    from mlx_flash.cache_simulator import neuron_replays
+
+    make_checkpoint(tmp_path / "hf", "qwen2")
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    options = {"selector": "shadow", "fraction": 0.4, "gap": 1}
+    free, _ = load(str(store), **options)
+    model, _ = load(str(store), dram_budget=free.flash_plan.floor + 40_000, **options)
+    for layer in model.layers:
+        layer.mlp.trace = []
+    cache = make_prompt_cache(model)
+    model(mx.array([PROMPT]), cache=cache)
+    model.flash_stats.reset()
+    for t in STEPS * 2:
+        model(mx.array([[t]]), cache=cache)
+    plan = model.flash_plan
+    assert 0 < sum(plan.capacities) < sum(n.count for n in plan.layers)
+    simulated = sum(
+        replay.step(ids)
+        for layer, replay in zip(model.layers, neuron_replays(model))
+        for _, ids in layer.mlp.trace
+    )
+    assert simulated == model.flash_stats.bytes > 0
