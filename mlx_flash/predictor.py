@@ -102,14 +102,12 @@ class LayerMetrics:
     precision: Dict[str, float] = field(default_factory=dict)
     selected: Dict[str, float] = field(default_factory=dict)  # fraction of neurons
     thresholds: Dict[str, float] = field(default_factory=dict)  # logit, per recall
-    # the FFN output's relative squared error with only the selected neurons, per
-    # recall (held-out tokens; what the recalls are allocated by)
+    # per recall, what the neurons left out would have added, |dy|^2 relative to
+    # the hidden state leaving the block |h|^2 (else to the FFN's output |y|^2),
+    # averaged over the held-out tokens: what the recalls are allocated by
     error: Dict[str, float] = field(default_factory=dict)
     # --rank auto: the share selected at recall 0.9 at each rank tried
     ranks: Dict[str, float] = field(default_factory=dict)
-    # mean |FFN output|^2 / mean |block output|^2 on the held-out tokens: what turns
-    # `error` into the error relative to the residual stream (0: not measured)
-    output_share: float = 0.0
     positives: float = 0.0  # fraction of neurons that are targets
     seconds: float = 0.0
 
@@ -124,11 +122,26 @@ def balanced_bce(logits: mx.array, targets: mx.array, pos_weight: float) -> mx.a
 @dataclass
 class HeldOut:
     """What the calibration measures the predictor's picks against, besides the
-    targets: the held-out tokens' activations (N_val, n) and the layer's down (fc2)
-    matrix (n, D), so each recall's FFN output error can be measured."""
+    targets: the held-out tokens' activations (N_val, n), the layer's down (fc2)
+    matrix (n, D) and, when known, the hidden states leaving the block (N_val, D),
+    so each recall's error can be measured (`LayerMetrics.error`)."""
 
     activations: np.ndarray
     down: mx.array
+    residual: Optional[mx.array] = None
+
+    def errors(self, dropped: Dict[str, np.ndarray]) -> Dict[str, float]:
+        """Per key, the mean over tokens of |dropped neurons' output|^2 / |h|^2 (or
+        / |y|^2): each token counts once, as in perplexity (a ratio of sums is
+        ruled by the few tokens whose hidden states are huge)."""
+        a = mx.array(self.activations.astype(np.float32))
+        ref = self.residual if self.residual is not None else a @ self.down
+        norm = mx.maximum((ref * ref).sum(axis=-1), 1e-12)
+        out = {}
+        for key, mask in dropped.items():
+            d = (a * mx.array(mask)) @ self.down
+            out[key] = float(((d * d).sum(axis=-1) / norm).mean().item())
+        return out
 
 
 def train_layer(
@@ -250,15 +263,12 @@ def calibrate(
 ) -> LayerMetrics:
     """Per target recall in `RECALLS`: the logit threshold that reaches it on these
     held-out tokens, with the precision and share of neurons it then selects, and,
-    given the tokens' activations and down matrix, the FFN output's relative squared
-    error with those neurons only."""
+    given the tokens' activations and down matrix, the error of leaving the others
+    out (`HeldOut.errors`)."""
     logits, targets = np.array(logits), np.array(targets)
     positives = np.sort(logits[targets])
     m = LayerMetrics(rank=0, epochs=0, loss=0.0)
-    if ffn is not None:
-        a = mx.array(ffn.activations.astype(np.float32))
-        y = a @ ffn.down
-        norm = float((y * y).sum().item()) or 1.0
+    dropped = {}
     for r in RECALLS:
         t = float(positives[int((1 - r) * len(positives))]) if len(positives) else 0.0
         chosen = logits >= t
@@ -268,8 +278,9 @@ def calibrate(
         m.precision[key] = float((chosen & targets).sum() / max(chosen.sum(), 1))
         m.selected[key] = float(chosen.mean())
         if ffn is not None:
-            d = (a * mx.array(~chosen)) @ ffn.down
-            m.error[key] = float((d * d).sum().item()) / norm
+            dropped[key] = ~chosen
+    if ffn is not None:
+        m.error = ffn.errors(dropped)
     return m
 
 
@@ -301,12 +312,10 @@ class PredictorSet:
     def allocated(self, sparsity: float) -> List[float]:
         """Each layer's logit threshold for a model-wide `sparsity` (the share of
         FFN neurons left unused per token), the recalls allocated by TEAL's greedy
-        (`allocation.greedy`) from each layer's measured error per recall, taken
-        relative to the residual stream it is added to (`output_share`: after an
-        RMSNorm what matters is the perturbation's share of the hidden state; the
-        FFN-relative error alone let a layer with a small output and one with a
-        large one cost the same): a layer whose error moves the hidden state little
-        gives up more. A layer may stay whole (-inf)."""
+        (`allocation.greedy`) from each layer's measured error per recall (relative
+        to the hidden state: after an RMSNorm what matters is a perturbation's share
+        of it): a layer whose left-out neurons move the hidden state little gives
+        up more. A layer may stay whole (-inf)."""
         if sparsity not in self._allocated:
             self._allocated[sparsity] = self._allocate(sparsity)
         return self._allocated[sparsity]
@@ -325,8 +334,7 @@ class PredictorSet:
                 )
             share = p.up.weight.shape[0] / total
             saved = [0.0] + [(1 - m.selected[k]) * share for k in ranked]
-            scale = m.output_share or 1.0  # relative to the residual stream
-            error = [0.0] + [m.error[k] * scale for k in ranked]
+            error = [0.0] + [m.error[k] for k in ranked]
             curves.append((np.array(saved), np.array(error)))
             keys.append(ranked)
         (at,) = greedy(curves, [sparsity])
@@ -447,9 +455,6 @@ def _manifest_error(m: dict) -> str:
         rank = entry.get("rank")
         if type(rank) is not int or rank <= 0:
             return f"layer {i}: rank {rank!r} must be a positive integer"
-        share = entry.get("output_share", 0.0)
-        if type(share) not in (int, float) or not 0 <= share < math.inf:
-            return f"layer {i}: output_share {share!r} must be a number >= 0"
         for key in ("recall", "precision", "selected", "thresholds", "error", "ranks"):
             if not isinstance(entry.get(key, {}), dict):
                 return f"layer {i}: {key} must be an object"

@@ -203,7 +203,8 @@ def train(args) -> PredictorSet:
             bar.update(1)
             return
         x, t = np.concatenate(inputs), np.concatenate(targets)
-        ffn = HeldOut(np.concatenate(held["activations"]), held["down"])
+        h = lane.h.reshape(-1, lane.h.shape[-1])[-n_val:]  # leaving this block
+        ffn = HeldOut(np.concatenate(held["activations"]), held["down"], h)
         inputs.clear(), targets.clear()
         held.update(rows=0, activations=[], down=None)
         auto = ranks[layer] is None
@@ -221,9 +222,6 @@ def train(args) -> PredictorSet:
             seed=args.seed + layer,
             ffn=ffn,
         )
-        y = mx.array(ffn.activations.astype(np.float32)) @ ffn.down
-        h = lane.h.reshape(-1, lane.h.shape[-1])[-n_val:]  # after this block
-        share = float((y * y).sum().item()) / (float((h * h).sum().item()) or 1.0)
         if auto:
             rank, p, tried = choose_rank(p, x, t, args.held_out)
             if rank != metric.rank:  # the cut predictor's own calibration
@@ -233,7 +231,6 @@ def train(args) -> PredictorSet:
                 metric.rank, metric.epochs, metric.loss = rank, epochs, loss
                 metric.positives, metric.seconds = float(t[:-n_val].mean()), seconds
             metric.ranks = {str(r): s for r, s in sorted(tried.items())}
-        metric.output_share = share
         progress.save(layer, p, metric)
         predictors.append(p), metrics.append(metric)
         bar.update(1)
