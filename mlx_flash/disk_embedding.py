@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import FlashError
+from .errors import FlashError, ReadError
 from .store.encoding import dequantize, quant_params
 from .store.safety import check_safetensors
 from .streamed import NUMPY, TensorAt, to_array
@@ -41,9 +41,12 @@ class Rows:
 class DiskEmbedding(nn.Module):
     """`nn.Embedding` / `nn.QuantizedEmbedding` whose rows stay in `path`."""
 
-    def __init__(self, path: Path, tensors: Dict[str, Rows], encoding=None):
+    def __init__(
+        self, path: Path, tensors: Dict[str, Rows], encoding=None, checker=None
+    ):
         super().__init__()
         self._path, self._tensors = Path(path), tensors
+        self._checker = checker  # each row's blocks checked when first read
         self._encoding = encoding  # None: a float table
         self._fd = os.open(self._path, os.O_RDONLY)
         self.compute_dtype: Optional[mx.Dtype] = None  # set by `load`
@@ -63,6 +66,18 @@ class DiskEmbedding(nn.Module):
 
     def _rows(self, name: str, ids: np.ndarray) -> mx.array:
         t = self._tensors[name]
+        if self._checker is not None:
+            for i in ids:
+                start = t.offset + int(i) * t.row_bytes
+                try:
+                    self._checker.check_file(self._fd, start, start + t.row_bytes)
+                except ReadError as e:
+                    raise ReadError(
+                        f"the token table's {name}, row {int(i)}: {e.message}",
+                        e.path,
+                        e.fix,
+                        offset=e.offset,
+                    ) from None
         raw = b"".join(
             os.pread(self._fd, t.row_bytes, t.offset + int(i) * t.row_bytes)
             for i in ids
@@ -100,9 +115,10 @@ class DiskEmbedding(nn.Module):
 
 
 def table_on_disk(
-    path: Path, vocab: int, dims: int, prefix: str = PREFIX
+    path: Path, vocab: int, dims: int, prefix: str = PREFIX, checker=None
 ) -> Optional[DiskEmbedding]:
-    """A DiskEmbedding of the dense file's token table (None: the file has none)."""
+    """A DiskEmbedding of the dense file's token table (None: the file has none);
+    `checker` checks each row's blocks the first time they are read."""
     header = check_safetensors(path)
     if prefix + "weight" not in header:
         return None
@@ -140,4 +156,4 @@ def table_on_disk(
             for s, p in zip(shapes, ("weight", "scales", "biases"))
         )
         encoding = quant_params(probe, dims)
-    return DiskEmbedding(path, tensors, encoding)
+    return DiskEmbedding(path, tensors, encoding, checker)

@@ -296,9 +296,10 @@ def head_candidates(
     dims: int,
     dense_path: Path,
     chunk: int,
+    checker=None,
 ) -> List[Candidate]:
     """The LM head (an untied `lm_head`, or the tied token table) and an untied token
-    table."""
+    table (its rows' blocks checked by `checker` when first read)."""
     paths = module_paths(model)
     table = next(
         (
@@ -335,7 +336,7 @@ def head_candidates(
     vocab = parts["weight"].shape[0]
 
     def stream(s, table=table, parts=parts, path=path):
-        disk = table_on_disk(dense_path, vocab, dims, prefix=path + ".")
+        disk = table_on_disk(dense_path, vocab, dims, path + ".", checker)
         if tied:
             disk.head = streamed_head(parts, encoding_of(table), s, chunk)
         parent, name = parent_of(model, path)
@@ -494,8 +495,9 @@ def setup(
     tensors = dense_tensors(store.path / DENSE_NAME)
     candidates = attention_candidates(model, tensors)
     chunk = head_chunk(candidates)
+    dense_checker = store.checkers.get(DENSE_NAME)
     candidates += head_candidates(
-        model, tensors, m.hidden_size, store.path / DENSE_NAME, chunk
+        model, tensors, m.hidden_size, store.path / DENSE_NAME, chunk, dense_checker
     )
     dense_groups = sum(c.group.resident for c in candidates)
     candidates += gate_candidates(store, sections, dtype, state.gate_streamed)
@@ -517,6 +519,7 @@ def setup(
         "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values()),
         "predictors": state.predictors.nbytes if state.predictors else 0,
         "shadow": shadow_bytes(store, state.shadow),
+        "checksums": store.checks_bytes,  # the table, a flag per block
         "runtime": RUNTIME,
     }
     # a selector with no profile: every layer the same slots (an LRU hits nowhere
@@ -560,7 +563,12 @@ def setup(
     stream = None
     if staging:  # the dense part's own reader, sized for its largest read
         stream = DenseStream(
-            store.path / DENSE_NAME, staging, threads, options.reader, stats
+            store.path / DENSE_NAME,
+            staging,
+            threads,
+            options.reader,
+            stats,
+            store.checkers.get(DENSE_NAME),
         )
         stream.dtype = dtype
     for c, h in zip(candidates, p.held):

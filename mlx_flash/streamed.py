@@ -17,9 +17,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import FlashError
+from .errors import FlashError, ReadError
 from .stats import FlashStats
 from .store.encoding import Encoding, matmul
+from .store.format import ALIGN
 from .store.reader import READERS, aligned_extents
 from .store.safety import check_safetensors
 
@@ -92,13 +93,21 @@ class DenseStream:
         capacity: the largest read (`span`) any caller makes.
         threads, reader: as the store's reader.
         stats: the model's counters; bytes read while decoding one token count there.
+        checker: the dense file's `BlockChecker` (each block checked when first
+            read), or None.
     """
 
     def __init__(
-        self, path: Path, capacity: int, threads: int, reader: str, stats: FlashStats
+        self,
+        path: Path,
+        capacity: int,
+        threads: int,
+        reader: str,
+        stats: FlashStats,
+        checker=None,
     ):
         self.path = Path(path)
-        self.reader = READERS[reader](self.path, capacity, threads)
+        self.reader = READERS[reader](self.path, capacity, threads, checker)
         self.stats = stats
         self.dtype: Optional[mx.Dtype] = None  # the compute dtype, set by the setup
 
@@ -106,9 +115,17 @@ class DenseStream:
         order = sorted(range(len(tensors)), key=lambda i: tensors[i].offset)
         before = self.reader.stats.bytes
         with self.stats.timed("io") if decoding else contextlib.nullcontext():
-            views = self.reader.read_ranges(
-                [(tensors[i].offset, tensors[i].nbytes) for i in order]
-            )
+            try:
+                views = self.reader.read_ranges(
+                    [(tensors[i].offset, tensors[i].nbytes) for i in order]
+                )
+            except ReadError as e:  # name the tensor holding the failing byte
+                raise ReadError(
+                    f"{holding(tensors, e.offset)}: {e.message}",
+                    e.path,
+                    e.fix,
+                    offset=e.offset,
+                ) from None
             arrays = [None] * len(tensors)
             for i, raw in zip(order, views):
                 arrays[i] = to_array(raw, tensors[i], self.dtype)
@@ -119,6 +136,19 @@ class DenseStream:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def holding(tensors: Sequence[TensorAt], at: Optional[int]) -> str:
+    """The tensors with bytes in the 4 KiB block at `at` (a failed read's or
+    checksum's), as a phrase; all of `tensors` when `at` is unknown."""
+    hit = [
+        t.name
+        for t in tensors
+        if at is None or (t.offset < at + ALIGN and at < t.offset + t.nbytes)
+    ]
+    hit = hit or [t.name for t in tensors]
+    more = ", ..." if len(hit) > 4 else ""
+    return ("tensor " if len(hit) == 1 else "tensors ") + ", ".join(hit[:4]) + more
 
 
 def _decoding(args) -> bool:

@@ -18,12 +18,13 @@ from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 from .budget import default_budget, parse_budget, resident_bytes
 from .disk_embedding import DiskEmbedding
 from .read_tuning import load_probe, reader_settings
-from .errors import FlashError
+from .errors import FlashError, ReadError
 from .flash_setup import setup
 from .kv_cache import DEFAULT_CONTEXT, bounded_caches, default_context, kv_cache_bytes
 from .options import FlashOptions
 from .sparse_ffn import FlashFFN
 from .stats import FlashStats
+from .streamed import dense_tensors, holding
 from .store.format import DENSE_NAME
 from .store.writer import convert
 from .store.aligned_safetensors import without_pads
@@ -320,8 +321,38 @@ def load_flash_model(
         # time: each tensor's stored copy is freed as soon as it is converted
         for _, p in tree_flatten(model.parameters()):
             mx.eval(p)
+        check_resident(model, store)
     release_memory()
     return model, config
+
+
+def check_resident(model: nn.Module, store: BundleStore) -> None:
+    """The dense tensors loaded whole at load, checked against their blocks'
+    checksums now (what is streamed is checked when first read): a damaged one
+    refuses the load, naming the tensor."""
+    checker = store.checkers.get(DENSE_NAME)
+    if checker is None:
+        return
+    tensors = dense_tensors(store.path / DENSE_NAME)
+    held = [  # not in the file (made at load), or streamed (a placeholder)
+        tensors[name]
+        for name, p in tree_flatten(model.parameters())
+        if name in tensors and p.size > 0
+    ]
+    fd = os.open(store.path / DENSE_NAME, os.O_RDONLY)
+    try:
+        for t in held:
+            try:
+                checker.check_file(fd, t.offset, t.offset + t.nbytes)
+            except ReadError as e:
+                raise ReadError(
+                    f"{holding(held, e.offset)}: {e.message}",
+                    e.path,
+                    e.fix,
+                    offset=e.offset,
+                ) from None
+    finally:
+        os.close(fd)
 
 
 def store_bytes(path: Path) -> int:

@@ -6,13 +6,14 @@ xxh3-64 in `meta["digest"]` catches a damaged table. Pure functions over bytes, 
 the two file passes that write and check them.
 """
 
+import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import xxhash
 
-from ..errors import FlashError
+from ..errors import FlashError, ReadError
 
 ALGORITHM = "xxh3_64"
 BLOCK = 4096
@@ -115,3 +116,86 @@ def mismatches(
                 yield r["file"], a, min(a + BLOCK, r["stop"])
             if progress:
                 progress(stop - at)
+
+
+class BlockChecker:
+    """Checks each 4 KiB block of one store file against the table the first time
+    it is read in this process (docs/FORMAT.md §7): one flag per block (the bitmap
+    the DRAM plan counts), so re-reading a checked block costs nothing. Blocks of
+    the file no range covers (the table itself) are not checked here.
+
+    Args:
+        path: the file.
+        table: the whole checksum table (u64 per block, every range's).
+        ranges: the table's ranges ({"file", "start", "stop", "first"}) of this file.
+    """
+
+    def __init__(self, path: Path, table: np.ndarray, ranges: List[Dict]):
+        self.path, self.table = Path(path), table
+        self.ranges = sorted((r["start"], r["stop"], r["first"]) for r in ranges)
+        self.checked = np.zeros(len(table), bool)
+        self.blocks = 0  # blocks hashed so far (each once)
+
+    @property
+    def nbytes(self) -> int:
+        return self.checked.nbytes
+
+    def _todo(self, start: int, stop: int) -> Iterator[Tuple[int, int, int]]:
+        """(table index, first byte, stop) of each unchecked block meeting
+        [start, stop)."""
+        for a, b, first in self.ranges:
+            lo, hi = max(start, a), min(stop, b)
+            if lo >= hi:
+                continue
+            ka, kb = first + (lo - a) // BLOCK, first + blocks_in(a, hi)
+            done = self.checked[ka:kb]
+            if done.all():  # the steady state: nothing to hash
+                continue
+            for j in np.flatnonzero(~done):
+                at = a + (ka + int(j) - first) * BLOCK
+                yield ka + int(j), at, min(at + BLOCK, b)
+
+    def check(self, start: int, data) -> None:
+        """`data` holds the file's bytes from `start` on: check the unchecked blocks
+        wholly inside it."""
+        view, stop = memoryview(data).cast("B"), start + len(data)
+        h = xxhash.xxh3_64_intdigest
+        for k, a, b in self._todo(start, stop):
+            if a < start or b > stop:
+                continue  # only part of it was read: checked by a later read
+            if h(view[a - start : b - start]) != self.table[k]:
+                self._mismatch(a, b)
+            self.checked[k] = True
+            self.blocks += 1
+
+    def check_file(self, fd: int, start: int, stop: int) -> None:
+        """Check the unchecked blocks meeting [start, stop), reading them from `fd`
+        (the reads that bring less than whole blocks: rows, mmap pages)."""
+        for k, a, b in list(self._todo(start, stop)):
+            if xxhash.xxh3_64_intdigest(os.pread(fd, b - a, a)) != self.table[k]:
+                self._mismatch(a, b)
+            self.checked[k] = True
+            self.blocks += 1
+
+    def _mismatch(self, a: int, b: int):
+        raise ReadError(
+            f"bytes {a}-{b} do not match their checksum: the file is corrupted",
+            self.path,
+            "convert the model again (or copy the store again); "
+            "`python -m mlx_flash.inspect STORE` lists every damaged block",
+            offset=a,
+        )
+
+
+def checkers(directory: Path, meta: dict, table: bytes) -> Dict[str, BlockChecker]:
+    """One `BlockChecker` per file the table covers, sharing the table."""
+    values = np.frombuffer(table, "<u8")
+    files = sorted({r["file"] for r in meta["ranges"]})
+    return {
+        name: BlockChecker(
+            Path(directory) / name,
+            values,
+            [r for r in meta["ranges"] if r["file"] == name],
+        )
+        for name in files
+    }

@@ -61,10 +61,12 @@ class BundleReader:
         path: the bundles file.
         capacity: the largest request (in bytes) the caller will make.
         threads: parallel reads in flight.
+        checker: checks each block the first time a read brings it (a mismatch is
+            a `ReadError` at its first byte); None: no checksums.
     """
 
-    def __init__(self, path: Path, capacity: int, threads: int = 4):
-        self.path = Path(path)
+    def __init__(self, path: Path, capacity: int, threads: int = 4, checker=None):
+        self.path, self.checker = Path(path), checker
         try:
             self.fd, self.direct = open_unbuffered(self.path)
         except OSError as e:
@@ -111,6 +113,9 @@ class BundleReader:
         self.stats.reads += len(pieces)
         self.stats.bytes += at
         self.stats.seconds += time.perf_counter() - tic
+        if self.checker is not None:  # whole blocks: the extents are aligned
+            for s_, e_, pos in where:
+                self.checker.check(s_, self.view[pos : pos + min(e_, stop) - s_])
         views, e = [], 0
         for offset, nbytes in ranges:
             while not where[e][0] <= offset < where[e][1]:
@@ -225,8 +230,8 @@ class MmapReader:
 
     direct = False
 
-    def __init__(self, path: Path, capacity: int, threads: int = 1):
-        self.path, self.threads = Path(path), 1
+    def __init__(self, path: Path, capacity: int, threads: int = 1, checker=None):
+        self.path, self.threads, self.checker = Path(path), 1, checker
         try:
             self.fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -260,6 +265,9 @@ class MmapReader:
         self.stats.reads += len(ranges)
         self.stats.bytes += at
         self.stats.seconds += time.perf_counter() - tic
+        if self.checker is not None:  # the blocks around each range, once each
+            for offset, nbytes in ranges:
+                self.checker.check_file(self.fd, offset, offset + nbytes)
         return views
 
     def close(self) -> None:

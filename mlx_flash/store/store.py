@@ -26,7 +26,7 @@ from .format import (
     check_header,
     decode_bundles,
 )
-from .checksums import mismatches, meta_error, table_digest
+from .checksums import BlockChecker, checkers, mismatches, meta_error, table_digest
 from .reader import READERS, aligned_extents
 from .safety import (
     MAX_JSON_BYTES,
@@ -195,11 +195,37 @@ class BundleStore:
                 at = self.manifest.extension(COLUMNS).offset
                 head = bytes(self.reader.read(at, HEADER_BYTES))
                 check_columns_header(head, self.manifest, bundles)
+            self.checkers = self._checkers()
+            self.reader.checker = self.checkers.get(BUNDLES_NAME)
             if verify:
                 self.verify()
         except BaseException:
             self.reader.close()
             raise
+
+    def _checkers(self) -> Dict[str, BlockChecker]:
+        """Each data file's `BlockChecker` over the store's checksum table (read and
+        its digest checked now), so every block is checked the first time it is
+        read; none for a store written without checksums."""
+        sums = self.manifest.extension("checksums")
+        if sums is None:
+            return {}
+        raw = bytes(self.reader.read(sums.offset, sums.bytes))
+        if table_digest(raw) != sums.meta["digest"]:
+            raise FlashError(
+                "the checksum table itself is damaged: the file is corrupted",
+                self.path / BUNDLES_NAME,
+                _RECONVERT,
+            )
+        return checkers(self.path, sums.meta, raw)
+
+    @property
+    def checks_bytes(self) -> int:
+        """DRAM the checks hold: the table and one flag per block."""
+        sums = self.manifest.extension("checksums")
+        return (sums.bytes if sums else 0) + sum(
+            c.nbytes for c in self.checkers.values()
+        )
 
     @property
     def num_layers(self) -> int:
@@ -385,8 +411,11 @@ class BundleStore:
                     <= at
                     < align_up(s.offset + b * s.bundle_bytes)
                 ]
-                if hit:
-                    first, last = hit[0][0], hit[0][1] - 1
+                if hit:  # narrowed to the neurons of the failing 4 KiB block
+                    a, b = hit[0]
+                    block = at - at % ALIGN
+                    first = max(a, (block - s.offset) // s.bundle_bytes)
+                    last = min(b - 1, (block + ALIGN - 1 - s.offset) // s.bundle_bytes)
                     break
             unit = "channels" if columns else "neurons"
             raise ReadError(
