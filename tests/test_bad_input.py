@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import mlx.core as mx
 import pytest
@@ -226,3 +227,36 @@ def test_failed_store_write_removes_the_dense_output_too(tmp_path, monkeypatch):
             progress=False,
         )
     assert listing(tmp_path) == ["hf"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 256 KiB filesystem (tmpfs), mounted where root may; else skipped."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {made.stderr.decode()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_conversion_onto_a_really_full_disk(tmp_path, small_filesystem):
+    """A store (~330 KB) onto a 256 KiB filesystem: one FlashError that names the
+    filesystem to free (mount point, device, what is free), and nothing left on it."""
+    make_checkpoint(tmp_path / "hf", "qwen2")
+    before = sorted(small_filesystem.iterdir())
+    with pytest.raises(FlashError, match="nothing was left behind") as e:
+        convert(tmp_path / "hf", small_filesystem / "store", progress=False)
+    message = str(e.value)
+    assert f"free space on the filesystem mounted at {small_filesystem}" in message
+    assert "(tmpfs)" in message and "MiB free" in message
+    assert sorted(small_filesystem.iterdir()) == before  # no store, no temporary
+    assert shutil.disk_usage(small_filesystem).used < 16 << 10

@@ -9,8 +9,9 @@ into the same place removes what such a process left.
 import contextlib
 import errno
 import json
-from pathlib import Path
+import os
 import shutil
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
@@ -149,15 +150,37 @@ def convert(
             f"writing the store failed ({name}{e.strerror or e}); nothing was left "
             "behind",
             out,
-            "free some disk space and run the conversion again"
+            f"free space on {disk_of(out)} and run the conversion again"
             if full
-            else "check the free disk space and that the output directory is "
-            "writable, then run the conversion again",
+            else f"check the free space on {disk_of(out)} and that the output "
+            "directory is writable, then run the conversion again",
         ) from None
     if progress:
         for line in manifest.lossy_steps():
             print(f"[mlx_flash] lossy: {line}", flush=True)
     return out
+
+
+def disk_of(path: Path) -> str:
+    """The filesystem `path` is written to, for a user to free: its mount point,
+    device and free bytes ("the filesystem mounted at /data (/dev/sdb1), 12 MiB
+    free")."""
+    at = Path(path).absolute()
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    mount, device = at, None
+    try:
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 1 and fields[1] == str(mount):
+                device = fields[0]
+        free = shutil.disk_usage(at).free
+    except OSError:
+        return f"the disk holding {at}"
+    dev = f" ({device})" if device else ""
+    return f"the filesystem mounted at {mount}{dev}, {free / 2**20:.1f} MiB free"
 
 
 def write_store(
