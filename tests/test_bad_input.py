@@ -257,6 +257,6 @@ def test_conversion_onto_a_really_full_disk(tmp_path, small_filesystem):
         convert(tmp_path / "hf", small_filesystem / "store", progress=False)
     message = str(e.value)
     assert f"free space on the filesystem mounted at {small_filesystem}" in message
-    assert "(tmpfs)" in message and "MiB free" in message
+    assert "(tmpfs; " in message and "MiB free)" in message
     assert sorted(small_filesystem.iterdir()) == before  # no store, no temporary
     assert shutil.disk_usage(small_filesystem).used < 16 << 10

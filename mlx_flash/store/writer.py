@@ -163,8 +163,8 @@ def convert(
 
 def disk_of(path: Path) -> str:
     """The filesystem `path` is written to, for a user to free: its mount point,
-    device and free bytes ("the filesystem mounted at /data (/dev/sdb1), 12 MiB
-    free")."""
+    device and free bytes ("the filesystem mounted at /data (/dev/sdb1; 12.0 MiB
+    free)")."""
     at = Path(path).absolute()
     while not at.exists() and at != at.parent:
         at = at.parent
@@ -179,8 +179,8 @@ def disk_of(path: Path) -> str:
         free = shutil.disk_usage(at).free
     except OSError:
         return f"the disk holding {at}"
-    dev = f" ({device})" if device else ""
-    return f"the filesystem mounted at {mount}{dev}, {free / 2**20:.1f} MiB free"
+    dev = f"{device}; " if device else ""
+    return f"the filesystem mounted at {mount} ({dev}{free / 2**20:.1f} MiB free)"
 
 
 def write_store(
