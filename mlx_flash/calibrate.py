@@ -5,7 +5,8 @@
 The text runs through the dense model layer by layer (`layerwise.py`). For each layer
 and each candidate share s of the grid, the error that dropping s of the FFN input's
 channels (by |x|) costs, and the error that dropping s of the neurons (by |a|) costs,
-are measured as the FFN output's relative squared error over the text; the thresholds
+are measured as the FFN output's squared change relative to the hidden state leaving
+the block, averaged over the text's tokens (`LayerTables`); the thresholds
 are the quantiles of |x| and |a| that drop those shares (|a| computed from the
 sparsified input, for every input share). TEAL's greedy allocation (Liu et al. 2024,
 §4.2; `allocation.py`) then raises, one grid step at a time, the stage of the layer whose step costs
@@ -50,7 +51,13 @@ def sample_quantiles(values: mx.array, shares: np.ndarray, rng) -> np.ndarray:
 
 class LayerTables:
     """One layer's measurements: the error and threshold of every share of each
-    stage, and the layer's column share of FFN bytes."""
+    stage, and the layer's column share of FFN bytes.
+
+    An error is the mean over the text's tokens of |change of the FFN output|^2
+    relative to the token's hidden state leaving the block (`relative_to`; after an
+    RMSNorm what matters is a perturbation's share of it), or until then to the
+    token's FFN output: each token counts once, as in perplexity (a ratio of sums
+    is ruled by the few tokens whose hidden states are huge)."""
 
     def __init__(self, column_share: float):
         self.column_share = column_share
@@ -73,19 +80,27 @@ class LayerTables:
         score = LayerSparsity(0, 0, 0, 0, self.channel_scale).channel_scores(x)
         a = ffn(x)
         y = a @ w[column]
-        norm = float((y * y).sum().item()) or 1.0
+        # per grid point, each token's squared change of the FFN output
+        self.channel_sq = np.zeros((len(GRID), x.shape[0]), np.float32)
+        self.neuron_sq = np.zeros((len(GRID), x.shape[0]), np.float32)
         self.channel_threshold = sample_quantiles(score, GRID, rng)
         for k, t in enumerate(self.channel_threshold):
             xs = x * (score > t) if t >= 0 else x
             a_s = ffn(xs) if t >= 0 else a
             d = a_s @ w[column] - y
-            self.channel_error[k] = float((d * d).sum().item()) / norm
+            self.channel_sq[k] = np.array((d * d).sum(axis=-1))
             self.neuron_threshold[k] = sample_quantiles(a_s, GRID, rng)
         for j, t in enumerate(self.neuron_threshold[0]):
-            d = (a * (mx.abs(a) > t)) @ w[column] - y if t >= 0 else None
-            self.neuron_error[j] = (
-                0.0 if d is None else float((d * d).sum().item()) / norm
-            )
+            if t >= 0:
+                d = (a * (mx.abs(a) > t)) @ w[column] - y
+                self.neuron_sq[j] = np.array((d * d).sum(axis=-1))
+        self.relative_to(y)
+
+    def relative_to(self, h: mx.array) -> None:
+        """The errors relative to each token's |h|^2 (N, D), then averaged."""
+        norm = np.maximum(np.array((h * h).sum(axis=-1)), 1e-12)
+        self.channel_error = (self.channel_sq / norm).mean(axis=1).astype(float)
+        self.neuron_error = (self.neuron_sq / norm).mean(axis=1).astype(float)
 
 
 def allocate(tables: List[LayerTables], targets: List[float]) -> List[Calibration]:
@@ -154,15 +169,16 @@ def calibrate(args) -> Path:
             tables[layer].measure(x, w, m.rows, m.column, activation, rng, wina)
         return None
 
+    lane = Lane(record)
+
+    def done(layer):  # the hidden states leaving the block: what errors are against
+        tables[layer].relative_to(lane.h.reshape(-1, lane.h.shape[-1]))
+        del tables[layer].channel_sq, tables[layer].neuron_sq
+        bar.update(1)
+
     with tqdm(total=len(m.layers), desc="layers", disable=not args.progress) as bar:
         # one batch of every sequence: each layer measured on the whole text at once
-        run_layers(
-            model,
-            tokens,
-            [Lane(record)],
-            batch=tokens.shape[0],
-            progress=lambda i: bar.update(1),
-        )
+        run_layers(model, tokens, [lane], batch=tokens.shape[0], progress=done)
     how = allocate_blocks if args.allocate == "block" else allocate
     calibrations = how([tables[i] for i in range(len(m.layers))], args.sparsity)
     meta = {
