@@ -513,6 +513,8 @@ def setup(
         "KV cache and working memory": working_bytes(
             config, m.hidden_size, kv_cache, dtype
         ),
+        # earlier requests' KV caches a server keeps (its prompt cache)
+        "prompt caches": options.prompt_caches * kv_cache,
         PREFILL: 0,  # below
         "FFN reader": len(store.reader.buffer),
         # a layer's streamed neurons decoded (the whole layer at most), one per shape

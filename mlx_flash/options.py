@@ -148,6 +148,15 @@ class FlashOptions:
             int, "a whole number of tokens, at least 1", "4096", lambda v: v >= 1
         ),
     )
+    prompt_caches: int = _option(
+        "KV caches of earlier requests kept beside the live one, each of the plan's "
+        "whole context, counted in the DRAM plan (a server's prompt cache; "
+        "mlx_flash.server takes it from --prompt-cache-size)",
+        0,
+        number=_number(
+            int, "a whole number of caches, at least 0", "1", lambda v: v >= 0
+        ),
+    )
     prefill_step_size: int = _option(
         f"Prompt tokens processed at a time, at most (default {MAX_PREFILL}, as in "
         "mlx-lm); the DRAM plan holds one step's activations: "

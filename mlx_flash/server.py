@@ -20,7 +20,7 @@ import logging
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -64,6 +64,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-prompt-tokens", type=int, help="Refuse longer prompts")
     limits.add_argument("--max-tokens-limit", type=int, help="Refuse more max_tokens")
     add_flash_args(parser)
+    cache = parser._option_string_actions["--prompt-cache-size"]
+    cache.default = 1  # mlx-lm keeps 10: each is a whole KV cache in the DRAM plan
+    cache.help = (
+        "Earlier requests' KV caches kept to reuse their prefix (default 1; each "
+        "holds the plan's whole context and counts in the DRAM plan)"
+    )
+    parser._option_string_actions["--prompt-caches"].help = argparse.SUPPRESS
     return parser
 
 
@@ -117,6 +124,7 @@ class FlashModelProvider(mlx_server.ModelProvider):
             self.names.add(str(Path(cli_args.model).resolve()))
         self.loaded, self.load_error = Event(), None
         self.max_prompt_tokens = self.max_tokens_limit = self.vocab_size = None
+        self.context = None  # tokens of context the KV cache holds
 
     def load_default(self):
         try:
@@ -139,7 +147,9 @@ class FlashModelProvider(mlx_server.ModelProvider):
             tokenizer_config=self._tokenizer_config,
             return_config=True,
             trust_remote_code=a.trust_remote_code,
-            **load_kwargs(a),
+            options=replace(
+                load_kwargs(a)["options"], prompt_caches=a.prompt_cache_size
+            ),
         )
         if a.use_default_chat_template and tokenizer.chat_template is None:
             tokenizer.chat_template = tokenizer.default_chat_template
@@ -149,6 +159,9 @@ class FlashModelProvider(mlx_server.ModelProvider):
             if draft_tokenizer.vocab_size != tokenizer.vocab_size:
                 raise FlashError("the draft model's tokenizer does not match")
         context = config.get("max_position_embeddings", 1 << 15)
+        # without --max-kv-size the KV cache holds the plan's context, no more
+        self.context = min(context, getattr(model, "flash_context", context))
+        context = self.context
         self.vocab_size = config.get("vocab_size", tokenizer.vocab_size)
         self.max_prompt_tokens = a.max_prompt_tokens or context
         self.max_tokens_limit = a.max_tokens_limit or context
@@ -179,10 +192,20 @@ class FlashResponseGenerator(mlx_server.ResponseGenerator):
         n, limit = len(tokenized[0]), self.model_provider.max_prompt_tokens
         if n == 0:
             raise APIError(400, "the prompt is empty")
+        param = "messages" if request.request_type == "chat" else "prompt"
         if n > limit:
-            param = "messages" if request.request_type == "chat" else "prompt"
             message = f"the prompt has {n} tokens, more than this server's {limit}"
             raise APIError(400, message, param, "context_length_exceeded")
+        context = self.model_provider.context
+        if n >= context:  # no room for one token: refused now, not while generating
+            message = (
+                f"the prompt has {n} tokens; this server's DRAM plan holds a context "
+                f"of {context} (start it with --max-kv-size N for a rotating context, "
+                "or a larger --dram-budget)"
+            )
+            raise APIError(400, message, param, "context_length_exceeded")
+        # the reply stops where the context ends (finish_reason "length")
+        args.max_tokens = min(args.max_tokens, context - n)
         return tokenized
 
     def _serve_single(self, request, stream):
@@ -373,6 +396,8 @@ def make_server(args) -> FlashHTTPServer:
     """Load the model (in the generation thread, as mlx-lm does) and bind the socket;
     `serve_forever` serves, `shutdown` and `server_close` stop."""
     provider = FlashModelProvider(args)
+    # the prompt cache keeps what the DRAM plan holds (`prompt_caches`): at most
+    # --prompt-cache-size earlier requests' KV caches, each the plan's whole context
     generator = FlashResponseGenerator(provider, _PromptCache(args.prompt_cache_size))
     provider.loaded.wait()
     if provider.load_error is not None:
