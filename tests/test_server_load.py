@@ -81,3 +81,37 @@ def test_mixed_load_is_all_accounted_for(served):
     kept = plan.fixed["prompt caches"]  # an earlier request's KV cache, planned
     assert kept > 0 and growth(s, "mlx_mb") * 2**20 <= kept + 100_000, s
     assert max(x["mlx_mb"] for x in s) * 2**20 <= plan.total
+
+
+def test_the_plans_context_bounds_each_request(served):
+    """No silent overrun: a prompt with no room left in the context the plan holds
+    is refused with OpenAI's context_length_exceeded before generating; a reply
+    that would pass the context's end stops there."""
+    import http.client
+    import json
+
+    server, _ = served
+    provider = server.response_generator.model_provider
+    context, tokenizer = provider.context, provider.tokenizer
+    assert context < 1 << 15  # the plan's, not the model's 32k
+
+    def ask(words, max_tokens):
+        prompt = " ".join(["cat"] * words)
+        body = {"prompt": prompt, "max_tokens": max_tokens, "logit_bias": NO_EOS}
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1])
+        conn.request("POST", "/v1/completions", body=json.dumps(body))
+        r = conn.getresponse()
+        return r.status, json.loads(r.read()), len(tokenizer.encode(prompt))
+
+    status, body, n = ask(context + 10, 4)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert str(context) in body["error"]["message"]
+    words = next(
+        w
+        for w in range(context, 0, -1)
+        if len(tokenizer.encode(" ".join(["cat"] * w))) <= context - 3
+    )
+    status, body, n = ask(words, 50)
+    assert status == 200
+    assert body["usage"]["completion_tokens"] == context - n
+    assert body["choices"][0]["finish_reason"] == "length"
