@@ -197,30 +197,18 @@ def neuron_replays(model) -> List[Replay]:
 
 def input_replays(model) -> List[tuple]:
     """Per layer, the (channels, neurons) `Replay`s of a model loaded with the
-    `input` selector: its plan's capacities, the sections it reads and its gaps."""
+    `input` selector: its plan's capacities, the sections it reads and its gaps
+    (its neuron caches read the down rows alone: `neuron_replays`)."""
     plan, store = model.flash_plan, model.flash_store
-    m, replays = store.manifest, []
-    L = len(m.layers)
-    for i, layer in enumerate(model.layers):
-        ffn = layer.mlp
-        down = [m.layers[i].sections[k] for k in ffn._sections]
-        channels = store.columns[i]
-        replays.append(
-            (
-                Replay(
-                    channels.neurons,
-                    plan.capacities[L + i],
-                    channels.sections,
-                    ffn._columns.gap,
-                    ffn._columns.cache.window,
-                ),
-                Replay(
-                    m.layers[i].neurons,
-                    plan.capacities[i],
-                    down,
-                    ffn._gap,
-                    ffn._cache.window,
-                ),
-            )
+    L = len(store.manifest.layers)
+    channels = [
+        Replay(
+            store.columns[i].neurons,
+            plan.capacities[L + i],
+            store.columns[i].sections,
+            layer.mlp._columns.gap,
+            layer.mlp._columns.cache.window,
         )
-    return replays
+        for i, layer in enumerate(model.layers)
+    ]
+    return list(zip(channels, neuron_replays(model)))

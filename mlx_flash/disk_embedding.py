@@ -72,12 +72,7 @@ class DiskEmbedding(nn.Module):
                 try:
                     self._checker.check_file(self._fd, start, start + t.row_bytes)
                 except ReadError as e:
-                    raise ReadError(
-                        f"the token table's {name}, row {int(i)}: {e.message}",
-                        e.path,
-                        e.fix,
-                        offset=e.offset,
-                    ) from None
+                    raise e.within(f"the token table's {name}, row {int(i)}") from None
         raw = b"".join(
             os.pread(self._fd, t.row_bytes, t.offset + int(i) * t.row_bytes)
             for i in ids

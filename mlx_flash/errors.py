@@ -51,6 +51,18 @@ class ReadError(FlashError):
         super().__init__(message, path, fix)
         self.offset, self.layer, self.neurons = offset, layer, neurons
 
+    def within(self, what: str) -> "ReadError":
+        """The same error, its message prefixed with what was being read ("tensor
+        x", "layer 3, neurons 5-9")."""
+        return ReadError(
+            f"{what}: {self.message}",
+            self.path,
+            self.fix,
+            self.offset,
+            self.layer,
+            self.neurons,
+        )
+
 
 @contextlib.contextmanager
 def exit_on_error() -> Iterator[None]:

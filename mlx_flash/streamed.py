@@ -120,12 +120,7 @@ class DenseStream:
                     [(tensors[i].offset, tensors[i].nbytes) for i in order]
                 )
             except ReadError as e:  # name the tensor holding the failing byte
-                raise ReadError(
-                    f"{holding(tensors, e.offset)}: {e.message}",
-                    e.path,
-                    e.fix,
-                    offset=e.offset,
-                ) from None
+                raise e.within(holding(tensors, e.offset)) from None
             arrays = [None] * len(tensors)
             for i, raw in zip(order, views):
                 arrays[i] = to_array(raw, tensors[i], self.dtype)

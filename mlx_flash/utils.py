@@ -345,12 +345,7 @@ def check_resident(model: nn.Module, store: BundleStore) -> None:
             try:
                 checker.check_file(fd, t.offset, t.offset + t.nbytes)
             except ReadError as e:
-                raise ReadError(
-                    f"{holding(held, e.offset)}: {e.message}",
-                    e.path,
-                    e.fix,
-                    offset=e.offset,
-                ) from None
+                raise e.within(holding(held, e.offset)) from None
     finally:
         os.close(fd)
 
