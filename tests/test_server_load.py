@@ -77,6 +77,8 @@ def test_mixed_load_is_all_accounted_for(served):
     assert all(r.finished >= r.started >= r.arrived > 0 for r in served)
     s = report.samples
     assert growth(s, "fds") <= 2 and growth(s, "threads") <= 2, s
+    assert report.after["fds"] <= s[0]["fds"] + 1, report.after  # all closed again
+    assert report.after["threads"] <= s[0]["threads"] + 1, report.after
     plan = server.response_generator.model_provider.model.flash_plan
     kept = plan.fixed["prompt caches"]  # an earlier request's KV cache, planned
     assert kept > 0 and growth(s, "mlx_mb") * 2**20 <= kept + 100_000, s
