@@ -237,6 +237,19 @@ def process_sample(pid: int) -> dict:
     }
 
 
+def bound(plan: str) -> Optional[float]:
+    """Budget + the process's own memory measured at load, from the server's plan
+    line ("DRAM plan (budget B MiB) ... measured at load: process P MiB + tokenizer
+    T MiB"), in MiB."""
+    import re
+
+    budget = re.search(r"budget ([\d.]+) MiB", plan)
+    outside = re.search(r"process ([\d.]+) MiB \+ tokenizer (-?[\d.]+) MiB", plan)
+    if not budget or not outside:
+        return None
+    return float(budget[1]) + float(outside[1]) + float(outside[2])
+
+
 def growth(samples: List[dict], key: str) -> float:
     """The change of `key` from the end of the first tenth to the end."""
     start = samples[max(1, len(samples) // 10)][key]
@@ -250,7 +263,7 @@ def main():
     parser.add_argument("--dram-budget", default="0.75")
     parser.add_argument(
         "--max-kv-size",
-        default="1024",
+        default="512",
         help="The server's rotating context (the long prompts need more than the "
         "256 tokens a 0.75 budget's plan would hold otherwise)",
     )
@@ -272,12 +285,16 @@ def main():
     command = [sys.executable, "-m", "mlx_flash.server", "--model", source]
     command += ["--port", "0", "--dram-budget", args.dram_budget]
     command += ["--max-kv-size", args.max_kv_size]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    port = None
-    for line in server.stderr:
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    port, plan = None, ""
+    for line in server.stdout:
+        if "DRAM plan" in line:
+            plan = line.strip()
         if "serving" in line:
             port = int(line.split(" on ")[1].split(",")[0].rsplit(":", 1)[1])
-            threading.Thread(target=server.stderr.read, daemon=True).start()
+            threading.Thread(target=server.stdout.read, daemon=True).start()
             break
     if port is None:
         raise SystemExit("the server did not start")
@@ -299,6 +316,8 @@ def main():
         "model": DEFAULT_MODEL,
         "dram_budget": args.dram_budget,
         "max_kv_size": args.max_kv_size,
+        "plan": plan,
+        "bound_mib": bound(plan),
         "clients": args.clients,
         "seconds": args.seconds,
         "load_average": load_avg,
@@ -322,8 +341,15 @@ def markdown(r) -> str:
         f"the greedy reference differed {r['reference_mismatches']} times. Server RSS "
         f"{s[0]['rss_mb']:.0f} -> {s[-1]['rss_mb']:.0f} MiB (max "
         f"{max(x['rss_mb'] for x in s):.0f}; {growth(s, 'rss_mb'):+.1f} after the first "
-        f"tenth), fds {s[0]['fds']} -> {s[-1]['fds']} (max {max(x['fds'] for x in s)}), "
-        f"threads {s[0]['threads']} -> {s[-1]['threads']} (a thread per open "
+        f"tenth), fds {s[0]['fds']} -> {s[-1]['fds']} (max {max(x['fds'] for x in s)})"
+        + (
+            f"; the bound (budget + the process's memory measured at load) "
+            f"{r['bound_mib']:.0f} MiB: "
+            + ("within" if max(x["rss_mb"] for x in s) <= r["bound_mib"] else "OVER")
+            if r.get("bound_mib")
+            else ""
+        )
+        + f", threads {s[0]['threads']} -> {s[-1]['threads']} (a thread per open "
         f"connection); once every request was answered: RSS {r['after']['rss_mb']:.0f} "
         f"MiB, fds {r['after']['fds']}, threads {r['after']['threads']}.",
         "",
