@@ -39,13 +39,14 @@ def test_every_option_is_a_flag_with_the_same_default():
         "prefill_step_size": "256",
         "sparsity": "0.4",
         "shadow_bits": "2",
+        "prompt_caches": "1",
     }
     argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
     got = parse(*argv, "--verify")
     assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
     assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
     assert got.prefill_step_size == 256 and got.sparsity == 0.4
-    assert got.shadow_bits == 2
+    assert got.shadow_bits == 2 and got.prompt_caches == 1
     assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify", "naive"}
     assert parse("--naive").naive
 

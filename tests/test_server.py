@@ -277,7 +277,9 @@ def test_a_client_that_goes_away_frees_the_slot(server, client):
     assert r.usage.completion_tokens == 4
     tokens = {s.prompt: s.tokens for s in generator.served[before:]}
     assert tokens["the dog"] == 0 and tokens[PROMPT] == 4, tokens
-    assert tokens["the cat"] < 10 and 0 < tokens["the mat"] < 250, tokens
+    # gone mid-stream: noticed at the first write that fails after the close (a few
+    # tokens; more on a loaded machine: 10 seen with the benchmarks beside the suite)
+    assert tokens["the cat"] < 25 and 0 < tokens["the mat"] < 250, tokens
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
