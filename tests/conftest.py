@@ -18,3 +18,19 @@ def make_checkpoint(path, arch, **kwargs):
         write_tokenizer(path, config["vocab_size"])
         return config
     return write_tiny(path, arch, **kwargs)
+
+
+def traced_decoding(model, prompt, steps):
+    """Decode `steps` one token at a time after `prompt`, every layer's FFN
+    recording its selections (`FlashFFN.trace`); the stats count those tokens only
+    (the replay tests step the cache simulator through the traces)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    for layer in model.layers:
+        layer.mlp.trace = []
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    model.flash_stats.reset()
+    for t in steps:
+        model(mx.array([[t]]), cache=cache)

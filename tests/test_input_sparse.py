@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, traced_decoding
 from mlx_flash import load
 from mlx_flash.cache_simulator import input_replays
 from mlx_flash.calibrate import main as calibrate_main
@@ -277,14 +277,7 @@ def test_replay_reads_what_decoding_reads(tmp_path):
     model, _ = load(
         str(store), selector="input", sparsity=0.3, dram_budget=budget, gap=1
     )
-    model.flash_stats.reset()
-    for layer in model.layers:
-        layer.mlp.trace = []
-    cache = make_prompt_cache(model)
-    model(mx.array([PROMPT]), cache=cache)
-    model.flash_stats.reset()
-    for t in STEPS * 2:
-        model(mx.array([[t]]), cache=cache)
+    traced_decoding(model, PROMPT, STEPS * 2)
     plan, simulated = model.flash_plan, 0
     assert 0 < sum(plan.capacities) < sum(n.count for n in plan.layers)
     for layer, (channels, neurons) in zip(model.layers, input_replays(model)):

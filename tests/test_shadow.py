@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, traced_decoding
 from mlx_flash import load
 from mlx_flash.errors import FlashError
 from mlx_flash.store.writer import convert
@@ -82,13 +82,7 @@ def test_replay_reads_what_decoding_reads(tmp_path):
     options = {"selector": "shadow", "fraction": 0.4, "gap": 1}
     free, _ = load(str(store), **options)
     model, _ = load(str(store), dram_budget=free.flash_plan.floor + 40_000, **options)
-    for layer in model.layers:
-        layer.mlp.trace = []
-    cache = make_prompt_cache(model)
-    model(mx.array([PROMPT]), cache=cache)
-    model.flash_stats.reset()
-    for t in STEPS * 2:
-        model(mx.array([[t]]), cache=cache)
+    traced_decoding(model, PROMPT, STEPS * 2)
     plan = model.flash_plan
     assert 0 < sum(plan.capacities) < sum(n.count for n in plan.layers)
     simulated = sum(
