@@ -48,32 +48,44 @@ def floor_budget(store, **options):
     return free.flash_plan.floor
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_flipped_bit_in_any_neuron_section_is_caught_on_first_use(store, seed):
-    """Random bits of every layer's row sections and column bundles, one store each:
-    the read that brings the block raises, naming the layer and its neurons (or
-    channels); nothing was produced from it."""
-    rng = np.random.default_rng(seed)
-    m = BundleStore(store).manifest
-    layer = int(rng.integers(len(m.layers)))
-    kinds = [("neurons", m.layers[layer], "input")]
-    kinds.append(("channels", m.columns[layer], "input"))
-    unit, entry, selector = kinds[int(rng.integers(2))]
-    section = entry.sections[int(rng.integers(len(entry.sections)))]
-    neuron = int(rng.integers(entry.neurons))
-    at = section.offset + neuron * section.bundle_bytes
-    at += int(rng.integers(section.bundle_bytes))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_flipped_bit_in_every_section_is_caught_on_first_use(store, seed):
+    """One bit at a random position of every data section in turn — each layer's row
+    sections and its column bundles: the read that brings the block raises, naming
+    the layer and the neurons (or channels) of that block; nothing was produced from
+    it. (The dense part's tensors: the tests below.)"""
     from test_input_sparse import calibrate
 
     calibrate(store, store.parent, "0")  # (it reads the store: before the damage)
-    flip_bit(store / BUNDLES_NAME, at, int(rng.integers(8)))
-    # zero sparsity: every channel and neuron, so every block is read
-    model, _ = load(str(store), selector=selector, sparsity=0)  # not checked yet
-    with pytest.raises(ReadError, match=f"layer {layer}, {unit} .*checksum") as e:
-        decode(model)
-    span = e.value.message.split(f"{unit} ")[1].split(":")[0]
-    first, last = map(int, span.split("-"))
-    assert first <= neuron <= last and last - first < 4096 // section.bundle_bytes + 2
+    rng = np.random.default_rng(seed)
+    m = BundleStore(store).manifest
+    places = [
+        (layer, unit, entry, section)
+        for layer in range(len(m.layers))
+        for unit, entry in (
+            ("neurons", m.layers[layer]),
+            ("channels", m.columns[layer]),
+        )
+        for section in entry.sections
+    ]
+    assert len(places) == 3 * len(m.layers)  # [gate, up], [down], columns
+    for layer, unit, entry, section in places:
+        neuron = int(rng.integers(entry.neurons))
+        at = section.offset + neuron * section.bundle_bytes
+        at += int(rng.integers(section.bundle_bytes))
+        bit = int(rng.integers(8))
+        flip_bit(store / BUNDLES_NAME, at, bit)
+        # zero sparsity: every channel and neuron, so every block is read
+        model, _ = load(str(store), selector="input", sparsity=0)
+        with pytest.raises(ReadError, match=f"layer {layer}, {unit} .*checksum") as e:
+            decode(model)
+        span = e.value.message.split(f"{unit} ")[1].split(":")[0]
+        first, last = map(int, span.split("-"))
+        assert (
+            first <= neuron <= last and last - first < 4096 // section.bundle_bytes + 2
+        )
+        assert f"bytes {at - at % 4096}-" in e.value.message
+        flip_bit(store / BUNDLES_NAME, at, bit)  # undo: the next place alone
 
 
 def test_every_block_of_the_bundles_is_covered(store):
