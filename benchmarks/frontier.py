@@ -79,25 +79,18 @@ def code_text(out: Path) -> Path:
     return path
 
 
-def plan_replays(store_path: Path, sparsity: float, budget: int):
-    """The `input` selector's plan at `budget`: per layer (channels, neurons) replays
-    with its capacities and read gaps, and the plan's cache bytes."""
-    model, _ = load(
-        str(store_path), selector="input", sparsity=sparsity, dram_budget=budget
-    )
-    replays, caches = input_replays(model), model.flash_plan.caches
-    del model
-    return replays, caches
-
-
 def planned(store_path: Path, budget: int, **options):
-    """A neuron selector's plan at `budget`: its per-layer `Replay`s and cache bytes,
-    or the refusal's message when the budget cannot hold it."""
+    """A runtime selector's plan at `budget`: its per-layer `Replay`s (for `input`
+    a (channels, neurons) pair) and cache bytes, or the refusal's message when the
+    budget cannot hold it."""
     try:
         model, _ = load(str(store_path), dram_budget=budget, **options)
     except FlashError as e:
         return None, str(e).splitlines()[0]
-    replays, caches = neuron_replays(model), model.flash_plan.caches
+    replays = (input_replays if options["selector"] == "input" else neuron_replays)(
+        model
+    )
+    caches = model.flash_plan.caches
     del model
     return replays, caches
 
@@ -116,18 +109,8 @@ def lanes_for(args, model, m, budget, with_replay: bool):
     )
     configs = [c for c in configs if not c.name.startswith("gate")]
     replayed, path = {}, model.flash_store.path
-    for s in args.sparsity:
-        calibration = load_calibration(path, s, len(m.layers))
-        replays, caches = (None, 0)
-        if with_replay:
-            replays, caches = plan_replays(path, s, budget)
-        config = calibrated_config(
-            f"input {s:g}", activation, model.flash_store, calibration, replays
-        )
-        configs.append(config)
-        replayed[config.name] = (config.mask, caches)
 
-    def add(make, **options):  # a runtime neuron selector, replayed at its plan
+    def add(make, **options):  # a runtime selector, replayed at its own plan
         replays, caches = (None, 0)
         if with_replay:  # caches: the plan's bytes, or why it was refused
             replays, caches = planned(path, budget, **options)
@@ -135,6 +118,16 @@ def lanes_for(args, model, m, budget, with_replay: bool):
         configs.append(config)
         if with_replay:
             replayed[config.name] = (config.mask, caches)
+
+    for s in args.sparsity:
+        calibration = load_calibration(path, s, len(m.layers))
+        add(
+            lambda rp, n=f"input {s:g}", c=calibration: calibrated_config(
+                n, activation, model.flash_store, c, rp
+            ),
+            selector="input",
+            sparsity=s,
+        )
 
     ps = None
     if args.lowrank or args.recalls:

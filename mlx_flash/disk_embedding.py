@@ -66,17 +66,13 @@ class DiskEmbedding(nn.Module):
 
     def _rows(self, name: str, ids: np.ndarray) -> mx.array:
         t = self._tensors[name]
-        if self._checker is not None:
-            for i in ids:
-                start = t.offset + int(i) * t.row_bytes
-                try:
-                    self._checker.check_file(self._fd, start, start + t.row_bytes)
-                except ReadError as e:
-                    raise e.within(f"the token table's {name}, row {int(i)}") from None
-        raw = b"".join(
-            os.pread(self._fd, t.row_bytes, t.offset + int(i) * t.row_bytes)
-            for i in ids
-        )
+        starts = [t.offset + int(i) * t.row_bytes for i in ids]
+        for i, start in zip(ids, starts) if self._checker is not None else ():
+            try:
+                self._checker.check_file(self._fd, start, start + t.row_bytes)
+            except ReadError as e:
+                raise e.within(f"the token table's {name}, row {int(i)}") from None
+        raw = b"".join(os.pread(self._fd, t.row_bytes, start) for start in starts)
         if len(raw) != t.row_bytes * len(ids):
             raise FlashError("the embedding table is cut short", self._path)
         self.bytes_read += len(raw)

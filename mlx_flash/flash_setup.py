@@ -47,8 +47,7 @@ from .selectors import (
     Shadow,
     ShadowSelector,
 )
-from .sparse_ffn import ACTIVATIONS
-from .sparse_ffn import Columns
+from .sparse_ffn import ACTIVATIONS, Columns
 from .stats import FlashStats
 from .store.encoding import Encoding
 from .store.format import (
@@ -195,8 +194,13 @@ def make_selector(
         elif recall is not None:
             cut = predictors.threshold(i, recall)
         return LowRankSelector(predictors.predictors[i], fraction, cut)
-    if options.selector == "shadow":
-        w = store.read_layer(i, mx.float32)
+    if options.selector == "shadow":  # gate and up read once, down not at all
+        gate_up = [
+            k
+            for k, s in enumerate(m.layers[i].sections)
+            if set(s.components) & set(m.rows)
+        ]
+        w = store.read_layer(i, mx.float32, sections=gate_up)
         rows = {name: dequantize(w[name], m.hidden_size) for name in m.rows}
         copies = state.shadow.quantize(i, rows, m.rows)
         del w, rows

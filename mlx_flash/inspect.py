@@ -19,8 +19,11 @@ from .store.store import BundleStore
 def describe(store: BundleStore) -> str:
     m = store.manifest
     encodings = {}
-    kinds = [(m.layers, "")] + ([(m.columns, " cols")] if m.columns else [])
-    for entries, suffix in kinds:  # rows, and the columns extension's (§7.1)
+    kinds = [  # rows, and the columns extension's (§7.1)
+        (entries, " cols" if unit == "channels" else "")
+        for entries, unit in m.bundle_kinds()
+    ]
+    for entries, suffix in kinds:
         for i, layer in enumerate(entries):
             for c in layer.components.values():
                 name = c.name + suffix

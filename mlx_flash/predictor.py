@@ -8,7 +8,7 @@ Stored in the model's store as ``predictors.safetensors`` + ``predictors.json``.
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -156,7 +156,6 @@ def train_layer(
     patience: int = 2,
     seed: int = 0,
     ffn: Optional[HeldOut] = None,
-    init: Optional[Predictor] = None,
 ) -> Tuple[Predictor, LayerMetrics]:
     """Fit one layer's predictor with Adam; stop when the held-out loss stops falling.
 
@@ -166,7 +165,6 @@ def train_layer(
             calibration.
         ffn: the held-out tokens' activations and the down matrix: each recall's
             error is measured too (`LayerMetrics.error`).
-        init: start from this predictor (fine-tuning) instead of a random one.
     """
     tic = time.perf_counter()
     n_val = held_out_count(len(x), held_out)
@@ -175,16 +173,14 @@ def train_layer(
     p = float(targets[:-n_val].mean())
     pos_weight = (1 - p) / max(p, 1e-6)
     mx.random.seed(seed)
-    model = init or Predictor(x.shape[1], rank, targets.shape[1], activation)
+    model = Predictor(x.shape[1], rank, targets.shape[1], activation)
     optimizer = optim.Adam(learning_rate=lr)
 
     def loss_fn(m, xb, yb):
         return balanced_bce(m(xb), yb, pos_weight)
 
     step = nn.value_and_grad(model, loss_fn)
-    best = balanced_bce(model(xv), yv, pos_weight).item() if init else math.inf
-    best_params = nn.utils.tree_map(lambda a: a, model.parameters())
-    stale, done = 0, 0
+    best, best_params, stale, done = math.inf, None, 0, 0
     rng = np.random.default_rng(seed)
     for epoch in range(epochs):
         order = mx.array(rng.permutation(len(xt)).astype(np.uint32))
@@ -237,25 +233,37 @@ def rank_candidates(dims: int, neurons: int) -> Tuple[int, ...]:
     return tuple(r for r in RANKS if r < full) + (min(full, RANKS[-1]),)
 
 
+TRAINED = ("epochs", "loss", "positives", "seconds")  # a cut keeps its training's
+
+
 def choose_rank(
-    p: Predictor, x: np.ndarray, targets: np.ndarray, held_out: float
-) -> Tuple[int, Predictor, Dict[int, float]]:
-    """The smallest rank of `RANKS` (below `p`'s) whose truncation of `p` selects at
-    most `RANK_TOLERANCE` more of the neurons at recall 0.9 on the held-out tokens
-    than `p` itself -> (rank, its predictor, the share selected at each rank tried).
-    Measured on Qwen2.5-Coder-0.5B (layer 3, 32k tokens): a cut equals a predictor
-    trained at that rank (selected at recall 0.9: 78.7% vs 78.6% at 128, 80.4% vs
-    80.4% at 64), and fine-tuning the cut gains nothing."""
+    p: Predictor,
+    metrics: LayerMetrics,
+    x: np.ndarray,
+    targets: np.ndarray,
+    held_out: float,
+    ffn: Optional[HeldOut] = None,
+) -> Tuple[Predictor, LayerMetrics]:
+    """`p` (trained, `metrics` its calibration) cut to the smallest rank of `RANKS`
+    below its own whose truncation selects at most `RANK_TOLERANCE` more of the
+    neurons at recall 0.9 on the held-out tokens -> (the predictor, its metrics,
+    with the share selected at each rank tried in `ranks`). Measured on
+    Qwen2.5-Coder-0.5B (layer 3, 32k tokens): a cut equals a predictor trained at
+    that rank (selected at recall 0.9: 78.7% vs 78.6% at 128, 80.4% vs 80.4% at 64),
+    and fine-tuning the cut gains nothing."""
     n_val = held_out_count(len(x), held_out)
     xv, yv = mx.array(x[-n_val:]), mx.array(targets[-n_val:])
-    full = p.up.weight.shape[1]
-    shares = {full: calibrate(p(xv), yv).selected["0.9"]}
+    full = metrics.rank
+    shares = {full: metrics.selected["0.9"]}
     for rank in [r for r in RANKS if r < full]:
         cut = truncate(p, x[:-n_val], rank)
         shares[rank] = calibrate(cut(xv), yv).selected["0.9"]
-        if shares[rank] <= shares[full] + RANK_TOLERANCE:
-            return rank, cut, shares
-    return full, p, shares
+        if shares[rank] <= shares[full] + RANK_TOLERANCE:  # chosen: its errors too
+            trained = {k: getattr(metrics, k) for k in TRAINED}
+            p, metrics = cut, replace(calibrate(cut(xv), yv, ffn), rank=rank, **trained)
+            break
+    metrics.ranks = {str(r): v for r, v in sorted(shares.items())}
+    return p, metrics
 
 
 def calibrate(

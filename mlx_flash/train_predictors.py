@@ -28,11 +28,10 @@ from .predictor import (
     HeldOut,
     PredictorSet,
     choose_rank,
-    rank_candidates,
     held_out_count,
     load_predictors,
+    rank_candidates,
     save,
-    calibrate,
     target_error,
     targets_for,
     train_layer,
@@ -223,14 +222,7 @@ def train(args) -> PredictorSet:
             ffn=ffn,
         )
         if auto:
-            rank, p, tried = choose_rank(p, x, t, args.held_out)
-            if rank != metric.rank:  # the cut predictor's own calibration
-                seconds, epochs, loss = metric.seconds, metric.epochs, metric.loss
-                xv, yv = mx.array(x[-n_val:]), mx.array(t[-n_val:])
-                metric = calibrate(p(xv), yv, ffn)
-                metric.rank, metric.epochs, metric.loss = rank, epochs, loss
-                metric.positives, metric.seconds = float(t[:-n_val].mean()), seconds
-            metric.ranks = {str(r): s for r, s in sorted(tried.items())}
+            p, metric = choose_rank(p, metric, x, t, args.held_out, ffn)
         progress.save(layer, p, metric)
         predictors.append(p), metrics.append(metric)
         bar.update(1)

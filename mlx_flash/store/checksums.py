@@ -120,25 +120,24 @@ def mismatches(
 
 class BlockChecker:
     """Checks each 4 KiB block of one store file against the table the first time
-    it is read in this process (docs/FORMAT.md §7): one flag per block (the bitmap
-    the DRAM plan counts), so re-reading a checked block costs nothing. Blocks of
-    the file no range covers (the table itself) are not checked here.
+    it is read in this process (docs/FORMAT.md §7): one flag per block of the table
+    (`checked`, shared by the files' checkers: the bitmap the DRAM plan counts), so
+    re-reading a checked block costs nothing. Blocks of the file no range covers
+    (the table itself) are not checked here.
 
     Args:
         path: the file.
         table: the whole checksum table (u64 per block, every range's).
         ranges: the table's ranges ({"file", "start", "stop", "first"}) of this file.
+        checked: the flags, one per table entry.
     """
 
-    def __init__(self, path: Path, table: np.ndarray, ranges: List[Dict]):
-        self.path, self.table = Path(path), table
+    def __init__(
+        self, path: Path, table: np.ndarray, ranges: List[Dict], checked: np.ndarray
+    ):
+        self.path, self.table, self.checked = Path(path), table, checked
         self.ranges = sorted((r["start"], r["stop"], r["first"]) for r in ranges)
-        self.checked = np.zeros(len(table), bool)
-        self.blocks = 0  # blocks hashed so far (each once)
-
-    @property
-    def nbytes(self) -> int:
-        return self.checked.nbytes
+        self.blocks = 0  # blocks of this file hashed so far (each once)
 
     def _todo(self, start: int, stop: int) -> Iterator[Tuple[int, int, int]]:
         """(table index, first byte, stop) of each unchecked block meeting
@@ -159,43 +158,43 @@ class BlockChecker:
         """`data` holds the file's bytes from `start` on: check the unchecked blocks
         wholly inside it."""
         view, stop = memoryview(data).cast("B"), start + len(data)
-        h = xxhash.xxh3_64_intdigest
         for k, a, b in self._todo(start, stop):
-            if a < start or b > stop:
-                continue  # only part of it was read: checked by a later read
-            if h(view[a - start : b - start]) != self.table[k]:
-                self._mismatch(a, b)
-            self.checked[k] = True
-            self.blocks += 1
+            if start <= a and b <= stop:  # else only part of it was read: later
+                self._accept(k, a, b, view[a - start : b - start])
 
     def check_file(self, fd: int, start: int, stop: int) -> None:
         """Check the unchecked blocks meeting [start, stop), reading them from `fd`
         (the reads that bring less than whole blocks: rows, mmap pages)."""
         for k, a, b in list(self._todo(start, stop)):
-            if xxhash.xxh3_64_intdigest(os.pread(fd, b - a, a)) != self.table[k]:
-                self._mismatch(a, b)
-            self.checked[k] = True
-            self.blocks += 1
+            self._accept(k, a, b, os.pread(fd, b - a, a))
 
-    def _mismatch(self, a: int, b: int):
-        raise ReadError(
-            f"bytes {a}-{b} do not match their checksum: the file is corrupted",
-            self.path,
-            "convert the model again (or copy the store again); "
-            "`python -m mlx_flash.inspect STORE` lists every damaged block",
-            offset=a,
-        )
+    def _accept(self, k: int, a: int, b: int, data) -> None:
+        """Block `k` (bytes [a, b)) is `data`: flagged if it matches, else the
+        `ReadError` at its first byte."""
+        if xxhash.xxh3_64_intdigest(data) != self.table[k]:
+            raise ReadError(
+                f"bytes {a}-{b} do not match their checksum: the file is corrupted",
+                self.path,
+                "convert the model again (or copy the store again); "
+                "`python -m mlx_flash.inspect STORE` lists every damaged block",
+                offset=a,
+            )
+        self.checked[k] = True
+        self.blocks += 1
 
 
 def checkers(directory: Path, meta: dict, table: bytes) -> Dict[str, BlockChecker]:
-    """One `BlockChecker` per file the table covers, sharing the table."""
+    """One `BlockChecker` per file the table covers, sharing the table and the
+    flags."""
     values = np.frombuffer(table, "<u8")
+    checked = np.zeros(len(values), bool)  # one flag per block, every file's
     files = sorted({r["file"] for r in meta["ranges"]})
     return {
         name: BlockChecker(
             Path(directory) / name,
             values,
             [r for r in meta["ranges"] if r["file"] == name],
+            checked,
         )
         for name in files
     }

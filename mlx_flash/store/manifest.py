@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import FlashError
 from .encoding import Component, Encoding, Origin
@@ -126,14 +126,18 @@ class Manifest:
             self.__dict__["_columns"] = [_layer(d) for d in ext.meta["layers"]]
         return self.__dict__["_columns"]
 
+    def bundle_kinds(self) -> List[Tuple[List[LayerEntry], str]]:
+        """(entries, unit) of every kind of bundle the store holds: the layers'
+        neurons, and with the columns extension its input channels."""
+        columns = self.columns
+        return [(self.layers, "neurons")] + ([(columns, "channels")] if columns else [])
+
     def lossy_steps(self) -> List[str]:
         """Every inexact step the conversion took, one line per (tensor kind, step):
         what the converter prints, `inspect` shows and docs/FORMAT.md §5 defines."""
         steps: Dict[tuple, list] = {}
-        kinds = [(self.layers, "")] + (
-            [(self.columns, " columns")] if self.columns else []
-        )
-        for entries, suffix in kinds:
+        for entries, unit in self.bundle_kinds():
+            suffix = " columns" if unit == "channels" else ""
             for i, layer in enumerate(entries):
                 for c in layer.components.values():
                     if not c.origin.exact:

@@ -223,9 +223,7 @@ class BundleStore:
     def checks_bytes(self) -> int:
         """DRAM the checks hold: the table and one flag per block."""
         sums = self.manifest.extension("checksums")
-        return (sums.bytes if sums else 0) + sum(
-            c.nbytes for c in self.checkers.values()
-        )
+        return 0 if sums is None else sums.bytes + sums.bytes // 8  # u64 -> a bool
 
     @property
     def num_layers(self) -> int:
@@ -245,12 +243,18 @@ class BundleStore:
         return self.columns[layer]
 
     def read_layer(
-        self, layer: int, dtype: mx.Dtype, columns: bool = False
+        self,
+        layer: int,
+        dtype: mx.Dtype,
+        columns: bool = False,
+        sections: Optional[Sequence[int]] = None,
     ) -> Dict[str, Weight]:
         """Every neuron of `layer`: component name -> MLX weight (n_neurons, length);
-        with `columns`, every input channel's columns (hidden, neurons)."""
+        with `columns`, every input channel's columns (hidden, neurons); `sections`:
+        only those sections' components (default all)."""
         entry, weights = self.entry(layer, columns), {}
-        for section in entry.sections:
+        chosen = range(len(entry.sections)) if sections is None else sections
+        for section in (entry.sections[k] for k in chosen):
             with self._naming(layer, [(0, entry.neurons)], [section], columns):
                 raw = self.reader.read(
                     section.offset, entry.neurons * section.bundle_bytes
@@ -366,8 +370,7 @@ class BundleStore:
             return "the dense part"
         if at < HEADER_BYTES:
             return "the header"
-        kinds = [(self.manifest.layers, "neurons"), (self.columns or [], "channels")]
-        for entries, unit in kinds:
+        for entries, unit in self.manifest.bundle_kinds():
             for i, entry in enumerate(entries):
                 for s in entry.sections:
                     stop = s.offset + entry.neurons * s.bundle_bytes
