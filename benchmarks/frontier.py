@@ -258,6 +258,12 @@ def main():
     parser.add_argument(
         "--recheck", default=None, help="A frontier JSON: only decoding's checks again"
     )
+    parser.add_argument(
+        "--into",
+        default=None,
+        help="A frontier JSON of the same model, store, text and budget: this run's "
+        "rows are added to it (a method's row replaced), then it is saved again",
+    )
     args = parser.parse_args()
     if args.recheck:
         return recheck(Path(args.recheck), args)
@@ -323,7 +329,25 @@ def main():
         "rows": list(rows.values()),
         "decode_checks": checks,
     }
-    save(result, out)
+    save(merged(Path(args.into), result) if args.into else result, out)
+
+
+def merged(path: Path, new: dict) -> dict:
+    """The frontier at `path` with `new`'s rows added (its own dense row kept) and
+    its decode checks appended; refused unless both measured the same thing."""
+    old = json.loads(path.read_text())
+    same = ("model", "store", "budget_bytes", "tokens", "skip")
+    differ = [k for k in same if old[k] != new[k]]
+    if differ:
+        raise SystemExit(f"{path}: {', '.join(differ)} differ from this run's")
+    rows = {r["method"]: r for r in old["rows"]}
+    rows.update({r["method"]: r for r in new["rows"] if r["method"] != "dense"})
+    added = [r["method"] for r in new["rows"] if r["method"] != "dense"]
+    runs = old.get("added", []) + [
+        {"methods": added, "load_average": new["load_average"]}
+    ]
+    checks = old["decode_checks"] + new["decode_checks"]
+    return {**old, "rows": list(rows.values()), "decode_checks": checks, "added": runs}
 
 
 def save(result, out: Path) -> None:
@@ -367,7 +391,13 @@ def render(r) -> str:
         f"tokens after {r['skip']}; budget {r['budget_fraction']:g} of the GGUF file = "
         f"{r['budget_bytes'] / 2**20:.0f} MiB; naive reads {r['naive_mb']:.1f} "
         "MB/token; "
-        f"load average {r['load_average'][0]:.1f}):",
+        f"load average {r['load_average'][0]:.1f}"
+        + "".join(
+            f"; added later: {', '.join(a['methods'])} at load average "
+            f"{a['load_average'][0]:.1f}"
+            for a in r.get("added", [])
+        )
+        + "):",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),

@@ -2,6 +2,7 @@
 `~/.cache/mlx_flash/bench/<model>/`; `$MLX_FLASH_CACHE` moves it)."""
 
 import importlib
+import json
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def calibrate(store: Path) -> None:
     )
 
 
+def stale(path: Path, is_current) -> bool:
+    """A cached store to rebuild: of an older format, or converted before a GGUF's
+    dense Q6_K tensors were re-quantized by default (2026-12-01; until then float16:
+    Qwen2.5-Coder-1.5B's head took 445 MB instead of 204)."""
+    if not is_current(path):
+        return True
+    dense = json.loads((path / "flash_config.json").read_text()).get("dense", {})
+    return any(
+        o["kind"] == "Q6_K" and "re-quantized" not in o["note"] for o in dense.values()
+    )
+
+
 def prepare(name: str, formats, predictors, wanted: set) -> dict:
     """The GGUF, a dense mlx-lm directory of its weights and the `wanted` stores
     (cached; only those the selected rows run on are converted).
@@ -120,7 +133,9 @@ def prepare(name: str, formats, predictors, wanted: set) -> dict:
         need = [f"{formats[0]}-split"]  # the dense directory comes with a store
     for store in need:
         path = root / store
-        if not is_current(path):  # (a store of an older format is rebuilt)
+        if stale(path, is_current):
+            if is_current(path) and (root / "dense").exists():
+                shutil.rmtree(root / "dense")  # converted with the stale dense part
             dense = root / "dense" if not (root / "dense").exists() else None
             print(f"[bench] converting {gguf.name} -> {path}", flush=True)
             convert(
@@ -134,6 +149,13 @@ def prepare(name: str, formats, predictors, wanted: set) -> dict:
         paths[store] = str(path)
         if "columns" in store and not (path / "sparsity.json").exists():
             calibrate(path)
+    if "dense" in wanted and not (root / "dense").exists() and need:
+        from mlx_flash.store.dense import export_dense
+
+        tmp = root / "dense.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_dense(root / need[0], tmp)  # the same values as the stores
+        tmp.rename(root / "dense")
     if (root / "dense").exists():
         paths["dense"] = str(root / "dense")
     source = Path(predictors) if predictors else root / "q4-split"

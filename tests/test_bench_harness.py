@@ -167,3 +167,24 @@ def test_results_from_before_issue_14_keep_their_per_engine_limits():
     words = report.limits_words(old, old["budgets"][0])
     assert "each engine's own idle footprint" in words
     assert "mlx 148 MiB, llama_cpp 108 MiB" in words
+
+
+def test_a_store_with_a_float16_q6k_dense_part_is_rebuilt(tmp_path):
+    """Cached benchmark stores converted before Q6_K dense tensors were re-quantized
+    by default are stale; those of an older format too."""
+    import json
+
+    models = bench_module("models")
+
+    def store(note, version_ok=True):
+        path = tmp_path / note.replace(" ", "_")
+        path.mkdir()
+        origin = {"kind": "Q6_K", "exact": False, "note": note, "error": None}
+        manifest = {"dense": {"lm_head": origin, "model.norm": {"kind": "F32"}}}
+        (path / "flash_config.json").write_text(json.dumps(manifest))
+        return path, (lambda p: version_ok)
+
+    old = store("Q6_K dequantized and rounded to float16")
+    new = store("Q6_K dequantized; re-quantized to affine q6 g32")
+    assert models.stale(*old) and not models.stale(*new)
+    assert models.stale(store("x", version_ok=False)[0], lambda p: False)

@@ -680,7 +680,9 @@ def test_real_smollm2_generates_paris(tmp_path):
     "options, exact_down",
     [({}, False), ({"down_format": "float32", "dtype": "float32"}, True)],
 )
-def test_store_of_a_mixed_gguf_obeys_its_flags(mixed_gguf, tmp_path, options, exact_down):
+def test_store_of_a_mixed_gguf_obeys_its_flags(
+    mixed_gguf, tmp_path, options, exact_down
+):
     """Every layer keeps its own gate/up type; `down` (Q6_K, Q4_K) is per-neuron q8 by
     default (a named lossy step) and the gguf package's values exactly when asked."""
     from mlx_flash import load
@@ -712,7 +714,9 @@ def test_store_of_a_mixed_gguf_obeys_its_flags(mixed_gguf, tmp_path, options, ex
             got = values(rows[name], hidden)
             if down:
                 got = got.T
-                assert c.origin.exact == exact_down and c.encoding.quantized != exact_down
+                assert (
+                    c.origin.exact == exact_down and c.encoding.quantized != exact_down
+                )
                 tol = 0.0 if exact_down else 0.02  # q8 per neuron
             else:
                 assert c.encoding.quantized == (qtype in EXACT)
@@ -722,3 +726,67 @@ def test_store_of_a_mixed_gguf_obeys_its_flags(mixed_gguf, tmp_path, options, ex
     assert ("down_proj" in " ".join(m.lossy_steps())) != exact_down
     store.close()
     load(str(tmp_path / "store"), progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "float", "q4", "q8"])
+def test_dense_tensors_without_an_exact_form_are_requantized(mixed_gguf, tmp_path, fmt):
+    """A dense tensor of a type with no exact MLX form (Q6_K, Q3_K) is re-quantized
+    to affine group 32 as `dense_format` says (auto: Q6_K at 6 bits, Q3_K stays
+    float16), within a quantization step of the file's values; the FFN is untouched
+    by it; the config names each module's bits and mlx-lm builds a QuantizedLinear."""
+    import mlx.nn as nn
+
+    from mlx_flash import load
+    from mlx_flash.store.encoding import dequantize
+    from mlx_flash.store.store import BundleStore
+    from mlx_flash.store.writer import convert
+
+    path, _ = mixed_gguf
+    store_path = convert(path, tmp_path / "s", progress=False, dense_format=fmt)
+    want_bits = {
+        "auto": {"Q6_K": 6, "Q3_K": None},
+        "float": {"Q6_K": None, "Q3_K": None},
+        "q4": {"Q6_K": 4, "Q3_K": 4},
+        "q8": {"Q6_K": 8, "Q3_K": 8},
+    }[fmt]
+    stored = mx.load(str(store_path / "model.safetensors"))
+    config = json.loads((store_path / "config.json").read_text())
+    raw = read_gguf(path, float_dtype="float32").weights
+    store = BundleStore(store_path)
+    model, _ = load(str(store_path), progress=False)
+    modules = dict(model.named_modules())
+    try:
+        for i, qtype in ((0, "Q6_K"), (1, "Q3_K")):
+            base = f"model.layers.{i}.self_attn.o_proj"
+            origin, bits = store.manifest.dense[base], want_bits[qtype]
+            assert origin.kind == qtype and not origin.exact
+            source = raw[base + ".weight"]
+            if bits is None:
+                assert stored[base + ".weight"].dtype == mx.float16
+                assert base not in config.get("quantization", {})
+                assert type(modules[base]) is nn.Linear
+                continue
+            parts = tuple(stored[f"{base}.{p}"] for p in ("weight", "scales", "biases"))
+            assert config["quantization"][base] == {
+                "group_size": 32,
+                "bits": bits,
+                "mode": "affine",
+            }
+            assert f"re-quantized to affine q{bits} g32" in origin.note
+            assert isinstance(modules[base], nn.QuantizedLinear)
+            assert modules[base].bits == bits
+            got = dequantize(parts, source.shape[-1]).astype(mx.float32)
+            step = mx.repeat(mx.abs(parts[1].astype(mx.float32)), 32, axis=-1)
+            bound = 1.5 * step + 2e-3 * mx.abs(source) + 1e-6  # float16 read first
+            assert (mx.abs(got - source) <= bound).all().item(), base
+        down = store.manifest.layers[0].components["down_proj"]
+        assert down.origin.kind == "Q6_K" and down.encoding.bits == 8  # per neuron
+    finally:
+        store.close()
+
+
+def test_unknown_dense_format_refused_before_reading(tmp_path):
+    from mlx_flash.store.writer import convert
+
+    with pytest.raises(FlashError, match="dense format 'q7'"):
+        convert(tmp_path / "missing.gguf", tmp_path / "s", dense_format="q7")

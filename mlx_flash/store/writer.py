@@ -63,6 +63,7 @@ def convert(
     quantization: Optional[dict] = None,
     dequantize: bool = False,
     column_format: str = "auto",
+    dense_format: str = "auto",
 ) -> Path:
     """Convert a model into a flash bundle store.
 
@@ -98,6 +99,10 @@ def convert(
             columns (re-quantized along the neuron axis where quantized): ``auto``
             is a float model's own dtype, or for quantized rows one bit more than
             theirs (`components.column_bits`), or one of `FFN_FORMATS`.
+        dense_format: the dense tensors a GGUF holds in a type with no exact MLX
+            form: ``auto`` (Q6_K re-quantized to affine q6 g32, the others kept as
+            floats), ``float`` (all kept as floats) or ``q4``/``q5``/``q6``/``q8``
+            (all re-quantized): `quantize.requantize_dense`.
 
     Returns:
         The store path.
@@ -119,6 +124,9 @@ def convert(
     for name, fmt in formats + (("column_format", column_format),):
         if fmt != "auto":
             Encoding.parse(fmt, group_size)  # a bad name fails before any read
+    from .quantize import check_dense_format, requantize_dense
+
+    check_dense_format(dense_format)
     src = open_source(source, revision, **({"float_dtype": dtype} if dtype else {}))
     if dtype is not None or quantization is not None or dequantize:
         from .quantize import cast_source, dequantize_source, quantize_source
@@ -126,6 +134,7 @@ def convert(
         src = cast_source(src, dtype) if dtype is not None else src
         src = dequantize_source(src, dtype) if dequantize else src
         src = quantize_source(src, **quantization) if quantization else src
+    src = requantize_dense(src, dense_format)
     arch = ffn_arch(src.config, src.path)
     try:
         with contextlib.ExitStack() as stack:  # both written, or neither
