@@ -7,16 +7,39 @@ held-out tenth of their training text), before and after.
 
 The manifests say what each set was trained on (tokens, target); recall and
 precision are against each set's own target, so two sets with different targets
-compare by the share they select and, where measured, the FFN output error at it.
+compare by the share they select and, where measured, the FFN output error at it
+(the before set's interpolated to the after set's share). Each set's held-out tokens
+are the last tenth of its own training text, so with different token counts the
+errors are of different tokens: a rough comparison (the frontier's perplexities are
+on one text). An interrupted run's saved layers can stand in for a set.
 """
 
 import argparse
+import itertools
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 
 def manifest(store: Path) -> dict:
-    return json.loads((Path(store) / "predictors.json").read_text())
+    """The store's predictor manifest, or an interrupted run's layers so far (the
+    per-layer files `train_predictors` saves as it goes)."""
+    store = Path(store)
+    if (store / "predictors.json").exists():
+        return json.loads((store / "predictors.json").read_text())
+    partial = store / "predictors.partial"
+    run = json.loads((partial / "run.json").read_text())
+    layers = [json.loads(p.read_text()) for p in sorted(partial.glob("layer-*.json"))]
+    name = (
+        f"a text of sha256 {run['text_sha256'][:12]}…, layers 0-{len(layers) - 1} only"
+    )
+    return {
+        "text": {"name": name, "tokens": run["tokens"]},
+        "target": run["target"],
+        "layers": layers,
+    }
 
 
 def describe(m: dict) -> str:
@@ -39,12 +62,25 @@ def cells(layer: dict, key: str) -> list:
     ]
 
 
+def error_at(layer: dict, share: float) -> float:
+    """The layer's FFN error at `share` selected, interpolated over its recalls (the
+    fair comparison of two sets with different targets: equal bytes)."""
+    points = sorted(
+        (layer["selected"][k], layer["error"][k]) for k in layer.get("error", {})
+    )
+    if not points:
+        return math.nan
+    return float(np.interp(share, [p[0] for p in points], [p[1] for p in points]))
+
+
 def table(after: dict, before: dict = None, recall: float = 0.9) -> str:
     key = f"{recall:g}"
     columns = ["rank", "recall", "precision", "selected", "FFN error"]
     head = ["layer"] + [f"after: {c}" for c in columns]
     if before:
-        head += [f"before: {c}" for c in columns]
+        head += [f"before: {c}" for c in columns] + [
+            "before: FFN error at after's share"
+        ]
     head += ["ranks tried (selected)", "FFN/block output"]
     lines = [
         f"At recall {key} on each set's held-out tokens. After: {describe(after)}."
@@ -53,9 +89,14 @@ def table(after: dict, before: dict = None, recall: float = 0.9) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    rows = zip(after["layers"], before["layers"] if before else [None] * 10**4)
+    rows = itertools.zip_longest(after["layers"], before["layers"] if before else [])
     for i, (a, b) in enumerate(rows):
-        row = [str(i)] + cells(a, key) + (cells(b, key) if before else [])
+        if a is None:
+            break
+        row = [str(i)] + cells(a, key)
+        if before:
+            row += cells(b, key) if b else [""] * len(columns)
+            row += [f"{error_at(b, a['selected'][key]):.4f}" if b else ""]
         tried = ", ".join(f"{r}: {s:.1%}" for r, s in a.get("ranks", {}).items())
         share = a.get("output_share", 0.0)
         row += [tried, f"{share:.3f}" if share else ""]
@@ -66,7 +107,24 @@ def table(after: dict, before: dict = None, recall: float = 0.9) -> str:
         f"Mean selected at recall {key}: after {mean(after['layers'], 'selected'):.1%}",
     ]
     if before:
+        both = len(before["layers"])
+        if both < len(after["layers"]):
+            lines[-1] += (
+                f"; over layers 0-{both - 1}, which both have: after "
+                f"{mean(after['layers'][:both], 'selected'):.1%}"
+            )
         lines[-1] += f", before {mean(before['layers'], 'selected'):.1%}"
+        errors = [
+            (a["error"][key], error_at(b, a["selected"][key]))
+            for a, b in zip(after["layers"], before["layers"])
+            if "error" in a and "error" in b
+        ]
+        if errors:
+            lines[-1] += (
+                "; mean FFN error at the after's share: after "
+                f"{np.mean([e[0] for e in errors]):.4f}, before "
+                f"{np.mean([e[1] for e in errors]):.4f}"
+            )
     return "\n".join(lines) + "\n"
 
 
