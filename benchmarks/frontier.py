@@ -338,6 +338,12 @@ def merged(path: Path, new: dict) -> dict:
     old = json.loads(path.read_text())
     same = ("model", "store", "budget_bytes", "tokens", "skip")
     differ = [k for k in same if old[k] != new[k]]
+    dense = [
+        next((r["ppl_wikitext"] for r in f["rows"] if r["method"] == "dense"), None)
+        for f in (old, new)
+    ]
+    if None not in dense and abs(dense[0] / dense[1] - 1) > 1e-4:
+        differ.append(f"the dense perplexity ({dense[0]:.4f} vs {dense[1]:.4f})")
     if differ:
         raise SystemExit(f"{path}: {', '.join(differ)} differ from this run's")
     rows = {r["method"]: r for r in old["rows"]}

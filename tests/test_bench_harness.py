@@ -188,3 +188,34 @@ def test_a_store_with_a_float16_q6k_dense_part_is_rebuilt(tmp_path):
     new = store("Q6_K dequantized; re-quantized to affine q6 g32")
     assert models.stale(*old) and not models.stale(*new)
     assert models.stale(store("x", version_ok=False)[0], lambda p: False)
+
+
+def test_frontier_rows_added_into_an_earlier_run_of_the_same_text(tmp_path):
+    """`frontier.py --into`: a later run's rows join the earlier frontier (a method's
+    row replaced, the run's load average recorded); a run of another text, store or
+    budget, or whose dense perplexity moved (the store changed), is refused."""
+    import json
+
+    frontier = bench_module("frontier")
+    same = dict(model="m", store="/s", budget_bytes=10, tokens=2048, skip=0)
+
+    def run(rows, load):
+        rows = [{"method": m, "ppl_wikitext": p} for m, p in rows]
+        return {**same, "rows": rows, "decode_checks": [], "load_average": [load]}
+
+    old = tmp_path / "frontier-m.json"
+    old.write_text(json.dumps(run([("dense", 10.0), ("input 0.3", 11.0)], 1.0)))
+    new = run([("dense", 10.0), ("input 0.3", 11.5), ("lowrank 0.3", 12.0)], 2.0)
+    out = frontier.merged(old, new)
+    assert [(r["method"], r["ppl_wikitext"]) for r in out["rows"]] == [
+        ("dense", 10.0),
+        ("input 0.3", 11.5),
+        ("lowrank 0.3", 12.0),
+    ]
+    assert out["added"] == [
+        {"methods": ["input 0.3", "lowrank 0.3"], "load_average": [2.0]}
+    ]
+    with pytest.raises(SystemExit, match="tokens"):
+        frontier.merged(old, {**new, "tokens": 1024})
+    with pytest.raises(SystemExit, match="dense perplexity"):  # the store changed
+        frontier.merged(old, run([("dense", 10.5)], 2.0))
