@@ -15,7 +15,6 @@ from .archs import FFNArch
 from .format import (
     AFFINE_BITS,
     DTYPE_NAMES,
-    FLOAT_DTYPES,
     Component,
     Encoding,
     Origin,
@@ -121,8 +120,7 @@ def column_bits(rows: Encoding) -> Encoding:
 def _float_kind(origin: Optional[Origin]) -> bool:
     """Whether a source tensor was stored as floats (F16, bfloat16, ...), not as a
     quantized type read back as floats."""
-    floats = {"F64", "F32", "F16", "BF16", "float64", *FLOAT_DTYPES}
-    return origin is None or origin.kind in floats
+    return origin is None or origin.floats
 
 
 def stored_origin(

@@ -35,6 +35,11 @@ FFN_FORMATS = (
 Weight = Union[mx.array, Tuple[mx.array, ...]]
 
 
+FLOAT_KINDS = frozenset(
+    ("F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16")
+)
+
+
 class Origin(NamedTuple):
     """Where one tensor's values came from, and whether they are the source's own.
 
@@ -48,6 +53,12 @@ class Origin(NamedTuple):
     exact: bool = True
     note: str = ""
     error: Optional[float] = None
+
+    @property
+    def floats(self) -> bool:
+        """Whether the source stored this tensor as floats (F16, bfloat16, ...),
+        not as a quantized type read back as floats."""
+        return self.kind in FLOAT_KINDS
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,6 @@ _QUANT_PARTS = ("weight", "scales", "biases", "global_scale")
 REQUANTIZED = {"Q6_K": 6}
 DENSE_FORMATS = ("auto", "float") + tuple(f"q{b}" for b in (4, 5, 6, 8))
 DENSE_GROUP = 32
-_FLOAT_KINDS = {
-    "F64",
-    "F32",
-    "F16",
-    "BF16",
-    "float64",
-    "float32",
-    "float16",
-    "bfloat16",
-}
 Predicate = Union[str, Callable[[str, nn.Module], Union[bool, dict]], None]
 
 
@@ -192,7 +182,7 @@ def requantize_dense(src: Source, fmt: str = "auto") -> Source:
     for base, origin in src.origins.items():
         w = weights.get(base + ".weight")
         bits = REQUANTIZED.get(origin.kind) if fmt == "auto" else None
-        if fmt.startswith("q") and origin.kind not in _FLOAT_KINDS:
+        if fmt.startswith("q") and not origin.floats:
             bits = int(fmt[1:])
         if (
             not bits
