@@ -415,10 +415,11 @@ def render(r) -> str:
             f"{row['delta_wikitext']:+.1%}",
         ]
         if code:
-            cells += [
-                f"{row.get('ppl_code', math.nan):.3f}",
-                f"{row.get('delta_code', math.nan):+.1%}",
-            ]
+            cells += (
+                [f"{row['ppl_code']:.3f}", f"{row['delta_code']:+.1%}"]
+                if "ppl_code" in row
+                else ["–", "–"]  # a row added later, without the code text
+            )
         read = f"{row['mb_read']:.1f}" + (
             f" (caches {row['caches_mib']:.0f} MiB)"
             if "caches_mib" in row
