@@ -104,15 +104,21 @@ def calibrate(store: Path) -> None:
     )
 
 
-def stale(path: Path, is_current) -> bool:
+def stale(path: Path) -> bool:
     """A cached store to rebuild: of an older format, or converted before a GGUF's
     dense Q6_K tensors were re-quantized by default (2026-12-01; until then float16:
-    Qwen2.5-Coder-1.5B's head took 467 MB instead of 204)."""
+    Qwen2.5-Coder-1.5B's head took 467 MB instead of 204): a dense tensor of a
+    `REQUANTIZED` type without its entry in the config's quantization."""
+    from mlx_flash.store.quantize import REQUANTIZED
+    from mlx_flash.store.store import is_current
+
     if not is_current(path):
         return True
     dense = json.loads((path / "flash_config.json").read_text()).get("dense", {})
+    quantized = json.loads((path / "config.json").read_text()).get("quantization")
     return any(
-        o["kind"] == "Q6_K" and "re-quantized" not in o["note"] for o in dense.values()
+        o["kind"] in REQUANTIZED and base not in (quantized or {})
+        for base, o in dense.items()
     )
 
 
@@ -133,7 +139,7 @@ def prepare(name: str, formats, predictors, wanted: set) -> dict:
         need = [f"{formats[0]}-split"]  # the dense directory comes with a store
     for store in need:
         path = root / store
-        if stale(path, is_current):
+        if stale(path):
             if is_current(path) and (root / "dense").exists():
                 shutil.rmtree(root / "dense")  # converted with the stale dense part
             dense = root / "dense" if not (root / "dense").exists() else None

@@ -171,23 +171,30 @@ def test_results_from_before_issue_14_keep_their_per_engine_limits():
 
 def test_a_store_with_a_float16_q6k_dense_part_is_rebuilt(tmp_path):
     """Cached benchmark stores converted before Q6_K dense tensors were re-quantized
-    by default are stale; those of an older format too."""
+    by default (no entry in the config's quantization) are stale; those of an older
+    format too."""
     import json
+
+    from mlx_flash.store.format import FORMAT_VERSION
 
     models = bench_module("models")
 
-    def store(note, version_ok=True):
-        path = tmp_path / note.replace(" ", "_")
+    def store(name, quantization, version=FORMAT_VERSION):
+        path = tmp_path / name
         path.mkdir()
-        origin = {"kind": "Q6_K", "exact": False, "note": note, "error": None}
-        manifest = {"dense": {"lm_head": origin, "model.norm": {"kind": "F32"}}}
+        origin = {"kind": "Q6_K", "exact": False, "note": "", "error": None}
+        manifest = {
+            "format_version": version,
+            "dense": {"lm_head": origin, "model.norm": {"kind": "F32"}},
+        }
         (path / "flash_config.json").write_text(json.dumps(manifest))
-        return path, (lambda p: version_ok)
+        (path / "config.json").write_text(json.dumps({"quantization": quantization}))
+        return path
 
-    old = store("Q6_K dequantized and rounded to float16")
-    new = store("Q6_K dequantized; re-quantized to affine q6 g32")
-    assert models.stale(*old) and not models.stale(*new)
-    assert models.stale(store("x", version_ok=False)[0], lambda p: False)
+    q6 = {"group_size": 32, "bits": 6, "mode": "affine"}
+    assert models.stale(store("float16", None))
+    assert not models.stale(store("q6", {"lm_head": q6}))
+    assert models.stale(store("old", {"lm_head": q6}, version=FORMAT_VERSION - 1))
 
 
 def test_frontier_rows_added_into_an_earlier_run_of_the_same_text(tmp_path):

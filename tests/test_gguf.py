@@ -790,3 +790,22 @@ def test_unknown_dense_format_refused_before_reading(tmp_path):
 
     with pytest.raises(FlashError, match="dense format 'q7'"):
         convert(tmp_path / "missing.gguf", tmp_path / "s", dense_format="q7")
+    with pytest.raises(FlashError, match="opposite"):
+        convert(
+            tmp_path / "missing.gguf",
+            tmp_path / "s",
+            dense_format="q6",
+            dequantize=True,
+        )
+
+
+def test_dequantize_keeps_dense_q6k_as_floats(mixed_gguf, tmp_path):
+    """-d asks for floats: the default dense format re-quantizes nothing then."""
+    from mlx_flash.store.writer import convert
+
+    path, _ = mixed_gguf
+    store_path = convert(path, tmp_path / "s", progress=False, dequantize=True)
+    stored = mx.load(str(store_path / "model.safetensors"))
+    base = "model.layers.0.self_attn.o_proj"  # Q6_K in the file
+    assert base + ".scales" not in stored
+    assert mx.issubdtype(stored[base + ".weight"].dtype, mx.floating)

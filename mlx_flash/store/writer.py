@@ -102,7 +102,8 @@ def convert(
         dense_format: the dense tensors a GGUF holds in a type with no exact MLX
             form: ``auto`` (Q6_K re-quantized to affine q6 g32, the others kept as
             floats), ``float`` (all kept as floats) or ``q4``/``q5``/``q6``/``q8``
-            (all re-quantized): `quantize.requantize_dense`.
+            (all re-quantized): `quantize.requantize_dense`. With ``dequantize``,
+            ``auto`` keeps them as floats.
 
     Returns:
         The store path.
@@ -127,6 +128,11 @@ def convert(
     from .quantize import check_dense_format, requantize_dense
 
     check_dense_format(dense_format)
+    if dequantize and dense_format not in ("auto", "float"):
+        raise FlashError(
+            f"dequantize and dense_format={dense_format!r} ask for opposite things",
+            fix="drop one of them",
+        )
     src = open_source(source, revision, **({"float_dtype": dtype} if dtype else {}))
     if dtype is not None or quantization is not None or dequantize:
         from .quantize import cast_source, dequantize_source, quantize_source
@@ -134,7 +140,8 @@ def convert(
         src = cast_source(src, dtype) if dtype is not None else src
         src = dequantize_source(src, dtype) if dequantize else src
         src = quantize_source(src, **quantization) if quantization else src
-    src = requantize_dense(src, dense_format)
+    if not dequantize:  # asked for floats: a dense Q6_K stays float too
+        src = requantize_dense(src, dense_format)
     arch = ffn_arch(src.config, src.path)
     try:
         with contextlib.ExitStack() as stack:  # both written, or neither
