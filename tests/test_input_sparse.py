@@ -298,6 +298,38 @@ def test_page_bytes_counts_the_pages_a_share_touches():
     assert page_bytes(512, 0.01) < 512 * 8
 
 
+@pytest.mark.parametrize(
+    "bundle, share, gap",
+    [
+        (1008, 0.44, 0),
+        (1008, 0.44, 24),  # down rows at the reader's 24 KiB gap: the section whole
+        (960, 0.6, 0),
+        (7296, 0.78, 3),  # Qwen 0.5B's q5 columns: gaps of 3 channels merged
+        (13440, 0.7, 1),
+        (13440, 0.3, 1),
+        (2304, 0.78, 10),
+        (8192, 0.5, 0),  # whole pages: no slack
+        (512, 0.05, 0),
+    ],
+)
+def test_page_bytes_is_what_the_reader_reads_of_a_random_share(bundle, share, gap):
+    """The planner's cost of a selected bundle agrees with the reader's own byte
+    count (`read_bytes`: runs merged across `gap`, widened to 4 KiB) over random
+    selections of that share, within 2%."""
+    from mlx_flash.flash_setup import page_bytes
+    from mlx_flash.store.manifest import Section
+    from mlx_flash.store.store import read_bytes
+
+    n, rng = 4096, np.random.default_rng(0)
+    sections = [Section(["down"], 0, bundle)]
+    read = selected = 0
+    for _ in range(20):
+        ids = np.nonzero(rng.random(n) < share)[0]
+        read += read_bytes(sections, ids, gap)
+        selected += len(ids)
+    assert page_bytes(bundle, share, gap) == pytest.approx(read / selected, rel=0.02)
+
+
 def test_evaluate_runs_the_calibrated_selector(tmp_path):
     """`evaluate --calibrated`: at zero sparsity the dense perplexity (float columns
     are the rows transposed); at 0.3 a higher one, touching about 70% of the FFN."""
