@@ -4,7 +4,8 @@ against mlx-lm holding the same model in DRAM, on SmolLM2-135M.
 Each configuration runs in its own process, in turn (A B C A B C ...), several rounds;
 medians are reported. EOS is ignored (generate_step runs to max tokens).
 
-    python benchmarks/bench_naive.py [--rounds 3] [--tokens 64] [--out benchmarks/results]
+    python benchmarks/bench_naive.py [--rounds 3] [--tokens 64]
+        [--out benchmarks/results]
 """
 
 import argparse
@@ -64,7 +65,8 @@ def main():
     for r in range(args.rounds):
         for name, (engine, _) in CONFIGS.items():
             spec = {"engine": engine, "path": paths[name], "tokens": args.tokens}
-            flash = {"options": {"naive": True}}  # the paper's baseline, not the default
+            # the paper's baseline, not the default
+            flash = {"options": {"naive": True}}
             spec.update(flash if engine == "flash" else {"dtype": "float32"})
             cmd = [sys.executable, WORKER, json.dumps(spec)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -108,13 +110,15 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "naive.json").write_text(json.dumps(result, indent=1))
     table = [
-        "| config | ms/token | tok/s | × mlx-lm | MB read/token | read ms/token | convert s | store MB |",
+        "| config | ms/token | tok/s | × mlx-lm | MB read/token | read ms/token "
+        "| convert s | store MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['config']} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
-            f"{r['vs_mlx_lm']:.2f} | {r['mb_read_per_token']:.1f} | {r['read_ms_per_token']:.1f} | "
+            f"{r['vs_mlx_lm']:.2f} | {r['mb_read_per_token']:.1f} | "
+            f"{r['read_ms_per_token']:.1f} | "
             f"{r.get('convert_seconds', 0):.1f} | {r.get('convert_store_mb', 0):.0f} |"
         )
     (out / "naive.md").write_text("\n".join(table) + "\n")

@@ -5,8 +5,9 @@ the same run. Each configuration runs in its own process; EOS ignored; decode on
 benchmarks/worker.py, shared with run.py (issue #6: the same table under a memory limit,
 with mlx-lm and llama.cpp).
 
-    python benchmarks/bench_sparse.py [--tokens 128] [--rounds 1] [--out benchmarks/results]
-        [--predictors STORE]   # copy trained predictors (train_predictors) for `lowrank`
+    python benchmarks/bench_sparse.py [--tokens 128] [--rounds 1]
+        [--out benchmarks/results]
+        [--predictors STORE]  # copy trained predictors (train_predictors) for `lowrank`
         [--only "NAME;NAME"]
 """
 
@@ -151,15 +152,19 @@ def main():
     }
     (out / "sparse.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     table = [
-        "| config | ms/token | select | io | memory | compute | MB read/token | reads/token | neurons/token | hit rate | plan MiB | RSS peak − idle MB |",
+        "| config | ms/token | select | io | memory | compute | MB read/token "
+        "| reads/token | neurons/token | hit rate | plan MiB | RSS peak − idle MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         g = lambda k, f="{:.1f}", r=r: f.format(r[k]) if k in r else "–"
         table.append(
-            f"| {r['config']} | {r['ms_per_token']:.1f} | {g('select_ms')} | {g('io_ms')} | {g('memory_ms')} | "
-            f"{g('compute_ms')} | {g('store_mb_per_token', '{:.2f}')} | {g('reads_per_token', '{:.0f}')} | "
-            f"{g('selected_per_token', '{:.0f}')} | {g('hit_rate', '{:.1%}')} | {g('plan_mb')} | "
+            f"| {r['config']} | {r['ms_per_token']:.1f} | {g('select_ms')} | "
+            f"{g('io_ms')} | {g('memory_ms')} | "
+            f"{g('compute_ms')} | {g('store_mb_per_token', '{:.2f}')} | "
+            f"{g('reads_per_token', '{:.0f}')} | "
+            f"{g('selected_per_token', '{:.0f}')} | {g('hit_rate', '{:.1%}')} | "
+            f"{g('plan_mb')} | "
             f"{r['peak_rss_mb'] - r['idle_rss_mb']:.0f} |"
         )
     (out / "sparse.md").write_text("\n".join(table) + "\n")

@@ -1,10 +1,13 @@
-"""What re-quantizing costs: perplexity of SmolLM2 stores against the GGUF's own weights.
+"""What re-quantizing costs: perplexity of SmolLM2 stores against the GGUF's own
+weights.
 
 A GGUF's ffn_down is quantized along the neuron axis, so a neuron's down column must be
-re-quantized (or kept in float) to be bundled. This measures the drift each choice causes,
-on WikiText-2 test text (../shared/data), with mlx-lm on the dense directory as reference.
+re-quantized (or kept in float) to be bundled. This measures the drift each choice
+causes, on WikiText-2 test text (../shared/data), with mlx-lm on the dense directory as
+reference.
 
-    python benchmarks/drift.py [--text ../shared/data/corpora/wikitext2-test.txt] [--tokens 4096]
+    python benchmarks/drift.py [--text ../shared/data/corpora/wikitext2-test.txt]
+        [--tokens 4096]
 """
 
 import argparse

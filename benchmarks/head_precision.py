@@ -75,7 +75,8 @@ def main():
         f"after {args.skip}; load average {os.getloadavg()[0]:.1f}\n"
     )
     print(
-        "| head encoding | MB | max rel. error | perplexity | vs float16 | argmax agrees |"
+        "| head encoding | MB | max rel. error | perplexity | vs float16 "
+        "| argmax agrees |"
     )
     print("|---|---|---|---|---|---|")
     print(f"| float16 | {w16.nbytes / 1e6:.1f} | – | {base:.3f} | – | – |")

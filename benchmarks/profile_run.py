@@ -82,7 +82,8 @@ def main():
     cmd += ["--native"] if args.native else []
     cmd += ["-o", f"{out}.txt", "--", sys.executable, WORKER, json.dumps(spec)]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    lines = [x for x in run.stdout.splitlines() if x.startswith("{")]  # py-spy talks too
+    # py-spy talks too
+    lines = [x for x in run.stdout.splitlines() if x.startswith("{")]
     result = json.loads(lines[-1])
     head = (
         f"### Profile: {args.store}, {json.dumps(spec['options'])}, {args.tokens} "

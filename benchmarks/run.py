@@ -69,6 +69,13 @@ def configs(formats, budget: int):
         rows += [
             (f"{f} naive", "flash", f"{f}-split", {**b, "naive": True}, True),
             (f"{f} hybrid", "flash", f"{f}-split", {**b, "hybrid": True}, True),
+            (
+                f"{f} hybrid, no read-ahead",
+                "flash",
+                f"{f}-split",
+                {**b, "hybrid": True, "no_read_ahead": True},
+                True,
+            ),
             (f"{f} +predictor", "flash", f"{f}-split", {**LOWRANK, **b}, True),
             (
                 f"{f} +windowing",

@@ -340,7 +340,8 @@ def markdown(r) -> str:
         f"{sum(r['ok'].values())} as expected, {sum(r['errors'].values())} errors; "
         f"the greedy reference differed {r['reference_mismatches']} times. Server RSS "
         f"{s[0]['rss_mb']:.0f} -> {s[-1]['rss_mb']:.0f} MiB (max "
-        f"{max(x['rss_mb'] for x in s):.0f}; {growth(s, 'rss_mb'):+.1f} after the first "
+        f"{max(x['rss_mb'] for x in s):.0f}; {growth(s, 'rss_mb'):+.1f} "
+        "after the first "
         f"tenth), fds {s[0]['fds']} -> {s[-1]['fds']} (max {max(x['fds'] for x in s)})"
         + (
             f"; the bound (budget + the process's memory measured at load) "

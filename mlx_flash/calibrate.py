@@ -9,13 +9,13 @@ are measured as the FFN output's squared change relative to the hidden state lea
 the block, averaged over the text's tokens (`LayerTables`); the thresholds
 are the quantiles of |x| and |a| that drop those shares (|a| computed from the
 sparsified input, for every input share). TEAL's greedy allocation (Liu et al. 2024,
-§4.2; `allocation.py`) then raises, one grid step at a time, the stage of the layer whose step costs
-the least error per FFN byte saved (a channel's gate/up columns or a neuron's down
-row, as stored), until the model-wide share of bytes not touched reaches each target.
-The two stages' errors are taken as additive. By default (``--allocate block``, as
-TEAL) every layer leaves the same share unused and the greedy chooses between its two
-stages; ``--allocate global`` lets it move bytes between layers too. Written to
-STORE/sparsity.json.
+§4.2; `allocation.py`) then raises, one grid step at a time, the stage of the layer
+whose step costs the least error per FFN byte saved (a channel's gate/up columns or a
+neuron's down row, as stored), until the model-wide share of bytes not touched reaches
+each target. The two stages' errors are taken as additive. By default
+(``--allocate block``, as TEAL) every layer leaves the same share unused and the greedy
+chooses between its two stages; ``--allocate global`` lets it move bytes between layers
+too. Written to STORE/sparsity.json.
 """
 
 import argparse

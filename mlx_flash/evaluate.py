@@ -516,7 +516,8 @@ def table(result: Dict) -> str:
             "",
             f"Predictors: {p['activation']}, {p['bytes_float32'] / 2**20:.1f} MiB "
             f"(float32), trained on {p['trained_on']['tokens']} tokens of "
-            f"{p['trained_on']['name']}; per layer, recall / precision / share selected:",
+            f"{p['trained_on']['name']}; per layer, recall / precision / "
+            "share selected:",
             "",
             "| layer | rank | KiB | " + " | ".join(r["config"] for r in lowrank) + " |",
             "|---|---|---|" + "---|" * len(lowrank),

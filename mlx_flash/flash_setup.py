@@ -38,6 +38,7 @@ from .neuron_cache import NeuronCache, Slots
 from .neuron_profile import NeuronProfile, has_profile, load_profile
 from .options import DEFAULT_FRACTION, FlashOptions
 from .planner import PREFILL, Group, Neurons, Plan, plan_residency
+from .read_ahead import ReadAhead
 from .predictor import PREDICTOR_BITS, PredictorSet, load_predictors
 from .selectors import (
     SHADOW_GROUP,
@@ -558,6 +559,8 @@ def setup(
         "prompt caches": options.prompt_caches * kv_cache,
         PREFILL: 0,  # below
         "FFN reader": len(store.reader.buffer),
+        # a second staging buffer, the next layer's read in flight (read_ahead.py)
+        "FFN read-ahead": len(store.reader.buffer) if reads_ahead(options) else 0,
         # a layer's streamed neurons decoded (the whole layer at most), one per shape
         "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values()),
         "predictors": state.predictors.nbytes if state.predictors else 0,
@@ -663,6 +666,9 @@ def give_layers_their_caches(
         key: Slots(cs, n, dtype, convert=False)
         for key, (cs, n) in pool_shapes(m.layers + (m.columns or [])).items()
     }
+    ffns = [layer.mlp for layer in model.layers]
+    ahead = ReadAhead(store, ffns) if reads_ahead(options) else None
+    model.flash_read_ahead = ahead
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
         select = make_selector(options, store, i, ffn, sections, state, dtype)
@@ -696,7 +702,13 @@ def give_layers_their_caches(
             c_gap = gap_bytes // c_entry.bundle_bytes()
             columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap)
         pool = pools[shape_key(entry)]
-        ffn.setup(select, cache, sections.cached, gap, pool, columns)
+        ffn.setup(select, cache, sections.cached, gap, pool, columns, ahead)
+
+
+def reads_ahead(options: FlashOptions) -> bool:
+    """Whether the layers read ahead (`read_ahead.py`): `all` and `naive`, whose
+    reads are known before the layer runs, unless `no_read_ahead`."""
+    return options.selector == "all" and not options.no_read_ahead
 
 
 def shape_key(entry: LayerEntry) -> tuple:

@@ -1,4 +1,5 @@
-"""`python -m mlx_flash.generate`: mlx-lm's generate command, FFN streamed from the store.
+"""`python -m mlx_flash.generate`: mlx-lm's generate command, FFN streamed from the
+store.
 
 Takes every `mlx_lm.generate` flag (the parser is mlx-lm's own) plus ours; flags that
 cannot apply to a flash model raise a clear error.
@@ -29,7 +30,8 @@ def setup_arg_parser():
     for action in parser._actions:
         if action.dest == "model":
             action.help = (
-                "A flash store, or a Hugging Face / MLX directory, hub id or .gguf file "
+                "A flash store, or a Hugging Face / MLX directory, hub id or "
+                ".gguf file "
                 f"(converted once into the cache). Default: {DEFAULT_MODEL}."
             )
     add_flash_args(parser)
@@ -159,7 +161,7 @@ def run(args) -> None:
 
 def print_stats(model) -> None:
     store = model.flash_store
-    s = store.reader.stats
+    s = store.read_totals()  # (both readers: one reads ahead)
     rate = s.bytes / 1e9 / s.seconds if s.seconds else 0.0
     mode = "direct I/O" if store.reader.direct else "buffered I/O (direct refused)"
     print(

@@ -64,7 +64,8 @@ def describe(store: BundleStore) -> str:
                 what = "+".join(s.components) + suffix
                 lines.append(
                     f"{i:>5} {layer.neurons:>8} {what:<28} {s.offset:>12} "
-                    f"{s.bundle_bytes:>9} {layer.neurons * s.bundle_bytes / 2**20:>8.2f}"
+                    f"{s.bundle_bytes:>9} "
+                    f"{layer.neurons * s.bundle_bytes / 2**20:>8.2f}"
                 )
     return "\n".join(lines)
 

@@ -23,7 +23,8 @@ from .errors import FlashError
 from .store.format import Weight, dequantize
 
 # (layer, x (N, D), activation (N, n_ff), pre (N, n_ff) of the first row, the layer's
-# float weights) -> a mask to multiply the activation by (N, n_ff), or None: every neuron.
+# float weights) -> a mask to multiply the activation by (N, n_ff), or None: every
+# neuron.
 FFNHook = Callable[
     [int, mx.array, mx.array, mx.array, Dict[str, mx.array]], Optional[mx.array]
 ]

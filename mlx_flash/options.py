@@ -175,6 +175,12 @@ class FlashOptions:
         "budget holds)",
         False,
     )
+    no_read_ahead: bool = _option(
+        "Do not read the next layer's FFN bytes while this layer computes (all and "
+        "naive read ahead by default, into a second staging buffer the DRAM plan "
+        "counts; the other selectors decide on the token and never do)",
+        False,
+    )
     compute_dtype: Optional[str] = _option(
         "Dtype of the computation (default: float32 on CPU, the model's on GPU)",
         choices=COMPUTE_DTYPES,

@@ -4,7 +4,8 @@
 - ``oracle``: the true activations, computed from every weight (reads the whole layer):
   the ceiling any predictor can reach, for tests and measurements.
 - ``gate``: gate (or fc1) rows resident in DRAM give the true pre-activation; only the
-  up/down (fc2) part of the chosen neurons is read — exact selection, one matrix of DRAM.
+  up/down (fc2) part of the chosen neurons is read — exact selection, one matrix of
+  DRAM.
 - ``input``: input sparsity (TEAL-like, `input_sparse.py`): the FFN input's smallest
   channels dropped, then the smallest |act(gate)·up|, by thresholds calibrated per layer
   for a share of FFN bytes (`--sparsity`); needs a store with columns by input channel.
@@ -64,7 +65,8 @@ class AllSelector:
 
 
 class OracleSelector:
-    """The true top activations from the full layer (reads every neuron: a reference)."""
+    """The true top activations from the full layer (reads every neuron: a
+    reference)."""
 
     def __init__(self, ffn, fraction, threshold):
         self.ffn, self.fraction, self.threshold = ffn, fraction, threshold

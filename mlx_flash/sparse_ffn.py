@@ -1,4 +1,5 @@
-"""The module swapped into each layer in place of the FFN: its neurons come from the store.
+"""The module swapped into each layer in place of the FFN: its neurons come from the
+store.
 
 Decode (one token): select -> ensure the selected neurons are in the neuron cache (read
 the missing ones) -> compute on their cached rows. Without a cache (the paper's naive
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .neuron_cache import NeuronCache, Slots
+from .read_ahead import ReadAhead, Request
 from .selectors import AllSelector
 from .stats import FlashStats
 from .store.format import Weight, matmul
@@ -30,7 +32,8 @@ ACTIVATIONS = {
 
 
 class OutBias(nn.Module):
-    """The output projection's bias: one dense vector per layer, not part of any bundle."""
+    """The output projection's bias: one dense vector per layer, not part of any
+    bundle."""
 
     def __init__(self, dims: int):
         super().__init__()
@@ -71,6 +74,7 @@ class FlashFFN(nn.Module):
         self.activation = ACTIVATIONS[m.activation]
         self._selector, self._cache, self._sections = None, None, []
         self._gap, self._pool, self._columns = 0, None, None
+        self._ahead: Optional[ReadAhead] = None  # reads the next layer's bytes
         self._whole = False  # the cache holds every neuron and the selector takes all
         self.trace = None  # a list: each decoded token's (channels or None, ids)
         if m.out_bias:
@@ -84,14 +88,17 @@ class FlashFFN(nn.Module):
         gap: int,
         pool: Slots,
         columns: Optional[Columns] = None,
+        ahead: Optional[ReadAhead] = None,
     ):
         """Decoding: `selector` picks ids, `cache` (or None: stream the layer whole)
         holds the bundle `sections`; what streams past it is decoded into `pool`
         (rows for every neuron of the layer, shared by the layers in turn). With
-        `columns`, the `input` selector first picks input channels, read by column."""
+        `columns`, the `input` selector first picks input channels, read by column.
+        With `ahead`, once its own bytes are placed the layer reads the next
+        layer's ahead, where they are known before it runs (`read_ahead.py`)."""
         self._selector, self._cache, self._sections = selector, cache, sections
         self._gap, self._pool, self._whole = gap, pool, False
-        self._columns = columns
+        self._columns, self._ahead = columns, ahead
 
     def forget(self) -> None:
         """Empty the neuron cache: after a step interrupted between admitting neurons
@@ -110,19 +117,55 @@ class FlashFFN(nn.Module):
             return self._from_cache(x)
         if B * L > 1:  # prefill or a batch: accounted apart from decoding
             with self._stats.timed("prefill"):
-                return self._evaluated(self._dense(x))
+                y = self._dense(x)
+                self._read_next(decoding=False)
+                return self._evaluated(y)
         if self._layer == 0:
             self._stats.tokens += 1
-        reads = self._store.reader.stats
-        bytes_before, reads_before = reads.bytes, reads.reads
+        bytes_before, reads_before = self._read_so_far()
         if self._cache is None:
             y = self._dense(x)
         else:
             y = self._sparse(x) if self._columns is None else self._input(x)
-        self._stats.bytes += reads.bytes - bytes_before
-        self._stats.reads += reads.reads - reads_before
+        self._read_next(decoding=True)
+        nbytes, reads = self._read_so_far()
+        self._stats.bytes += nbytes - bytes_before
+        self._stats.reads += reads - reads_before
         with self._stats.timed("compute"):
             return self._evaluated(y)
+
+    def _read_so_far(self) -> Tuple[int, int]:
+        """Bytes and reads of the store's reader and of the reads ahead taken or
+        dropped (on this thread: what is still in flight counts when it lands)."""
+        s, ahead = self._store.reader.stats, self._ahead
+        if ahead is None:
+            return s.bytes, s.reads
+        return s.bytes + ahead.bytes, s.reads + ahead.reads
+
+    def _read_next(self, decoding: bool) -> None:
+        """This layer's bytes are placed: read the next layer's ahead, if known."""
+        if self._ahead is not None:
+            self._ahead.after(self._layer, decoding)
+
+    def planned_read(self, decoding: bool) -> Optional[Request]:
+        """What this layer's next call will read, where that is known before it
+        runs: the whole layer when it streams whole (a prefill, no cache); with
+        `all` and a full cache, the neurons the cache does not hold (the same every
+        token); otherwise (a selection, a cache still filling, a window) None."""
+        entry = self._store.manifest.layers[self._layer]
+        if self._whole:
+            return None  # computed from its cache: nothing read
+        if not decoding or self._cache is None:
+            every = list(range(len(entry.sections)))
+            return Request(self._layer, np.arange(entry.neurons), every, 0)
+        cache = self._cache
+        if not isinstance(self._selector, AllSelector) or cache.window is not None:
+            return None
+        ids = self._selector.ids
+        through = cache.admissible(ids)
+        if (cache.slot_of[ids[through]] < 0).any():  # it would admit some: filling
+            return None
+        return Request(self._layer, ids[~through], self._sections, self._gap)
 
     def _count_whole(self) -> None:
         stats, n = self._stats, self._cache.capacity
@@ -143,8 +186,7 @@ class FlashFFN(nn.Module):
         entry = self._store.manifest.layers[self._layer]
         n, every = entry.neurons, range(len(entry.sections))
         decoding = x.shape[0] * x.shape[1] == 1
-        with self._stats.timed("io") if decoding else contextlib.nullcontext():
-            pieces = self._store.read_runs(self._layer, np.arange(n), every)
+        pieces = self._read(np.arange(n), list(every), 0, False, decoding)
         with self._stats.timed("memory") if decoding else contextlib.nullcontext():
             for positions, components, rows in pieces:
                 self._pool.put(positions, components, rows)
@@ -283,10 +325,18 @@ class FlashFFN(nn.Module):
         (the FFN is a sum over neurons, so the slots' order does not matter)."""
         return self.with_bias(self._partial(x, self._cache.arrays, None))
 
-    def _read(self, ids: np.ndarray, sections, gap: int, columns: bool) -> list:
+    def _read(
+        self, ids: np.ndarray, sections, gap: int, columns: bool, decoding: bool = True
+    ) -> list:
+        """The bundles of `ids`: read ahead by the layer before, or read now."""
         if not len(ids):
             return []
-        with self._stats.timed("io"):
+        with self._stats.timed("io") if decoding else contextlib.nullcontext():
+            if self._ahead is not None and not columns:
+                request = Request(self._layer, ids, sections, gap)
+                pieces = self._ahead.take(request)
+                if pieces is not None:
+                    return pieces
             return self._store.read_runs(self._layer, ids, sections, gap, columns)
 
     @staticmethod

@@ -71,7 +71,8 @@ class FlashStats:
         ms = {k: 1e3 * v / n for k, v in self.seconds.items()}
         hit = self.hits / self.selected if self.selected else 0.0
         return (
-            f"[mlx_flash] per token: select {ms['select']:.1f} ms, io {ms['io']:.1f} ms, "
+            f"[mlx_flash] per token: select {ms['select']:.1f} ms, "
+            f"io {ms['io']:.1f} ms, "
             f"memory {ms['memory']:.1f} ms, "
             f"compute {ms['compute']:.1f} ms; "
             f"{self.bytes / n / 1e6:.2f} MB in {self.reads / n:.0f} reads, "

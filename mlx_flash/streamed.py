@@ -1,5 +1,6 @@
-"""Dense weights the plan does not hold: read from the store's aligned `model.safetensors`
-every time they are used, through the same direct-I/O reader as the FFN's bundles.
+"""Dense weights the plan does not hold: read from the store's aligned
+`model.safetensors` every time they are used, through the same direct-I/O reader as the
+FFN's bundles.
 
 A layer's attention becomes a `StreamedModule`: before each call its tensors are read
 (one coalesced read: format v2 starts every tensor of 4 KiB or more on a block) and

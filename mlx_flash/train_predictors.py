@@ -6,7 +6,8 @@ layer's FFN inputs and targets, train its predictor, free them, go on. DRAM hold
 layer's FFN, the text's hidden states and one layer's (inputs, targets); never every
 layer's at once. Targets: activation > 0 for ReLU models; for gated SiLU/GELU models,
 each token's top `--fraction` of neurons by |act(gate) * up| (no exact zeros there),
-or with ``--target mass`` the fewest neurons that carry `--mass` of it. Each layer is saved as it is trained: an interrupted run resumes where it stopped
+or with ``--target mass`` the fewest neurons that carry `--mass` of it. Each layer is
+saved as it is trained: an interrupted run resumes where it stopped
 (`training_progress`).
 """
 
@@ -232,7 +233,8 @@ def train(args) -> PredictorSet:
         bar.write(
             f"[mlx_flash] layer {layer:3d}: rank {metric.rank}, {metric.epochs} "
             f"epochs, held-out loss {metric.loss:.4f}, at recall 0.9 selects "
-            f"{metric.selected['0.9']:.1%} with precision {metric.precision['0.9']:.1%} "
+            f"{metric.selected['0.9']:.1%} with precision "
+            f"{metric.precision['0.9']:.1%} "
             f"({metric.seconds:.1f} s)"
             + (
                 "; ranks tried (selected at recall 0.9): "
@@ -245,7 +247,8 @@ def train(args) -> PredictorSet:
     print(
         f"[mlx_flash] training {len(m.layers)} predictors on {tokens.size} tokens of "
         f"{text_path.name} (targets: {target}); DRAM held: "
-        f"{dram_estimate(model, tokens.size, args.held_out) / 2**30:.2f} GiB + MLX's working memory",
+        f"{dram_estimate(model, tokens.size, args.held_out) / 2**30:.2f} GiB + "
+        "MLX's working memory",
         flush=True,
     )
     if resumed:

@@ -1,4 +1,5 @@
-"""`load`: mlx-lm's loader, with every layer's FFN replaced by a `FlashFFN` on the store."""
+"""`load`: mlx-lm's loader, with every layer's FFN replaced by a `FlashFFN` on the
+store."""
 
 import ctypes
 import hashlib
@@ -149,8 +150,9 @@ def disk_table(model: nn.Module):
 
 
 def default_compute_dtype(model: nn.Module) -> mx.Dtype:
-    """float32 on the CPU backend (its float16/bfloat16 kernels are pathologically slow);
-    on a GPU (Metal), the model's own float dtype. The one device-specific choice."""
+    """float32 on the CPU backend (its float16/bfloat16 kernels are pathologically
+    slow); on a GPU (Metal), the model's own float dtype. The one device-specific
+    choice."""
     if mx.default_device() == mx.cpu:
         return mx.float32
     for _, p in nn.utils.tree_flatten(model.parameters()):
@@ -224,9 +226,9 @@ def load(
             `FlashOptions` for each one's meaning and default.
 
     Returns:
-        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``;
-        the model carries ``flash_plan``, ``flash_stats``, ``flash_tuning`` and
-        ``flash_store``.
+        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
+        ``return_config``; the model carries ``flash_plan``, ``flash_stats``,
+        ``flash_tuning`` and ``flash_store``.
     """
     options = flash_options(options, flash)
     if (model_config or {}).get("quantize_activations"):
@@ -366,7 +368,8 @@ def _load_adapters(model: nn.Module, adapter_path: str) -> None:
     ]
     if touched:
         raise FlashError(
-            f"the adapter changes the FFN ({touched[0]}, ...), which lives in the store",
+            f"the adapter changes the FFN ({touched[0]}, ...), "
+            "which lives in the store",
             path,
             "fuse the adapter into the model (mlx_lm.fuse) and convert that",
         )

@@ -76,7 +76,9 @@ def write_tokenizer(path: Path, vocab_size: int = 64) -> None:
                 "bos_token": "<s>",
                 "eos_token": "</s>",
                 "unk_token": "<unk>",
-                "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+                "chat_template": (
+                    "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                ),
             }
         )
     )

@@ -55,10 +55,10 @@ def write_tiny_opt(
 ) -> dict:
     """Write a random OPT checkpoint directory as ``save_pretrained`` lays it out.
 
-    Like transformers, a tied ``lm_head.weight`` is not saved and ``word_embed_proj_dim``
-    defaults to ``hidden_size``. Weights are larger than OPT's init so that logits are
-    well separated; small token embeddings keep a tied head from just repeating the
-    last token.
+    Like transformers, a tied ``lm_head.weight`` is not saved and
+    ``word_embed_proj_dim`` defaults to ``hidden_size``. Weights are larger than OPT's
+    init so that logits are well separated; small token embeddings keep a tied head from
+    just repeating the last token.
 
     Args:
         path: directory to create.

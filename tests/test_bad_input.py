@@ -197,8 +197,13 @@ def test_inapplicable_options(store):
         ),
         (
             lambda d: d["extensions"].append(
-                {"name": "experts", "offset": 1 << 20, "bytes": 8, "required": True,
-                 "meta": {}}
+                {
+                    "name": "experts",
+                    "offset": 1 << 20,
+                    "bytes": 8,
+                    "required": True,
+                    "meta": {},
+                }
             ),
             "needs the 'experts' extension",
         ),

@@ -1,4 +1,5 @@
-"""Coalescing arithmetic: reads cover exactly the needed bundles plus the allowed gap."""
+"""Coalescing arithmetic: reads cover exactly the needed bundles plus the allowed
+gap."""
 
 import numpy as np
 from hypothesis import given, settings

@@ -1,4 +1,5 @@
-"""All neurons from the store => the same logits and greedy tokens as the dense model."""
+"""All neurons from the store => the same logits and greedy tokens as the dense
+model."""
 
 import mlx.core as mx
 import mlx_lm
@@ -15,7 +16,8 @@ PROMPT = [1, 5, 6, 7, 8, 9, 10, 3]
 
 
 def reference_logits(path, arch):
-    """Dense logits of a Hugging Face directory: mlx-lm, or numpy for OPT (never ours)."""
+    """Dense logits of a Hugging Face directory: mlx-lm, or numpy for OPT (never
+    ours)."""
     if arch == "opt":
         return mx.array(numpy_opt_logits(path, PROMPT).astype(np.float32))
     model, _ = mlx_lm.load(str(path))

@@ -179,7 +179,9 @@ def test_a_group_size_that_does_not_divide_the_rows_is_refused(hf, tmp_path):
     small = tmp_path / "small"
     write_tiny(small, "llama")  # hidden 64
     with pytest.raises(FlashError, match="does not split into groups of 128"):
-        convert(small, tmp_path / "out", ffn_format="q4", group_size=128, progress=False)
+        convert(
+            small, tmp_path / "out", ffn_format="q4", group_size=128, progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -244,7 +244,9 @@ def test_fuzz_header_every_field_byte_is_checked(base, workdir, at, byte):
             BundleStore(workdir)
     else:
         s = BundleStore(workdir)
-        with pytest.raises(FlashError, match=r"\(the header\) do not match their checksum"):
+        with pytest.raises(
+            FlashError, match=r"\(the header\) do not match their checksum"
+        ):
             s.verify()
         s.close()
     shutil.copy(store / BUNDLES_NAME, workdir / BUNDLES_NAME)

@@ -1,4 +1,5 @@
-"""load() from stores, sources and the hub cache; the generate/convert/inspect commands."""
+"""load() from stores, sources and the hub cache; the generate/convert/inspect
+commands."""
 
 import shutil
 

@@ -42,12 +42,17 @@ def test_every_option_is_a_flag_with_the_same_default():
         "prompt_caches": "1",
     }
     argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
-    got = parse(*argv, "--verify")
+    got = parse(*argv, "--verify", "--no-read-ahead")
     assert got.verify and got.selector == "gate" and got.dram_budget == "125%"
+    assert got.no_read_ahead and not FlashOptions().no_read_ahead
     assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
     assert got.prefill_step_size == 256 and got.sparsity == 0.4
     assert got.shadow_bits == 2 and got.prompt_caches == 1
-    assert {f.name for f in fields(FlashOptions)} == set(flags) | {"verify", "naive"}
+    assert {f.name for f in fields(FlashOptions)} == set(flags) | {
+        "verify",
+        "naive",
+        "no_read_ahead",
+    }
     assert parse("--naive").naive
 
 

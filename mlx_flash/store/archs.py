@@ -1,4 +1,5 @@
-"""Per-architecture facts the store needs: where the FFN weights are and how they fire."""
+"""Per-architecture facts the store needs: where the FFN weights are and how they
+fire."""
 
 from dataclasses import dataclass
 from typing import Dict, Tuple

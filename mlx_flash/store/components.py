@@ -151,7 +151,8 @@ def describe(w: Weight, length: int) -> str:
 
 
 def dense_origins(src: Source, dense: Dict[str, mx.array]) -> Dict[str, Origin]:
-    """The origin of every dense tensor (by base name), the source's where it has one."""
+    """The origin of every dense tensor (by base name), the source's where it has
+    one."""
     q = src.config.get("quantization") or {}
     out = {}
     for base in sorted({k.rsplit(".", 1)[0] for k in dense}):

@@ -149,7 +149,8 @@ class Encoding:
 
     @classmethod
     def parse(cls, text: str, group_size: Optional[int], scale_dtype: str = "float16"):
-        """A `FFN_FORMATS` name (not ``auto``) -> Encoding; affine groups default to 64."""
+        """A `FFN_FORMATS` name (not ``auto``) -> Encoding; affine groups default to
+        64."""
         if text in FLOAT_DTYPES:
             return cls(dtype=text)
         if text in FLOAT_MODES:
@@ -173,7 +174,8 @@ class Encoding:
 
 @dataclass(frozen=True)
 class Component:
-    """One part of a neuron's bundle: a weight row (`length` = hidden size) or a bias."""
+    """One part of a neuron's bundle: a weight row (`length` = hidden size) or a
+    bias."""
 
     name: str
     length: int

@@ -46,7 +46,8 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 @dataclass
 class Section:
-    """One contiguous run of bundles in a layer: every neuron's `components`, in order."""
+    """One contiguous run of bundles in a layer: every neuron's `components`, in
+    order."""
 
     components: List[str]
     offset: int
@@ -95,7 +96,8 @@ class Extension:
 
 @dataclass
 class Manifest:
-    """`flash_config.json`: everything needed to find and trust one byte of the store."""
+    """`flash_config.json`: everything needed to find and trust one byte of the
+    store."""
 
     architecture: str
     activation: str
@@ -400,7 +402,8 @@ def _check_layer(where: str, layer: LayerEntry, allowed, length: int, end: int, 
 
 
 def reconvert_fix(source, store: Path) -> str:
-    """The command that rebuilds a store, naming its source when the manifest knows it."""
+    """The command that rebuilds a store, naming its source when the manifest knows
+    it."""
     src = source.get("path") if isinstance(source, dict) else None
     if isinstance(src, str) and src:
         return (
@@ -502,7 +505,10 @@ def _layers_error(layers: list) -> str:
                 )
             e = c["encoding"]
             if not isinstance(e, dict) or set(e) != _ENCODING_KEYS:
-                return f"layer {i}, component {name!r}: the encoding needs {sorted(_ENCODING_KEYS)}"
+                return (
+                    f"layer {i}, component {name!r}: the encoding needs "
+                    f"{sorted(_ENCODING_KEYS)}"
+                )
             if not (isinstance(e["mode"], str) and isinstance(e["dtype"], str)):
                 return f"layer {i}, component {name!r}: mode and dtype must be strings"
             why = _origin_error(c["origin"])

@@ -2,8 +2,8 @@
 
 Reads bypass the OS page cache (O_DIRECT on Linux, F_NOCACHE on macOS) so that the
 store really is read from the SSD and never doubles as a hidden DRAM cache (paper §3).
-Direct I/O needs page-aligned buffers, offsets and lengths: requests are widened to 4 KiB
-boundaries, land in one preallocated staging buffer, and callers get views into it.
+Direct I/O needs page-aligned buffers, offsets and lengths: requests are widened to 4
+KiB boundaries, land in one preallocated staging buffer, and callers get views into it.
 """
 
 import errno

@@ -1,4 +1,5 @@
-"""Model sources the converter reads: a Hugging Face or MLX directory, a hub id, a GGUF file.
+"""Model sources the converter reads: a Hugging Face or MLX directory, a hub id, a GGUF
+file.
 
 Every source becomes the same thing: a Hugging Face config dict, weights under Hugging
 Face names (quantized ones as MLX affine triples), and tokenizer files.
@@ -178,8 +179,8 @@ def _open_dir(path: Path) -> Source:
         pickles = [p for pat in PICKLES for p in glob.glob(str(path / pat))]
         if pickles:
             raise FlashError(
-                f"only PyTorch pickle weights ({Path(pickles[0]).name}): mlx_flash never "
-                "loads pickles, since they can run code",
+                f"only PyTorch pickle weights ({Path(pickles[0]).name}): "
+                "mlx_flash never loads pickles, since they can run code",
                 path,
                 "use the model's safetensors release, or convert it with "
                 "transformers' save_pretrained(safe_serialization=True)",
@@ -212,7 +213,8 @@ def _open_gguf(path: Path, float_dtype: str = "float16") -> Source:
 
 
 def normalize_names(config: dict, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """Weight names as Hugging Face's *ForCausalLM saves them, unused buffers dropped."""
+    """Weight names as Hugging Face's *ForCausalLM saves them, unused buffers
+    dropped."""
     out = {}
     for k, v in weights.items():
         if "rotary_emb.inv_freq" in k:

@@ -27,7 +27,7 @@ from .format import (
     decode_bundles,
 )
 from .checksums import BlockChecker, checkers, mismatches, meta_error, table_digest
-from .reader import READERS, aligned_extents
+from .reader import READERS, ReadStats, aligned_extents
 from .safety import (
     MAX_JSON_BYTES,
     check_model_files,
@@ -96,7 +96,8 @@ def read_manifest(path: Path) -> Manifest:
             raise FlashError(
                 f"the store has no {name}",
                 path,
-                "convert the model with `python -m mlx_flash.convert` (a store is a directory)",
+                "convert the model with `python -m mlx_flash.convert` "
+                "(a store is a directory)",
             )
     if manifest_path.stat().st_size > MAX_JSON_BYTES:
         raise FlashError("the manifest is too large", manifest_path, _RECONVERT)
@@ -186,7 +187,10 @@ class BundleStore:
         assert largest <= size, "validation bounds every section by the file"
         if reader not in READERS:
             raise FlashError(f"unknown reader {reader!r}", fix="use direct or mmap")
-        self.reader = READERS[reader](bundles, max(largest, HEADER_BYTES), threads)
+        self._reader_args = (reader, bundles, max(largest, HEADER_BYTES), threads)
+        self.reader = READERS[reader](*self._reader_args[1:])
+        self.spare = None  # a second reader, for reading ahead (`spare_reader`)
+        self.read_ahead = None  # its `read_ahead.ReadAhead`, closed with the store
         try:
             check_header(
                 bytes(self.reader.read(0, HEADER_BYTES)), self.manifest, bundles
@@ -274,6 +278,7 @@ class BundleStore:
         sections: Sequence[int],
         max_gap: int = 0,
         columns: bool = False,
+        reader=None,
     ) -> List[Tuple[np.ndarray, List[Component], np.ndarray]]:
         """Read the bundles of neurons `ids` of `layer` in `sections`, as pieces
         ``(positions, components, rows)``: `rows` (len(positions), bytes) uint8 are
@@ -283,7 +288,8 @@ class BundleStore:
 
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
-        With `columns`, `ids` are input channels and the bundles their columns.
+        With `columns`, `ids` are input channels and the bundles their columns;
+        `reader`: the reader to read with (default: the store's own).
         """
         entry, order = self.entry(layer, columns), np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -291,7 +297,7 @@ class BundleStore:
         chosen = [entry.sections[k] for k in sections]
         ranges = run_ranges(chosen, runs)
         with self._naming(layer, runs, chosen, columns):
-            views = iter(self.reader.read_ranges(ranges))
+            views = iter((reader or self.reader).read_ranges(ranges))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
         pieces = []
         for s in chosen:
@@ -430,5 +436,28 @@ class BundleStore:
                 neurons=(first, last),
             ) from None
 
+    def spare_reader(self):
+        """A second reader of the bundles file, of the same kind, size and checks,
+        with its own staging buffer (`read_ahead.ReadAhead` reads into it while the
+        first one's views are in use); made once."""
+        if self.spare is None:
+            kind, bundles, capacity, threads = self._reader_args
+            self.spare = READERS[kind](bundles, capacity, threads)
+            self.spare.checker = self.reader.checker
+        return self.spare
+
+    def read_totals(self) -> ReadStats:
+        """The FFN bundles' reads so far, over both readers."""
+        readers = [r.stats for r in (self.reader, self.spare) if r is not None]
+        return ReadStats(
+            sum(r.reads for r in readers),
+            sum(r.bytes for r in readers),
+            sum(r.seconds for r in readers),
+        )
+
     def close(self) -> None:
+        if self.read_ahead is not None:  # nothing may read into a closed reader
+            self.read_ahead.close()
+        if self.spare is not None:
+            self.spare.close()
         self.reader.close()

@@ -375,7 +375,8 @@ def _take(weights: Dict[str, mx.array], name: str, dry: bool = False) -> Weight:
 
 
 def _store_config(config: dict, arch: FFNArch) -> dict:
-    """config.json of the store: Hugging Face-valid, without FFN entries in its quant map."""
+    """config.json of the store: Hugging Face-valid, without FFN entries in its quant
+    map."""
     config = dict(config)
     if isinstance(config.get("quantization"), dict):
         ffn = arch.rows + (arch.column,)
@@ -388,7 +389,8 @@ def _store_config(config: dict, arch: FFNArch) -> dict:
 
 
 def drop_none(obj):
-    """`None` values break config loading under transformers 5: drop them, recursively."""
+    """`None` values break config loading under transformers 5: drop them,
+    recursively."""
     if isinstance(obj, dict):
         return {k: drop_none(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, list):
