@@ -238,9 +238,15 @@ class Slots:
         return out
 
     def gather(self, slots: np.ndarray) -> Dict[str, Weight]:
-        """The weights in rows `slots`, in that order (copies, to compute)."""
-        index = mx.array(slots.astype(np.uint32))
-        take = lambda a: mx.take(a, index, axis=0)  # noqa: E731
+        """The weights in rows `slots`, in that order: an ascending run of slots is
+        a view of the rows (the exact default's partly cached layer: its cached
+        neurons fill slots 0 .. k-1 in order, every token), anything else a copy."""
+        run = as_slice(slots)
+        if isinstance(run, slice):
+            take = lambda a: a[run]  # noqa: E731
+        else:
+            index = mx.array(slots.astype(np.uint32))
+            take = lambda a: mx.take(a, index, axis=0)  # noqa: E731
         return {
             name: tuple(map(take, w)) if isinstance(w, tuple) else take(w)
             for name, w in self.arrays.items()

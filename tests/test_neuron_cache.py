@@ -171,3 +171,16 @@ def test_bad_pinned_ids_are_refused():
     for pinned, capacity in (([1, 1], 4), ([0, 1, 2], 2), ([N], 4), ([-1], 4)):
         with pytest.raises(ValueError):
             NeuronCache(COMPONENTS, N, capacity, mx.float32, pinned=pinned)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3], [5, 6, 7], [7], [3, 1, 2], [0, 2, 4]])
+def test_gather_of_a_run_is_a_view_with_the_same_rows(slots):
+    """An ascending run of slots gathers as a slice of the rows (no copy: the
+    exact default's partly cached layer every token); any other order as a take;
+    both the rows of those slots."""
+    slots = np.array(slots)
+    got = REFERENCE.gather(slots)
+    index = mx.array(slots.astype(np.uint32))
+    for name, w in REFERENCE.arrays.items():
+        for a, b in zip(parts(got[name]), parts(w)):
+            assert mx.array_equal(a, mx.take(b, index, axis=0))
