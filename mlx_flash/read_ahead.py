@@ -81,11 +81,8 @@ class ReadAhead:
             return None
         future, self._pending, self._future = self._future, None, None
         pieces, nbytes, reads = future.result()  # a failed read raises here
-        self.bytes, self.reads, self.taken = (
-            self.bytes + nbytes,
-            self.reads + reads,
-            self.taken + 1,
-        )
+        self.taken += 1
+        self._count(nbytes, reads)
         return pieces
 
     def settle(self) -> None:
@@ -99,7 +96,11 @@ class ReadAhead:
             _, nbytes, reads = future.result()
         except Exception:
             return
-        self.bytes, self.reads = self.bytes + nbytes, self.reads + reads
+        self._count(nbytes, reads)
+
+    def _count(self, nbytes: int, reads: int) -> None:
+        self.bytes += nbytes
+        self.reads += reads
 
     def close(self) -> None:
         self.settle()
