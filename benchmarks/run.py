@@ -70,6 +70,13 @@ def configs(formats, budget: int):
             (f"{f} naive", "flash", f"{f}-split", {**b, "naive": True}, True),
             (f"{f} hybrid", "flash", f"{f}-split", {**b, "hybrid": True}, True),
             (
+                f"{f} hybrid, one core",
+                "flash",
+                f"{f}-split",
+                {**b, "hybrid": True, "compute_threads": 1},
+                True,
+            ),
+            (
                 f"{f} hybrid, no read-ahead",
                 "flash",
                 f"{f}-split",

@@ -131,8 +131,15 @@ class FlashOptions:
     )
     threads: Optional[int] = _option(
         "Parallel reads in flight (default: from `python -m mlx_flash.probe`, else "
-        f"{DEFAULT_THREADS})",
+        f"{DEFAULT_THREADS}; the computation's cores: --compute-threads)",
         number=_number(int, "a whole number, at least 1", "4", lambda v: v >= 1),
+    )
+    compute_threads: Optional[int] = _option(
+        "CPU cores for the computation: each large quantized matrix product is split "
+        "into this many row blocks evaluated side by side (MLX's CPU backend runs "
+        "one op on one core); default: every core the process may use on the CPU, "
+        "1 on a GPU; process-wide, like MLX's default device",
+        number=_number(int, "a whole number, at least 1", "2", lambda v: v >= 1),
     )
     verify: bool = _option(
         "Check every checksum of the store before generating (reads it all)", False

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from .parallel import quantized_matmul
 from .store.format import Weight
 
 SELECTORS = ("all", "oracle", "gate", "lowrank", "input", "shadow")
@@ -137,8 +138,7 @@ class Shadow:
 
     def scores(self, x: mx.array, copies) -> mx.array:
         gate, up = (
-            mx.quantized_matmul(x, *c, group_size=self.group_size, bits=self.bits)
-            for c in copies
+            quantized_matmul(x, *c, True, self.group_size, self.bits) for c in copies
         )
         return mx.abs(self.activation(gate) * up)
 

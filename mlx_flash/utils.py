@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
+from . import parallel
 from .budget import default_budget, parse_budget, resident_bytes
 from .disk_embedding import DiskEmbedding
 from .read_tuning import load_probe, reader_settings
@@ -65,6 +66,8 @@ def flash_classes(store: BundleStore, stats: FlashStats):
                 name = options.compute_dtype
                 dtype = getattr(mx, name) if name else default_compute_dtype(self)
                 self.set_dtype(dtype)
+                parallel.set_threads(options.compute_threads)
+                parallel.parallel_modules(self)
                 self.flash_options = options
                 if options.max_kv_size is None:
                     self.flash_context = default_context(self, budget)

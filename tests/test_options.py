@@ -34,6 +34,7 @@ def test_every_option_is_a_flag_with_the_same_default():
         "gap": "3",
         "reader": "mmap",
         "threads": "2",
+        "compute_threads": "3",
         "compute_dtype": "float16",
         "max_kv_size": "512",
         "prefill_step_size": "256",
@@ -47,7 +48,7 @@ def test_every_option_is_a_flag_with_the_same_default():
     assert got.no_read_ahead and not FlashOptions().no_read_ahead
     assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
     assert got.prefill_step_size == 256 and got.sparsity == 0.4
-    assert got.shadow_bits == 2 and got.prompt_caches == 1
+    assert got.shadow_bits == 2 and got.prompt_caches == 1 and got.compute_threads == 3
     assert {f.name for f in fields(FlashOptions)} == set(flags) | {
         "verify",
         "naive",

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import FlashError
+from ..parallel import quantized_matmul
 
 FLOAT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
@@ -308,13 +309,6 @@ def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:
     if not enc.quantized:
         return x @ (w.T if transpose else w)
     biases = w[2] if enc.has_biases else None
-    return mx.quantized_matmul(
-        x,
-        w[0],
-        w[1],
-        biases,
-        transpose=transpose,
-        group_size=enc.group_size,
-        bits=enc.bits,
-        mode=enc.mode,
+    return quantized_matmul(
+        x, w[0], w[1], biases, transpose, enc.group_size, enc.bits, enc.mode
     )
