@@ -29,7 +29,9 @@ import mlx.nn as nn
 # 518 ms/token on one core, 380 splitting products of >= 1M weights, 345 of >= 128k.
 MIN_BLOCK = 1 << 16
 
-_streams: List[mx.Stream] = []  # the CPU streams past the calling thread's default
+# the CPU streams past the calling thread's default, each unique per thread (MLX's
+# streams belong to the thread that made them: a server generates on its own thread)
+_streams: List[mx.ThreadLocalStream] = []
 _threads = 1
 
 
@@ -52,7 +54,7 @@ def set_threads(n: Optional[int]) -> int:
     global _threads
     _threads = max(1, n if n is not None else default_threads())
     while len(_streams) < _threads - 1:
-        _streams.append(mx.new_stream(mx.cpu))
+        _streams.append(mx.new_thread_local_stream(mx.cpu))
     return _threads
 
 

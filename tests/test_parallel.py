@@ -3,6 +3,8 @@ equals the whole one (output rows: exactly; contraction rows: to rounding), what
 split and what is not, and a model with its products split gives the logits and
 greedy tokens of one computing on one core, resident and streamed."""
 
+import threading
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -105,3 +107,23 @@ def test_a_split_model_decodes_as_one_core(tmp_path, split_everything, arch, bud
     got = decode(split)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_a_split_product_runs_on_any_thread(split_everything):
+    """MLX's streams belong to their thread: a server's generation thread computes
+    with streams of its own."""
+    parallel.set_threads(2)
+    w, scales, biases = quantized(64, 128, 4, 64)
+    x = mx.random.normal((1, 128), key=mx.random.key(3))
+    here = np.array(parallel.quantized_matmul(x, w, scales, biases, True, 64, 4))
+    out = {}
+
+    def run():
+        out["y"] = np.array(
+            parallel.quantized_matmul(x, w, scales, biases, True, 64, 4)
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert np.array_equal(out["y"], here)
