@@ -113,20 +113,19 @@ def quantized_matmul(
     return out
 
 
+def _product(m: nn.Module, x: mx.array) -> mx.array:
+    """A quantized layer's `x @ W.T`, split."""
+    w = m["weight"]
+    return quantized_matmul(
+        x, w, m["scales"], m.get("biases"), True, m.group_size, m.bits, m.mode
+    )
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` whose product is split across the CPU's cores."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            True,
-            self.group_size,
-            self.bits,
-            self.mode,
-        )
+        y = _product(self, x)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -134,16 +133,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
     """`nn.QuantizedEmbedding` whose `as_linear` (a tied LM head) is split."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            True,
-            self.group_size,
-            self.bits,
-            self.mode,
-        )
+        return _product(self, x)
 
 
 PARALLEL = {

@@ -34,3 +34,17 @@ def traced_decoding(model, prompt, steps):
     model.flash_stats.reset()
     for t in steps:
         model(mx.array([[t]]), cache=cache)
+
+
+def stepwise_logits(model, prompt, steps):
+    """Prefill `prompt`, then one token of `steps` at a time: the last position's
+    logits of every call, float32 numpy rows."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([prompt]), cache=cache)[:, -1]]
+    for t in steps:
+        out.append(model(mx.array([[t]]), cache=cache)[:, -1])
+    return np.concatenate([np.array(o, np.float32) for o in out])

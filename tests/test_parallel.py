@@ -8,9 +8,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_checkpoint
+from conftest import make_checkpoint, stepwise_logits
 from mlx_lm.convert import convert as mlx_lm_convert
-from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_flash import convert, load, parallel
 
@@ -78,11 +77,8 @@ def test_the_default_is_every_core_on_the_cpu():
 
 
 def decode(model):
-    cache = make_prompt_cache(model)
-    out = [model(mx.array([PROMPT]), cache=cache)[:, -1]]
-    for t in STEPS:
-        out.append(model(mx.array([[t]]), cache=cache)[:, -1])
-    return np.concatenate([np.array(o, np.float32) for o in out])
+    """Prefill, then one token at a time: the logits of every step."""
+    return stepwise_logits(model, PROMPT, STEPS)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])

@@ -2,11 +2,9 @@
 reading in turn, every layer's read taken once the caches are full, a request that
 changed dropped, and a failed read raised in its own layer."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_checkpoint
-from mlx_lm.models.cache import make_prompt_cache
+from conftest import make_checkpoint, stepwise_logits
 
 from mlx_flash import convert, load
 from mlx_flash.errors import ReadError
@@ -25,11 +23,7 @@ def store(tmp_path):
 
 def decode(model):
     """Prefill, then one token at a time: the logits of every step."""
-    cache = make_prompt_cache(model)
-    out = [model(mx.array([PROMPT]), cache=cache)[:, -1]]
-    for t in STEPS:
-        out.append(model(mx.array([[t]]), cache=cache)[:, -1])
-    return np.concatenate([np.array(o, np.float32) for o in out])
+    return stepwise_logits(model, PROMPT, STEPS)
 
 
 def partial_budget(store) -> int:
