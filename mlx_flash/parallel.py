@@ -83,31 +83,21 @@ def quantized_matmul(
     """`mx.quantized_matmul`, split into row blocks on the CPU streams when large."""
     rows = w.shape[0]
     k = blocks(rows, rows * w.shape[1] * 32 // bits)
-
-    def product(a: int, b: int, x: mx.array, stream=None) -> mx.array:
-        return mx.quantized_matmul(
-            x,
-            w[a:b] if k > 1 else w,
-            scales[a:b] if k > 1 else scales,
-            None if biases is None else (biases[a:b] if k > 1 else biases),
-            transpose=transpose,
-            group_size=group_size,
-            bits=bits,
-            mode=mode,
-            stream=stream,
-        )
-
+    kw = dict(transpose=transpose, group_size=group_size, bits=bits, mode=mode)
     if k == 1:
-        return product(0, rows, x)
+        return mx.quantized_matmul(x, w, scales, biases, **kw)
+
+    def block(a: int, b: int, stream) -> mx.array:
+        cut = None if biases is None else biases[a:b]
+        xb = x if transpose else x[..., a:b]
+        return mx.quantized_matmul(xb, w[a:b], scales[a:b], cut, stream=stream, **kw)
+
     cuts = [rows * i // k for i in range(k + 1)]
     streams = [None] + _streams[: k - 1]  # the first block on the caller's stream
-    spans = list(zip(cuts, cuts[1:]))
+    parts = [block(a, b, s) for a, b, s in zip(cuts, cuts[1:], streams)]
     if transpose:  # output rows
-        return mx.concatenate(
-            [product(a, b, x, s) for (a, b), s in zip(spans, streams)], axis=-1
-        )
-    parts = [product(a, b, x[..., a:b], s) for (a, b), s in zip(spans, streams)]
-    out = parts[0]
+        return mx.concatenate(parts, axis=-1)
+    out = parts[0]  # contraction rows: partial sums
     for p in parts[1:]:
         out = out + p
     return out
@@ -115,9 +105,8 @@ def quantized_matmul(
 
 def _product(m: nn.Module, x: mx.array) -> mx.array:
     """A quantized layer's `x @ W.T`, split."""
-    w = m["weight"]
     return quantized_matmul(
-        x, w, m["scales"], m.get("biases"), True, m.group_size, m.bits, m.mode
+        x, m["weight"], m["scales"], m.get("biases"), True, m.group_size, m.bits, m.mode
     )
 
 
@@ -142,13 +131,10 @@ PARALLEL = {
 }
 
 
-def parallel_modules(model: nn.Module) -> int:
+def parallel_modules(model: nn.Module) -> None:
     """Give the model's quantized linear and embedding layers the split product, in
-    place (the same arrays and attributes, a subclass); returns how many."""
-    count = 0
+    place (the same arrays and attributes, a subclass)."""
     for m in model.modules():
         cls = PARALLEL.get(type(m))
         if cls is not None:
             m.__class__ = cls  # a subclass adding no state: only the product changes
-            count += 1
-    return count
