@@ -19,6 +19,8 @@ MODELS = {  # name: (how to find the GGUF, default budgets as fractions of the f
 STORES = {  # name: mlx_flash.convert options
     "q4-bundled": {"ffn_format": "q4", "group_size": 32},
     "q4-split": {"ffn_format": "q4", "group_size": 32, "layout": "split"},
+    # each part of each component apart: streamed layers computed where read
+    "q4-planar": {"ffn_format": "q4", "group_size": 32, "layout": "planar"},
     "q4-gate": {"ffn_format": "q4", "group_size": 32, "layout": "gate"},
     # gate/up also by input channel, re-quantized along the neurons: at one bit more
     # than the rows (auto: q5), or at 4, 6, 8 bits (the comparison in README)

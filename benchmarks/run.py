@@ -69,6 +69,15 @@ def configs(formats, budget: int):
         rows += [
             (f"{f} naive", "flash", f"{f}-split", {**b, "naive": True}, True),
             (f"{f} hybrid", "flash", f"{f}-split", {**b, "hybrid": True}, True),
+            # the same two on a planar store: no copy of the bytes read
+            (f"{f} naive, planar", "flash", f"{f}-planar", {**b, "naive": True}, True),
+            (
+                f"{f} hybrid, planar",
+                "flash",
+                f"{f}-planar",
+                {**b, "hybrid": True},
+                True,
+            ),
             (
                 f"{f} hybrid, one core",
                 "flash",

@@ -29,7 +29,7 @@ def float_parts(components: List[Component]) -> List[Tuple[Component, int]]:
     return [
         (c, size)
         for c in components
-        for part, size in c.encoding.parts(c.length)
+        for part, size in c.parts
         if part != "packed" and c.encoding.dtype != "uint8"
     ]
 
@@ -68,6 +68,13 @@ def pool_bytes(components: List[Component], dtype: mx.Dtype) -> int:
     to the compute dtype while the layer computes."""
     stored = sum(c.nbytes for c in components)
     return stored + _converted(components, dtype, every=False)
+
+
+def staged_bytes(components: List[Component], dtype: mx.Dtype) -> int:
+    """What one neuron computed where it was read (a planar store's streamed runs,
+    `FlashFFN._staged`) takes beside the staging buffer: the float parts MLX
+    converts to the compute dtype while the layer computes."""
+    return _converted(components, dtype, every=False)
 
 
 def working_bytes(config: dict, hidden: int, kv_cache: int, dtype: mx.Dtype) -> int:

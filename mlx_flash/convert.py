@@ -218,8 +218,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         choices=writer.LAYOUTS,
         default="bundled",
         help="bundled (one read per neuron), split (no bundling: the ablation), "
-        "gate (gate rows apart, for --selector gate) or columns (gate/up also "
-        "bundled by input channel, for --selector input)",
+        "planar (each component's packed words, scales and biases apart: streamed "
+        "layers are read straight into the buffers computed from, for the exact "
+        "default under a budget), gate (gate rows apart, for --selector gate) or "
+        "columns (gate/up also bundled by input channel, for --selector input)",
     )
     parser.add_argument(
         "--column-format",

@@ -28,6 +28,7 @@ from .budget import (
     pool_bytes,
     prefill_bytes,
     prefill_step,
+    staged_bytes,
     working_bytes,
 )
 from .disk_embedding import table_on_disk
@@ -547,9 +548,12 @@ def setup(
         layers = neuron_layers(
             store, sections, options, dtype, profile, calibration, gap_bytes
         )
-    shapes = pool_shapes(m.layers)
+    shapes = pool_shapes(m.layers, computed_where_read(store, options))
     if calibration is not None:  # the kept channels' columns streamed past the cache
         shapes.update(pool_shapes(m.columns))
+    staged = sum(
+        n * staged_bytes(cs, dtype) for cs, n in pool_shapes(m.layers).values()
+    )
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
         "KV cache and working memory": working_bytes(
@@ -561,8 +565,10 @@ def setup(
         "FFN reader": len(store.reader.buffer),
         # a second staging buffer, the next layer's read in flight (read_ahead.py)
         "FFN read-ahead": len(store.reader.buffer) if reads_ahead(options) else 0,
-        # a layer's streamed neurons decoded (the whole layer at most), one per shape
-        "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values()),
+        # a layer's streamed neurons decoded (the whole layer at most), one per shape;
+        # computed where read: only their floats converted
+        "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values())
+        + (staged if computed_where_read(store, options) else 0),
         "predictors": state.predictors.nbytes if state.predictors else 0,
         "shadow": shadow_bytes(store, state.shadow),
         "checksums": store.checks_bytes,  # the table, a flag per block
@@ -662,10 +668,15 @@ def give_layers_their_caches(
     # layers with a cache: every layer of a sparse selector (the overflow streams past
     # even an empty cache); with `all`, those the plan caches (naive plans none); the
     # others stream whole. The layers take turns: one pool per shape serves them all.
+    staged = computed_where_read(store, options)  # then the pool takes nothing
     pools = {
         key: Slots(cs, n, dtype, convert=False)
-        for key, (cs, n) in pool_shapes(m.layers + (m.columns or [])).items()
+        for key, (cs, n) in pool_shapes(m.layers, staged).items()
     }
+    pools.update(
+        (key, Slots(cs, n, dtype, convert=False))
+        for key, (cs, n) in pool_shapes(m.columns or []).items()
+    )
     ffns = [layer.mlp for layer in model.layers]
     ahead = ReadAhead(store, ffns) if reads_ahead(options) else None
     model.flash_read_ahead = ahead
@@ -715,15 +726,26 @@ def shape_key(entry: LayerEntry) -> tuple:
     return tuple((c.name, c.length, c.encoding) for c in entry.components.values())
 
 
-def pool_shapes(layers: List[LayerEntry]) -> Dict[tuple, Tuple[List[Component], int]]:
+def pool_shapes(
+    layers: List[LayerEntry], empty: bool = False
+) -> Dict[tuple, Tuple[List[Component], int]]:
     """The layers' distinct bundle shapes (components and encodings): each one's
-    components and the most neurons a layer of it has."""
+    components and the most neurons a layer of it has (0 rows with `empty`)."""
     shapes = {}
     for entry in layers:
         key = shape_key(entry)
         n = max(entry.neurons, shapes[key][1] if key in shapes else 0)
-        shapes[key] = (list(entry.components.values()), n)
+        shapes[key] = (list(entry.components.values()), 0 if empty else n)
     return shapes
+
+
+def computed_where_read(store: BundleStore, options: FlashOptions) -> bool:
+    """Whether every streamed neuron is computed from the staging buffer it was read
+    into, never copied into the pool: `all` (and naive) with no window on a planar
+    store, whose layers stream whole or from a neuron on, one run per section
+    (`FlashFFN._staged`)."""
+    planar = all(s.part for e in store.manifest.layers for s in e.sections)
+    return planar and options.selector == "all" and options.window is None
 
 
 def expected_ffn_bytes(

@@ -12,7 +12,6 @@ import argparse
 from .errors import exit_on_error
 from .predictor import MANIFEST_NAME as PREDICTORS
 from .predictor import load_predictors
-from .store.format import FORMAT_VERSION
 from .store.store import BundleStore
 
 
@@ -31,7 +30,7 @@ def describe(store: BundleStore) -> str:
                 encodings.setdefault(key, []).append(i)
     lines = [
         f"store        {store.path}",
-        f"format       v{FORMAT_VERSION}, layout {m.layout}",
+        f"format       v{m.format_version}, layout {m.layout}",
         f"arch         {m.architecture} ({m.activation}), hidden {m.hidden_size}, "
         f"FFN {m.intermediate_size}, {len(m.layers)} layers",
         f"source       {m.source.get('kind')} {m.source.get('path')}",

@@ -13,7 +13,7 @@ the recency part works as above in the remaining slots. `SlotMap` is this bookke
 alone, which the cache simulator (`cache_simulator.py`) runs without any weights.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -176,12 +176,14 @@ class Slots:
     ):
         self.components, self.capacity = components, capacity
         self.arrays: Dict[str, Weight] = {}  # as held (floats: see `convert`)
-        self._parts: Dict[str, list] = {}  # name -> [(view, offset, size, stored)]
+        # name -> [(part, view, offset, size, stored)]
+        self._parts: Dict[str, list] = {}
         # name -> per part: the dtype MLX converts it to where it is used, or None
         self._cast: Dict[str, list] = {}
-        for c in components:
+        whole = {c.name: replace(c, part=None) for c in components}  # planar: parts
+        for c in whole.values():
             parts, fillers, casts, at = [], [], [], 0
-            for part, size in c.encoding.parts(c.length):
+            for part, size in c.parts:
                 stored, shown, cast = None, None, None
                 if part == "packed":
                     arr = mx.zeros((capacity, size // 4), mx.uint32)
@@ -196,7 +198,7 @@ class Slots:
                     stored = c.encoding.dtype if convert else None
                     cast = None if held == dtype else dtype
                 mx.eval(arr)
-                fillers.append((np.array(arr, copy=False), at, size, stored))
+                fillers.append((part, np.array(arr, copy=False), at, size, stored))
                 parts.append(arr if shown is None else arr.view(shown))
                 casts.append(cast)
                 at += size
@@ -205,17 +207,20 @@ class Slots:
 
     @property
     def nbytes(self) -> int:
-        return sum(f[0].nbytes for fillers in self._parts.values() for f in fillers)
+        return sum(f[1].nbytes for fillers in self._parts.values() for f in fillers)
 
     def put(self, slots, components: List[Component], rows: np.ndarray) -> None:
-        """Bundle bytes `rows` (n, bytes) uint8 holding `components` side by side ->
-        rows `slots` (n indices, or a slice); components not held are skipped."""
+        """Bundle bytes `rows` (n, bytes) uint8 holding `components` side by side (a
+        planar section's: one part of one) -> rows `slots` (n indices, or a slice);
+        components not held are skipped."""
         wait_for_device()
         slots = as_slice(slots)
         at = 0
         for c in components:
-            for view, offset, size, stored in self._parts.get(c.name, ()):
-                raw = rows[:, at + offset : at + offset + size]  # strided: one move
+            held = [f for f in self._parts.get(c.name, ()) if c.part in (None, f[0])]
+            first = held[0][2] if held else 0  # where `rows` begin in the component
+            for _, view, offset, size, stored in held:
+                raw = rows[:, at + offset - first : at + offset - first + size]
                 if stored is None:
                     view[slots] = raw.view(view.dtype)
                 else:

@@ -3,12 +3,14 @@
 With `all` (the exact default) and `naive`, what a layer reads is known before it
 runs: the neurons its cache does not hold (once the cache is full, the same ones every
 token), or the whole layer. So once a layer has placed its own bytes, it asks the next
-layer what that one will read, and one background thread reads it into a second
-staging buffer (`BundleStore.spare_reader`) while this layer's FFN and the next
-layer's attention compute. The next layer takes that read if its request is the one
-read ahead; otherwise (a cache still filling, a prompt after decoding) the read ahead
-is dropped — its bytes were read for nothing — and the layer reads as before. The
-second staging buffer is in the DRAM plan ("FFN read-ahead"). Selectors that decide
+layer what that one will read, and one background thread reads it into the other
+staging buffer (the store's reader and `BundleStore.spare_reader` take turns: a
+planar store's layer computes from the buffer it was read into) while this layer's
+FFN and the next layer's attention compute. The next layer takes that read if its
+request is the one read ahead; otherwise (a cache still filling, a prompt after
+decoding) the read ahead is dropped — its bytes were read for nothing — and the
+layer reads as before. The second staging buffer is in the DRAM plan ("FFN
+read-ahead"). Selectors that decide
 on the token's own activations (`input`, `lowrank`, ...) do not read ahead.
 """
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from .store.reader import ReadStats
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Request:
 
 
 class ReadAhead:
-    """One read in flight at a time, into the store's spare reader.
+    """One read in flight at a time, into the staging buffer the layer computing now
+    does not use (of the store's reader and its spare).
 
     `start(request)` begins reading (once the read before it has finished: its
     views die with the next read into the buffer); `take(request)` returns its
@@ -50,7 +55,9 @@ class ReadAhead:
     """
 
     def __init__(self, store, layers: Sequence = ()):
-        self.store, self.reader = store, store.spare_reader()
+        self.store, self.readers = store, (store.reader, store.spare_reader())
+        self.busy = store.reader  # the buffer the layer computing now was read into
+        self.stats = ReadStats()  # every read ahead, on its thread
         # the layers' FlashFFNs, in order (held here, not by each other: a module
         # holding the next would make the model's module tree a cycle)
         self.layers = list(layers)
@@ -65,8 +72,9 @@ class ReadAhead:
         self.settle()
         if request is None or not len(request.ids):
             return
+        reader = self.readers[self.readers[0] is self.busy]  # the other one
         self._pending = request
-        self._future = self._thread.submit(self._read, request)
+        self._future = self._thread.submit(self._read, request, reader)
 
     def after(self, layer: int, decoding: bool) -> None:
         """Layer `layer` has placed its bytes: read the next layer's ahead, if they
@@ -77,10 +85,13 @@ class ReadAhead:
         self.start(self.layers[following].planned_read(decoding or following == 0))
 
     def take(self, request: Request) -> Optional[List[tuple]]:
+        """The pieces read ahead for `request`; else None, once a read still in
+        flight is dropped (its buffer is then free for the caller's own read)."""
         if self._pending is None or not self._pending.same(request):
+            self.settle()
             return None
         future, self._pending, self._future = self._future, None, None
-        pieces, nbytes, reads = future.result()  # a failed read raises here
+        pieces, nbytes, reads, self.busy = future.result()  # a failed read raises
         self.taken += 1
         self._count(nbytes, reads)
         return pieces
@@ -93,7 +104,7 @@ class ReadAhead:
             return
         self.dropped += 1
         try:
-            _, nbytes, reads = future.result()
+            _, nbytes, reads, _ = future.result()
         except Exception:
             return
         self._count(nbytes, reads)
@@ -106,15 +117,17 @@ class ReadAhead:
         self.settle()
         self._thread.shutdown(wait=True)
 
-    def _read(self, request: Request):
-        """On the read-ahead thread: the pieces, and the bytes and reads it took."""
-        stats = self.reader.stats
+    def _read(self, request: Request, reader):
+        """On the read-ahead thread: the pieces, the bytes and reads it took, and the
+        reader whose buffer holds them."""
+        stats = self.stats
         nbytes, reads = stats.bytes, stats.reads
         pieces = self.store.read_runs(
             request.layer,
             request.ids,
             request.sections,
             request.gap,
-            reader=self.reader,
+            reader=reader,
+            stats=stats,
         )
-        return pieces, stats.bytes - nbytes, stats.reads - reads
+        return pieces, stats.bytes - nbytes, stats.reads - reads, reader

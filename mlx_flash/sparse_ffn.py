@@ -20,7 +20,7 @@ from .neuron_cache import NeuronCache, Slots
 from .read_ahead import ReadAhead, Request
 from .selectors import AllSelector
 from .stats import FlashStats
-from .store.format import Weight, matmul
+from .store.format import Weight, assemble, matmul
 from .store.store import BundleStore
 
 ACTIVATIONS = {
@@ -187,11 +187,40 @@ class FlashFFN(nn.Module):
         n, every = entry.neurons, range(len(entry.sections))
         decoding = x.shape[0] * x.shape[1] == 1
         pieces = self._read(np.arange(n), list(every), 0, False, decoding)
-        with self._stats.timed("memory") if decoding else contextlib.nullcontext():
-            for positions, components, rows in pieces:
-                self._pool.put(positions, components, rows)
-        w = self._pool.first(n, self._encodings)
+        w = self._staged(pieces, 0, n, x.dtype)
+        if w is None:
+            with self._stats.timed("memory") if decoding else contextlib.nullcontext():
+                for positions, components, rows in pieces:
+                    self._pool.put(positions, components, rows)
+            w = self._pool.first(n, self._encodings)
         return self.with_bias(self._partial(x, w, None))
+
+    def _staged(
+        self, pieces: list, first: int, n: int, dtype: mx.Dtype
+    ) -> Optional[Dict[str, Weight]]:
+        """The weights of read positions ``first .. first + n - 1`` computed from where
+        they were read: a planar store's sections read as one gapless run each, in
+        order, are row-major matrices in the staging buffer, so their rows are viewed,
+        not copied (`BundleStore.staged`). None where the pieces are not such runs
+        (bundled or split sections, several runs, rows picked past a gap)."""
+        if not n:
+            return None
+        parts = {}
+        for positions, components, rows in pieces:
+            (c,) = components if len(components) == 1 else (None,)
+            if c is None or c.part is None or len(positions) < first + n:
+                return None
+            if not np.array_equal(positions, np.arange(len(positions))):
+                return None
+            staged = self._store.staged(rows[first : first + n])
+            if staged is None:
+                return None
+            parts.setdefault(c.name, {})[c.part] = staged
+        entry = self._store.manifest.layers[self._layer]
+        return {
+            name: assemble(entry.components[name], p, dtype)
+            for name, p in parts.items()
+        }
 
     def _sparse(self, x: mx.array) -> mx.array:
         """Selected neurons: the first `capacity` (by score) through the cache; any
@@ -204,7 +233,7 @@ class FlashFFN(nn.Module):
         ids, pre = selection.ids, selection.pre
         if self.trace is not None:
             self.trace.append((None, ids))
-        parts = self._fetch(cache, self._pool, ids, self._sections, self._gap)
+        parts = self._fetch(cache, self._pool, ids, self._sections, self._gap, x.dtype)
         stats.selected += len(ids)
         self._whole = (
             isinstance(self._selector, AllSelector)
@@ -229,7 +258,7 @@ class FlashFFN(nn.Module):
             channels = select.channels(x)  # (the attention before it included)
         stats.syncs += 1
         parts = self._fetch(
-            columns.cache, columns.pool, channels, [0], columns.gap, True, True
+            columns.cache, columns.pool, channels, [0], columns.gap, x.dtype, True, True
         )
         stats.channels += len(channels)
         xk = self._take(x.reshape(-1), channels)
@@ -247,7 +276,13 @@ class FlashFFN(nn.Module):
         if self.trace is not None:
             self.trace.append((channels, ids))
         parts = self._fetch(
-            self._cache, self._pool, ids, self._sections, self._gap, masked=True
+            self._cache,
+            self._pool,
+            ids,
+            self._sections,
+            self._gap,
+            x.dtype,
+            masked=True,
         )
         stats.selected += len(ids)
         y = mx.zeros_like(x)
@@ -271,6 +306,7 @@ class FlashFFN(nn.Module):
         ids: np.ndarray,
         sections: List[int],
         gap: int,
+        dtype: mx.Dtype,
         columns: bool = False,
         masked: bool = False,
     ) -> List[Tuple[np.ndarray, Dict[str, Weight]]]:
@@ -279,7 +315,8 @@ class FlashFFN(nn.Module):
         (a cached id costs no slot), the rest streamed past it into the pool
         (benchmarks/results/hot-set.md: LRU's hit rate 2.4% -> 7.2% at 5% of a
         layer on SmolLM2). Misses and overflow are one coalesced read, each id's
-        bytes moved once: into its slot, or into the pool's rows.
+        bytes moved once: into its slot, or into the pool's rows; or, for a planar
+        store's gapless runs, the overflow not at all (`_staged`).
 
         With `masked`, the cache's piece is every slot, no gather: its positions
         give each slot the position of its id in `ids`, or ``len(ids)`` where the
@@ -298,7 +335,11 @@ class FlashFFN(nn.Module):
         except BaseException:
             cache.release(load_slots)  # admitted, never filled: forget them
             raise
+        n = len(load_ids)  # the first n read positions go to their slots
+        staged = None if columns else self._staged(pieces, n, len(extra), dtype)
         with stats.timed("memory"):
+            if staged is not None:  # only the cache's rows move
+                pieces = [(p[:n], c, rows[:n]) for p, c, rows in pieces if n]
             self._place(cache, pool, pieces, load_slots)
         hits, loaded = len(mine) - len(load_ids), len(load_ids) + len(extra)
         if columns:
@@ -315,9 +356,9 @@ class FlashFFN(nn.Module):
         elif len(mine):
             parts.append((np.nonzero(through)[0], cache.gather(slots)))
         if len(extra):
-            parts.append(
-                (np.nonzero(~through)[0], pool.first(len(extra), cache.arrays))
-            )
+            if staged is None:
+                staged = pool.first(len(extra), cache.arrays)
+            parts.append((np.nonzero(~through)[0], staged))
         return parts
 
     def _from_cache(self, x: mx.array) -> mx.array:
@@ -337,6 +378,7 @@ class FlashFFN(nn.Module):
                 pieces = self._ahead.take(request)
                 if pieces is not None:
                     return pieces
+                self._ahead.busy = self._store.reader  # what this layer reads into
             return self._store.read_runs(self._layer, ids, sections, gap, columns)
 
     @staticmethod

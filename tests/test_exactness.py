@@ -125,7 +125,7 @@ def test_float16_source_against_original(tmp_path):
     assert np.allclose(np.array(model(mx.array([PROMPT]))[0]), np.array(ref), atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["split"])
+@pytest.mark.parametrize("layout", ["split", "planar"])
 def test_split_layout_matches(tmp_path, layout):
     make_checkpoint(tmp_path / "hf", "llama")
     convert(

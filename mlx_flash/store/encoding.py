@@ -9,7 +9,7 @@ bit.
 """
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -176,16 +176,24 @@ class Encoding:
 @dataclass(frozen=True)
 class Component:
     """One part of a neuron's bundle: a weight row (`length` = hidden size) or a
-    bias."""
+    bias; with `part`, only that part of its encoding (a planar section's,
+    docs/FORMAT.md §3: "packed", "scales", "biases" or a float's "values")."""
 
     name: str
     length: int
     encoding: Encoding
     origin: Origin = Origin("float32")
+    part: Optional[str] = None
+
+    @property
+    def parts(self) -> List[Tuple[str, int]]:
+        """(part, bytes per neuron) of what this component holds, in stored order."""
+        every = self.encoding.parts(self.length)
+        return every if self.part is None else [p for p in every if p[0] == self.part]
 
     @property
     def nbytes(self) -> int:
-        return self.encoding.nbytes(self.length)
+        return sum(n for _, n in self.parts)
 
 
 def quant_params(w: Tuple[mx.array, ...], length: int) -> Encoding:
@@ -283,25 +291,41 @@ def as_bytes(a: mx.array) -> np.ndarray:
 
 
 def decode_rows(raw: np.ndarray, component: Component, dtype: mx.Dtype) -> Weight:
-    """Stored bytes (n, nbytes) uint8 -> the component's MLX weight, floats in `dtype`
-    (the float modes' uint8 scales stay as they are)."""
-    enc, at, out = component.encoding, 0, []
-    for _, size in enc.parts(component.length):
+    """Stored bytes (n, nbytes) uint8 of a whole component -> its MLX weight, floats in
+    `dtype` (the float modes' uint8 scales stay as they are)."""
+    return assemble(component, decode_parts(raw, component), dtype)
+
+
+def decode_parts(raw: np.ndarray, component: Component) -> Dict[str, mx.array]:
+    """Stored bytes (n, nbytes) uint8 of `component` -> each part it holds as an
+    (n, part bytes) uint8 MLX array of its own."""
+    out, at = {}, 0
+    for part, size in component.parts:
         # contiguous first: `mx.array` of a strided view copies (and keeps) the whole
         # buffer under it (measured: 7 MB held for a 2 MB part of a Qwen layer)
-        out.append(mx.array(np.ascontiguousarray(raw[:, at : at + size])))
+        out[part] = mx.array(np.ascontiguousarray(raw[:, at : at + size]))
         at += size
+    return out
+
+
+def assemble(component: Component, parts: Dict[str, mx.array], dtype) -> Weight:
+    """A component's parts as stored, (n, part bytes) uint8 each (copies or views of
+    a buffer: `assemble` never copies them) -> its MLX weight: packed words as
+    uint32, floats converted to `dtype` (None: kept as stored), a float mode's
+    scales as they are."""
+    enc = component.encoding
+    stored = FLOAT_DTYPES.get(enc.dtype)
+
+    def value(a: mx.array) -> mx.array:
+        a = a.view(stored)
+        return a if dtype is None or stored == dtype else a.astype(dtype)
+
     if not enc.quantized:
-        return out[0].view(FLOAT_DTYPES[enc.dtype]).astype(dtype)
-    packed = out[0].view(mx.uint32)
+        return value(parts["values"])
+    packed = parts["packed"].view(mx.uint32)
     if not enc.has_biases:
-        return packed, out[1]
-    stored = FLOAT_DTYPES[enc.dtype]
-    return (
-        packed,
-        out[1].view(stored).astype(dtype),
-        out[2].view(stored).astype(dtype),
-    )
+        return packed, parts["scales"]
+    return packed, value(parts["scales"]), value(parts["biases"])
 
 
 def matmul(x: mx.array, w: Weight, enc: Encoding, transpose: bool) -> mx.array:

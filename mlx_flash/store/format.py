@@ -1,4 +1,5 @@
-"""The bundle store's on-disk format, version 2 (specified in docs/FORMAT.md).
+"""The bundle store's on-disk format, versions 2 and 3 (specified in docs/FORMAT.md;
+3 adds planar sections, one part of one component each).
 
 A store is a directory: `config.json`, tokenizer files, `model.safetensors` (the dense
 part, large tensors 4 KiB-aligned), `ffn.bundles` (a header, every layer's FFN neurons
@@ -8,6 +9,7 @@ here for their readers: `encoding` (how a component's values are stored and wher
 came from), `manifest` (the manifest and the header) and `checksums`.
 """
 
+from dataclasses import replace
 from typing import Dict, List
 
 import mlx.core as mx
@@ -23,6 +25,8 @@ from .encoding import (  # noqa: F401
     Encoding,
     Origin,
     Weight,
+    assemble,
+    decode_parts,
     decode_rows,
     dequantize,
     encode,
@@ -37,6 +41,7 @@ from .manifest import (  # noqa: F401
     COLUMNS,
     DENSE_NAME,
     FORMAT_VERSION,
+    READ_VERSIONS,
     HEADER_BYTES,
     HEADER_FIELDS,
     MAGIC,
@@ -67,9 +72,18 @@ def bundle_offsets(components: List[Component]) -> Dict[str, tuple]:
 def decode_bundles(
     rows: np.ndarray, components: List[Component], dtype: mx.Dtype
 ) -> Dict[str, Weight]:
-    """Bundles (n, bytes) uint8 holding `components` in order -> name -> MLX weight."""
-    weights, at = {}, 0
+    """Bundles (n, bytes) uint8 holding `components` in order -> name -> MLX weight
+    (a planar layer's parts, side by side in section order, come together)."""
+    parts = gather_parts(rows, components, {})
+    whole = {c.name: replace(c, part=None) for c in components}
+    return {name: assemble(whole[name], p, dtype) for name, p in parts.items()}
+
+
+def gather_parts(rows: np.ndarray, components: List[Component], into: dict) -> dict:
+    """The parts of each component in bundles (n, bytes) uint8, copied into
+    ``into[name][part]``; returns `into`."""
+    at = 0
     for c in components:
-        weights[c.name] = decode_rows(rows[:, at : at + c.nbytes], c, dtype)
+        into.setdefault(c.name, {}).update(decode_parts(rows[:, at : at + c.nbytes], c))
         at += c.nbytes
-    return weights
+    return into

@@ -1,18 +1,21 @@
-"""The manifest (`flash_config.json`) and the bundles file's header, format version 2
-(docs/FORMAT.md §2, §5-§8).
+"""The manifest (`flash_config.json`) and the bundles file's header, format versions 2
+and 3 (docs/FORMAT.md §2, §5-§8).
 
 Version 2 gives every layer its own encoding per component (mixed-bit recipes and
 Q4_K_M files need them), records where each tensor's values came from and whether that
 was exact, and lists optional typed extensions — aligned byte ranges of `ffn.bundles`
 that later features add without a version bump (the block checksums are the first). An
 extension a reader does not know is ignored unless it is marked `required`, in which
-case the store is refused by the extension's name.
+case the store is refused by the extension's name. Version 3 adds one optional
+section key, `part`: a planar section holds one part of one component (its packed
+words, scales or biases), a row-major matrix computed from where it was read. A store
+is written in the oldest version that describes it.
 """
 
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -21,7 +24,8 @@ from .encoding import Component, Encoding, Origin
 
 MAGIC = b"MLXFLASH"
 MANIFEST_MAGIC = "mlx-flash-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest; a store is written in the oldest that describes it
+READ_VERSIONS = (2, 3)  # 3 adds planar sections (one part of one component each)
 ALIGN = 4096
 HEADER_BYTES = 4096
 MANIFEST_NAME = "flash_config.json"
@@ -47,11 +51,16 @@ def align_up(n: int, align: int = ALIGN) -> int:
 @dataclass
 class Section:
     """One contiguous run of bundles in a layer: every neuron's `components`, in
-    order."""
+    order; with `part` (format 3, the planar layout) one part of one component, so
+    that a run of neurons is a row-major matrix as computed with."""
 
     components: List[str]
     offset: int
     bundle_bytes: int
+    part: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass
@@ -61,7 +70,12 @@ class LayerEntry:
     sections: List[Section]
 
     def section_components(self, section: Section) -> List[Component]:
-        return [self.components[name] for name in section.components]
+        """The components a section's bundles hold, in order (with its `part`, that
+        part of each)."""
+        return [
+            replace(self.components[name], part=section.part)
+            for name in section.components
+        ]
 
     def bundle_bytes(self, sections: Optional[List[int]] = None) -> int:
         chosen = range(len(self.sections)) if sections is None else sections
@@ -128,6 +142,13 @@ class Manifest:
             self.__dict__["_columns"] = [_layer(d) for d in ext.meta["layers"]]
         return self.__dict__["_columns"]
 
+    @property
+    def format_version(self) -> int:
+        """The oldest format version that describes this store (§11)."""
+        kinds = [entries for entries, _ in self.bundle_kinds()]
+        planar = any(s.part for e in kinds for l in e for s in l.sections)
+        return 3 if planar else 2
+
     def bundle_kinds(self) -> List[Tuple[List[LayerEntry], str]]:
         """(entries, unit) of every kind of bundle the store holds: the layers'
         neurons, and with the columns extension its input channels."""
@@ -161,7 +182,7 @@ class Manifest:
     def to_json(self) -> str:
         d = {
             "magic": MANIFEST_MAGIC,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "architecture": self.architecture,
             "activation": self.activation,
             "rows": self.rows,
@@ -191,10 +212,10 @@ class Manifest:
         if not isinstance(d, dict) or d.get("magic") != MANIFEST_MAGIC:
             raise FlashError("not an mlx_flash manifest (bad magic)", path, _RECONVERT)
         version = d.get("format_version")
-        if version != FORMAT_VERSION or type(version) is not int:
+        if version not in READ_VERSIONS or type(version) is not int:
             raise FlashError(
-                f"store format version {version!r}; this mlx_flash reads version "
-                f"{FORMAT_VERSION}",
+                f"store format version {version!r}; this mlx_flash reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}",
                 path,
                 reconvert_fix(d.get("source"), path.parent),
             )
@@ -221,9 +242,17 @@ class Manifest:
             ) from None
         keep = {k: d[k] for k in _REQUIRED if k not in _PARSED}
         optional = {k: d[k] for k in _OPTIONAL if k in d}
-        return cls(
+        manifest = cls(
             **keep, **optional, layers=layers, dense=dense, extensions=extensions
         )
+        if manifest.format_version != version:  # planar sections are version 3's
+            raise FlashError(
+                f"the manifest says format version {version}, its sections are "
+                f"version {manifest.format_version}'s",
+                path,
+                _RECONVERT,
+            )
+        return manifest
 
     def validate(self, path: Path) -> None:
         """Reject a manifest whose layout cannot be right, before any byte is read.
@@ -331,7 +360,10 @@ def _layout(layers: List[LayerEntry]) -> list:
         [
             l.neurons,
             {n: [c.length, c.encoding.to_dict()] for n, c in l.components.items()},
-            [[s.components, s.offset, s.bundle_bytes] for s in l.sections],
+            [
+                [s.components, s.offset, s.bundle_bytes] + ([s.part] if s.part else [])
+                for s in l.sections
+            ],
         ]
         for l in layers
     ]
@@ -349,7 +381,7 @@ def layer_dict(l: LayerEntry) -> dict:
             }
             for n, c in l.components.items()
         },
-        "sections": [s.__dict__ for s in l.sections],
+        "sections": [s.to_dict() for s in l.sections],
     }
 
 
@@ -383,16 +415,32 @@ def _check_layer(where: str, layer: LayerEntry, allowed, length: int, end: int, 
             )
         if expected == 1 and c.encoding.quantized:
             raise bad(f"{where}: the bias {name} cannot be quantized")
-    named = sorted(n for s in layer.sections for n in s.components)
-    if named != sorted(layer.components):
+    named = {n for s in layer.sections for n in s.components}
+    if named != set(layer.components):
         raise bad(
-            f"{where} stores {named}, expected {sorted(layer.components)} once each"
+            f"{where} stores {sorted(named)}, expected {sorted(layer.components)}"
         )
     for s in layer.sections:
         if not all(type(v) is int for v in (s.offset, s.bundle_bytes)):
             raise bad(f"{where}: offsets and sizes must be integers")
         if not s.components:
             raise bad(f"{where}: a section holds no component")
+        if s.part is not None and len(s.components) != 1:
+            raise bad(f"{where}: a planar section holds one component's part")
+    held = sorted(
+        (c.name, p)
+        for s in layer.sections
+        for c in layer.section_components(s)
+        for p, _ in c.parts
+    )
+    every = sorted(
+        (n, p)
+        for n, c in layer.components.items()
+        for p, _ in c.encoding.parts(c.length)
+    )
+    if held != every:
+        raise bad(f"{where} stores {held}, expected {every} once each")
+    for s in layer.sections:
         if s.bundle_bytes != sum(c.nbytes for c in layer.section_components(s)):
             raise bad(f"{where}: bundle size disagrees with its components")
         if s.offset % ALIGN or s.offset < end:
@@ -432,7 +480,7 @@ _OPTIONAL = {"file_bytes": int, "out_bias": bool, "source": dict}
 _COMPONENT_KEYS = {"length", "encoding", "origin"}
 _ENCODING_KEYS = {"mode", "dtype", "bits", "group_size"}
 _ORIGIN_KEYS = {"kind", "exact", "note", "error"}
-_SECTION_KEYS = {"components", "offset", "bundle_bytes"}
+_SECTION_KEYS = {"components", "offset", "bundle_bytes"}  # and optionally "part"
 _EXTENSION_KEYS = {"name", "offset", "bytes", "required", "meta"}
 
 
@@ -517,8 +565,13 @@ def _layers_error(layers: list) -> str:
         if not isinstance(layer["sections"], list) or not layer["sections"]:
             return f"layer {i}: sections must be a non-empty list"
         for s in layer["sections"]:
-            if not isinstance(s, dict) or set(s) != _SECTION_KEYS:
-                return f"layer {i}: a section must have exactly {sorted(_SECTION_KEYS)}"
+            if not isinstance(s, dict) or set(s) - {"part"} != _SECTION_KEYS:
+                return (
+                    f"layer {i}: a section must have exactly {sorted(_SECTION_KEYS)} "
+                    "and optionally part"
+                )
+            if not isinstance(s.get("part", ""), str):
+                return f"layer {i}: a section's part must be a string"
             comps = s["components"]
             if not isinstance(comps, list) or not all(
                 isinstance(c, str) for c in comps
@@ -530,7 +583,7 @@ def _layers_error(layers: list) -> str:
 def pack_header(manifest: Manifest) -> bytes:
     head = _HEADER.pack(
         MAGIC,
-        FORMAT_VERSION,
+        manifest.format_version,
         HEADER_BYTES,
         manifest.file_bytes,
         len(manifest.layers),
@@ -548,9 +601,9 @@ def check_header(head: bytes, manifest: Manifest, path: Path) -> None:
     magic, version, header_bytes, file_bytes, layers, digest = _HEADER.unpack_from(head)
     if magic != MAGIC:
         raise FlashError("not an mlx_flash bundles file (bad magic)", path, _RECONVERT)
-    if version != FORMAT_VERSION:
+    if version != manifest.format_version:
         raise FlashError(
-            f"bundles format version {version}, expected {FORMAT_VERSION}",
+            f"bundles format version {version}, expected {manifest.format_version}",
             path,
             _RECONVERT,
         )

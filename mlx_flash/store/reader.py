@@ -4,6 +4,8 @@ Reads bypass the OS page cache (O_DIRECT on Linux, F_NOCACHE on macOS) so that t
 store really is read from the SSD and never doubles as a hidden DRAM cache (paper §3).
 Direct I/O needs page-aligned buffers, offsets and lengths: requests are widened to 4
 KiB boundaries, land in one preallocated staging buffer, and callers get views into it.
+The staging buffer is an MLX array's memory, so a planar store's runs (docs/FORMAT.md
+§3) are computed from where they were read, with no copy (`Staging.mlx`).
 """
 
 import errno
@@ -15,7 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
 
 from ..errors import FlashError, ReadError
 from .format import ALIGN, align_up
@@ -43,6 +48,38 @@ def open_unbuffered(path: Path) -> Tuple[int, bool]:
         if e.errno != errno.EINVAL:
             raise
     return os.open(path, os.O_RDONLY), False
+
+
+class Staging:
+    """A page-aligned buffer of `nbytes` in an MLX array's memory: the reader writes
+    into `view` (MLX's own buffers start some bytes past a page: one page more is
+    allocated and the aligned window taken), MLX computes from `mlx` views of it."""
+
+    def __init__(self, nbytes: int):
+        self.array = mx.zeros((nbytes + ALIGN,), mx.uint8)
+        mx.eval(self.array)
+        host = np.array(self.array, copy=False)
+        self.skip = -host.ctypes.data % ALIGN
+        self.host = host[self.skip : self.skip + nbytes]
+        self.view = memoryview(self.host)
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def mlx(self, rows: np.ndarray) -> Optional[mx.array]:
+        """The bytes of `rows` (a C-contiguous uint8 view of this buffer) as an MLX
+        array of the same shape sharing them (valid until the next read into the
+        buffer), or None if `rows` is not such a view."""
+        start = rows.__array_interface__["data"][0] - self.host.ctypes.data
+        if not rows.flags.c_contiguous or not 0 <= start <= len(self) - rows.nbytes:
+            return None
+        at = self.skip + start
+        return self.array[at : at + rows.nbytes].reshape(rows.shape)
+
+    def close(self) -> None:
+        """Drop the buffer (freed once no MLX view of it is left)."""
+        self.view.release()
+        self.array = self.host = None
 
 
 @dataclass
@@ -74,8 +111,8 @@ class BundleReader:
                 f"cannot open the bundles file ({e.strerror})", path
             ) from None
         self.capacity = align_up(capacity)  # the largest request
-        self.buffer = mmap.mmap(-1, self.capacity + 2 * ALIGN)  # page-aligned
-        self.view = memoryview(self.buffer)
+        self.buffer = Staging(self.capacity + 2 * ALIGN)
+        self.view = self.buffer.view
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(
             self.threads, thread_name_prefix="mlx_flash-read"
@@ -88,9 +125,13 @@ class BundleReader:
         """Bytes [offset, offset + nbytes) of the file, valid until the next read."""
         return self.read_ranges([(offset, nbytes)])[0]
 
-    def read_ranges(self, ranges: Sequence[Tuple[int, int]]) -> List[memoryview]:
+    def read_ranges(
+        self, ranges: Sequence[Tuple[int, int]], stats: Optional[ReadStats] = None
+    ) -> List[memoryview]:
         """Each (offset, nbytes) range of the file, read in parallel; the views stay
-        valid until the next read. Ranges must be sorted and must not overlap."""
+        valid until the next read. Ranges must be sorted and must not overlap.
+        Counted in `stats` (default: the reader's own)."""
+        stats = stats or self.stats
         extents = aligned_extents(ranges)
         if sum(e - s for s, e in extents) > len(self.buffer):
             raise FlashError("a read exceeds the staging buffer", self.path)
@@ -110,9 +151,9 @@ class BundleReader:
         last = max(o + n for o, n in ranges)
         if stop < last:
             raise truncated(self.path, stop, last)
-        self.stats.reads += len(pieces)
-        self.stats.bytes += at
-        self.stats.seconds += time.perf_counter() - tic
+        stats.reads += len(pieces)
+        stats.bytes += at
+        stats.seconds += time.perf_counter() - tic
         if self.checker is not None:  # whole blocks: the extents are aligned
             for s_, e_, pos in where:
                 self.checker.check(s_, self.view[pos : pos + min(e_, stop) - s_])
@@ -174,7 +215,6 @@ class BundleReader:
                 os.close(fd)
             self.fd = -1
             try:
-                self.view.release()
                 self.buffer.close()
             except BufferError:
                 pass  # a caller still holds a view of the last read: freed with it
@@ -243,14 +283,17 @@ class MmapReader:
             self.map.madvise(mmap.MADV_RANDOM)
         self.size = len(self.map)
         self.capacity = capacity
-        self.buffer = bytearray(capacity)
-        self.view = memoryview(self.buffer)
+        self.buffer = Staging(capacity)
+        self.view = self.buffer.view
         self.stats = ReadStats()
 
     def read(self, offset: int, nbytes: int) -> memoryview:
         return self.read_ranges([(offset, nbytes)])[0]
 
-    def read_ranges(self, ranges: Sequence[Tuple[int, int]]) -> List[memoryview]:
+    def read_ranges(
+        self, ranges: Sequence[Tuple[int, int]], stats: Optional[ReadStats] = None
+    ) -> List[memoryview]:
+        stats = stats or self.stats
         tic, views, at = time.perf_counter(), [], 0
         last = max((o + n for o, n in ranges), default=0)
         size = min(self.size, os.fstat(self.fd).st_size)  # the SIGBUS guard
@@ -262,9 +305,9 @@ class MmapReader:
             self.view[at : at + nbytes] = self.map[offset : offset + nbytes]
             views.append(self.view[at : at + nbytes])
             at += nbytes
-        self.stats.reads += len(ranges)
-        self.stats.bytes += at
-        self.stats.seconds += time.perf_counter() - tic
+        stats.reads += len(ranges)
+        stats.bytes += at
+        stats.seconds += time.perf_counter() - tic
         if self.checker is not None:  # the blocks around each range, once each
             for offset, nbytes in ranges:
                 self.checker.check_file(self.fd, offset, offset + nbytes)
@@ -275,7 +318,7 @@ class MmapReader:
             os.close(self.fd)
             self.fd = -1
         try:
-            self.view.release()
+            self.buffer.close()
             self.map.close()
         except (BufferError, ValueError):
             pass  # a caller still holds a view of the last read: freed with it

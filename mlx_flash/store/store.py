@@ -12,7 +12,7 @@ from .format import (
     ALIGN,
     BUNDLES_NAME,
     DENSE_NAME,
-    FORMAT_VERSION,
+    READ_VERSIONS,
     HEADER_BYTES,
     COLUMNS,
     MANIFEST_NAME,
@@ -24,7 +24,8 @@ from .format import (
     align_up,
     check_columns_header,
     check_header,
-    decode_bundles,
+    assemble,
+    gather_parts,
 )
 from .checksums import BlockChecker, checkers, mismatches, meta_error, table_digest
 from .reader import READERS, ReadStats, aligned_extents
@@ -76,13 +77,13 @@ def is_store(path: Path) -> bool:
 
 
 def is_current(path: Path) -> bool:
-    """Whether the store at `path` is of this mlx_flash's format version (a cheap
+    """Whether the store at `path` is of a format version this mlx_flash reads (a cheap
     look at its manifest: the full checks are `read_manifest`'s)."""
     try:
         d = read_json_object(Path(path) / MANIFEST_NAME)
     except FlashError:
         return False
-    return d.get("format_version") == FORMAT_VERSION
+    return d.get("format_version") in READ_VERSIONS
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -256,8 +257,9 @@ class BundleStore:
         """Every neuron of `layer`: component name -> MLX weight (n_neurons, length);
         with `columns`, every input channel's columns (hidden, neurons); `sections`:
         only those sections' components (default all)."""
-        entry, weights = self.entry(layer, columns), {}
+        entry = self.entry(layer, columns)
         chosen = range(len(entry.sections)) if sections is None else sections
+        parts = {}
         for section in (entry.sections[k] for k in chosen):
             with self._naming(layer, [(0, entry.neurons)], [section], columns):
                 raw = self.reader.read(
@@ -266,10 +268,9 @@ class BundleStore:
             rows = np.frombuffer(raw, dtype=np.uint8).reshape(
                 entry.neurons, section.bundle_bytes
             )
-            components = entry.section_components(section)
-            weights.update(decode_bundles(rows, components, dtype))
+            gather_parts(rows, entry.section_components(section), parts)
             del rows, raw  # views into the staging buffer; decoding copied out
-        return weights
+        return {n: assemble(entry.components[n], p, dtype) for n, p in parts.items()}
 
     def read_runs(
         self,
@@ -279,6 +280,7 @@ class BundleStore:
         max_gap: int = 0,
         columns: bool = False,
         reader=None,
+        stats=None,
     ) -> List[Tuple[np.ndarray, List[Component], np.ndarray]]:
         """Read the bundles of neurons `ids` of `layer` in `sections`, as pieces
         ``(positions, components, rows)``: `rows` (len(positions), bytes) uint8 are
@@ -289,7 +291,8 @@ class BundleStore:
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
         With `columns`, `ids` are input channels and the bundles their columns;
-        `reader`: the reader to read with (default: the store's own).
+        `reader`: the reader to read with (default: the store's own), counting in
+        `stats` (default: the reader's own).
         """
         entry, order = self.entry(layer, columns), np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -297,7 +300,7 @@ class BundleStore:
         chosen = [entry.sections[k] for k in sections]
         ranges = run_ranges(chosen, runs)
         with self._naming(layer, runs, chosen, columns):
-            views = iter((reader or self.reader).read_ranges(ranges))
+            views = iter((reader or self.reader).read_ranges(ranges, stats))
         ends = np.searchsorted(sorted_ids, [b for _, b in runs])
         pieces = []
         for s in chosen:
@@ -446,9 +449,21 @@ class BundleStore:
             self.spare.checker = self.reader.checker
         return self.spare
 
+    def staged(self, rows: np.ndarray) -> Optional[mx.array]:
+        """`rows` read into a reader's staging buffer (`read_runs`' gapless rows) as an
+        MLX array sharing their bytes, valid until that reader's next read; None if
+        they are not such rows."""
+        for reader in (self.reader, self.spare):
+            staged = None if reader is None else reader.buffer.mlx(rows)
+            if staged is not None:
+                return staged
+        return None
+
     def read_totals(self) -> ReadStats:
-        """The FFN bundles' reads so far, over both readers."""
-        readers = [r.stats for r in (self.reader, self.spare) if r is not None]
+        """The FFN bundles' reads so far: the layers' own and the reads ahead (into
+        either reader, counted apart)."""
+        ahead = self.read_ahead
+        readers = [self.reader.stats] + ([ahead.stats] if ahead is not None else [])
         return ReadStats(
             sum(r.reads for r in readers),
             sum(r.bytes for r in readers),

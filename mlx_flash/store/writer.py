@@ -45,7 +45,7 @@ from .components import channel_columns, dense_origins, encode_component
 from .sources import Source, open_source
 from .staging import _staged
 
-LAYOUTS = ("bundled", "split", "gate", "columns")
+LAYOUTS = ("bundled", "split", "gate", "columns", "planar")
 
 
 def convert(
@@ -80,7 +80,9 @@ def convert(
         group_size: group size for ``q1``-``q8`` (default 64; the source's for a
             quantized source).
         layout: ``bundled`` (one read brings a neuron's every component), ``split``
-            (each component in its own run: the no-bundling ablation), ``gate``
+            (each component in its own run: the no-bundling ablation), ``planar``
+            (each part of each component in its own run: a streamed layer is read
+            straight into the buffers it is computed from), ``gate``
             (gate/fc1 rows apart, for the ``gate`` selector) or ``columns`` (gate/up
             rows apart from down, and gate/up also bundled by input channel, for the
             ``input`` selector: docs/FORMAT.md §7.1).
@@ -255,11 +257,12 @@ def write_store(
             sections = []
             for group in layout_sections(list(components), arch.rows[0], layout):
                 block = np.concatenate([data[n] for n in group], axis=1)
-                at = align_up(at)
-                f.seek(at)
-                f.write(block.tobytes())
-                sections.append(Section(group, at, block.shape[1]))
-                at += block.nbytes
+                for part, piece in section_parts(components[group[0]], block, layout):
+                    at = align_up(at)
+                    f.seek(at)
+                    f.write(np.ascontiguousarray(piece).tobytes())
+                    sections.append(Section(group, at, piece.shape[1], part))
+                    at += piece.nbytes
             manifest.layers.append(LayerEntry(n_ff, components, sections))
             del data
         _write_model_dir(path, _store_config(config, arch), dense, src.tokenizer_files)
@@ -290,19 +293,32 @@ def write_store(
 
 
 def layout_sections(order: List[str], first: str, layout: str) -> List[List[str]]:
-    """Components per section: ``bundled`` one section; ``split`` one per component
-    (the no-bundling ablation); ``gate`` the first row (gate/fc1, with its bias) apart,
+    """Components per section: ``bundled`` one section; ``split`` and ``planar``
+    one per component (the no-bundling ablation; planar then splits each into its
+    parts: `section_parts`); ``gate`` the first row (gate/fc1, with its bias) apart,
     so it can stay resident while the rest of each bundle is read on demand;
     ``columns`` the rows apart from the output projection (the last component), which
     the ``input`` selector reads alone."""
     if layout == "bundled":
         return [order]
-    if layout == "split":
+    if layout in ("split", "planar"):
         return [[n] for n in order]
     if layout == "columns":
         return [order[:-1], order[-1:]]
     head = [n for n in order if n in (first, first + ".bias")]
     return [head, [n for n in order if n not in head]]
+
+
+def section_parts(component, block: np.ndarray, layout: str) -> list:
+    """``(part, bytes)`` of each section a group's bundles `block` (n, bytes) makes:
+    the whole block (part None), or with ``planar`` one section per part of its one
+    `component` (packed words, scales, biases: each a row-major matrix as computed
+    with, so a run of neurons is read straight into the buffer it is computed from,
+    docs/FORMAT.md §3)."""
+    if layout != "planar":
+        return [(None, block)]
+    names, sizes = zip(*component.parts)
+    return list(zip(names, np.split(block, np.cumsum(sizes)[:-1], axis=1)))
 
 
 def _row_biases(weights: Dict[str, mx.array], arch: FFNArch) -> bool:
