@@ -45,7 +45,7 @@ def convert(
     ffn_format: str = "auto",
     down_format: str = "auto",
     group_size: Optional[int] = None,
-    layout: str = "bundled",
+    layout: str = "planar",
     column_format: str = "auto",
     dense_format: str = "auto",
     dense_out: Union[str, Path, None] = None,
@@ -216,12 +216,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--layout",
         choices=writer.LAYOUTS,
-        default="bundled",
-        help="bundled (one read per neuron), split (no bundling: the ablation), "
-        "planar (each component's packed words, scales and biases apart: streamed "
-        "layers are read straight into the buffers computed from, for the exact "
-        "default under a budget), gate (gate rows apart, for --selector gate) or "
-        "columns (gate/up also bundled by input channel, for --selector input)",
+        default="planar",
+        help="planar (the default: each component's packed words, scales and biases "
+        "apart, so the exact default computes streamed layers where they were read), "
+        "bundled (one read per neuron: the paper's bundling, for --selector lowrank, "
+        "oracle or shadow), split (no bundling: the ablation), gate (gate rows apart, "
+        "for --selector gate) or columns (gate/up also bundled by input channel, for "
+        "--selector input)",
     )
     parser.add_argument(
         "--column-format",

@@ -81,14 +81,23 @@ HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
 @dataclass
 class Sections:
     """Which of every layer's sections stay resident (the gate selector's gate rows)
-    and which go through the neuron cache."""
+    and which go through the neuron cache (None: all of a layer's; a planar store's
+    layers may have different numbers, one per part of each layer's encodings)."""
 
     resident: List[int]
-    cached: List[int]
+    cached: Optional[List[int]]
+
+    def chosen(self, layer: LayerEntry, resident: bool) -> List[int]:
+        if resident:
+            return self.resident
+        return list(range(len(layer.sections))) if self.cached is None else self.cached
 
     def components(self, layer: LayerEntry, resident: bool) -> List[Component]:
-        chosen = self.resident if resident else self.cached
-        return [c for k in chosen for c in layer.section_components(layer.sections[k])]
+        return [
+            c
+            for k in self.chosen(layer, resident)
+            for c in layer.section_components(layer.sections[k])
+        ]
 
 
 def split_sections(store: BundleStore, selector: str) -> Sections:
@@ -112,7 +121,7 @@ def split_sections(store: BundleStore, selector: str) -> Sections:
             )
         return Sections([], down)
     if selector != "gate":
-        return Sections([], everything)
+        return Sections([], None)
     first = {m.rows[0], m.rows[0] + ".bias"}
     apart = [k for k, s in enumerate(sections) if set(s.components) <= first]
     if m.rows[0] not in [c for k in apart for c in sections[k].components]:
@@ -447,7 +456,7 @@ def neuron_gap(entry: LayerEntry, sections: Sections, options, gap_bytes: int) -
     the width of a cached bundle."""
     if options.gap is not None:
         return options.gap
-    return gap_bytes // entry.bundle_bytes(sections.cached)
+    return gap_bytes // entry.bundle_bytes(sections.chosen(entry, False))
 
 
 def neuron_layers(
@@ -697,7 +706,7 @@ def give_layers_their_caches(
                 pinned,
             )
             if pinned is not None and len(pinned):  # the hot part, read once
-                pieces = store.read_runs(i, pinned, sections.cached)
+                pieces = store.read_runs(i, pinned, sections.chosen(entry, False))
                 for positions, components, rows in pieces:
                     cache.put(positions, components, rows)
         columns = None
@@ -713,7 +722,8 @@ def give_layers_their_caches(
             c_gap = gap_bytes // c_entry.bundle_bytes()
             columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap)
         pool = pools[shape_key(entry)]
-        ffn.setup(select, cache, sections.cached, gap, pool, columns, ahead)
+        cached = sections.chosen(entry, False)
+        ffn.setup(select, cache, cached, gap, pool, columns, ahead)
 
 
 def reads_ahead(options: FlashOptions) -> bool:
@@ -764,7 +774,9 @@ def expected_ffn_bytes(
         if capacity == 0 or options.naive:  # each section read whole (aligned)
             total += layer.whole_read()
             continue
-        for k in sections.cached:  # the streamed tail [capacity, n) of each section,
+        for k in sections.chosen(
+            layer, False
+        ):  # the streamed tail [capacity, n) of each section,
             s = layer.sections[k]  # read as one run widened to 4 KiB for direct I/O
             if capacity < layer.neurons:
                 start = s.offset + capacity * s.bundle_bytes

@@ -17,7 +17,14 @@ from mlx_flash.store.store import BundleStore
 @pytest.fixture
 def store(tmp_path):
     make_checkpoint(tmp_path / "hf", "llama")
-    return convert(tmp_path / "hf", tmp_path / "store", ffn_format="q4", progress=False)
+    # bundled: the manifest edits below are its layout's (test_planar.py: planar's)
+    return convert(
+        tmp_path / "hf",
+        tmp_path / "store",
+        ffn_format="q4",
+        layout="bundled",
+        progress=False,
+    )
 
 
 def listing(path):

@@ -167,7 +167,7 @@ def test_an_older_store_in_the_cache_is_converted_again(hf, tmp_path):
     cached = resolve_store(hf, progress=False)
     downgrade(cached)
     assert resolve_store(hf, progress=False) == cached
-    assert json.loads((cached / MANIFEST_NAME).read_text())["format_version"] == 2
+    assert json.loads((cached / MANIFEST_NAME).read_text())["format_version"] == 3
     load(str(hf), progress=False)
 
 

@@ -53,7 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def pristine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     make_checkpoint(tmp / "hf", "llama")
-    return convert(tmp / "hf", tmp / "store", ffn_format="q4", progress=False)
+    # bundled: the byte positions below are its layout's (test_planar.py: planar's)
+    return convert(
+        tmp / "hf", tmp / "store", ffn_format="q4", layout="bundled", progress=False
+    )
 
 
 @pytest.fixture

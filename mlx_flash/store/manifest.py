@@ -245,7 +245,7 @@ class Manifest:
         manifest = cls(
             **keep, **optional, layers=layers, dense=dense, extensions=extensions
         )
-        if manifest.format_version != version:  # planar sections are version 3's
+        if manifest.format_version > version:  # planar sections are version 3's
             raise FlashError(
                 f"the manifest says format version {version}, its sections are "
                 f"version {manifest.format_version}'s",

@@ -54,7 +54,7 @@ def convert(
     ffn_format: str = "auto",
     down_format: str = "auto",
     group_size: Optional[int] = None,
-    layout: str = "bundled",
+    layout: str = "planar",
     dense_out: Optional[Union[str, Path]] = None,
     overwrite: bool = False,
     revision: Optional[str] = None,
@@ -79,10 +79,11 @@ def convert(
             ``float32`` keeps them exact, ``float16`` within its rounding).
         group_size: group size for ``q1``-``q8`` (default 64; the source's for a
             quantized source).
-        layout: ``bundled`` (one read brings a neuron's every component), ``split``
-            (each component in its own run: the no-bundling ablation), ``planar``
-            (each part of each component in its own run: a streamed layer is read
-            straight into the buffers it is computed from), ``gate``
+        layout: ``planar`` (the default: each part of each component in its own
+            run, so the exact default computes a streamed layer from the buffer it
+            was read into), ``bundled`` (one read brings a neuron's every component:
+            for the sparse selectors), ``split`` (each component in its own run: the
+            no-bundling ablation), ``gate``
             (gate/fc1 rows apart, for the ``gate`` selector) or ``columns`` (gate/up
             rows apart from down, and gate/up also bundled by input channel, for the
             ``input`` selector: docs/FORMAT.md §7.1).
