@@ -557,12 +557,17 @@ def setup(
         layers = neuron_layers(
             store, sections, options, dtype, profile, calibration, gap_bytes
         )
-    shapes = pool_shapes(m.layers, computed_where_read(store, options))
+    where_read = computed_where_read(store, options)  # the pool then takes nothing
+    shapes = pool_shapes(m.layers, empty=where_read)
     if calibration is not None:  # the kept channels' columns streamed past the cache
         shapes.update(pool_shapes(m.columns))
-    staged = sum(
-        n * staged_bytes(cs, dtype) for cs, n in pool_shapes(m.layers).values()
-    )
+    # a layer's streamed neurons decoded (the whole layer at most), one per shape;
+    # computed where read, only their floats converted
+    flight = sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values())
+    if where_read:
+        flight += sum(
+            n * staged_bytes(cs, dtype) for cs, n in pool_shapes(m.layers).values()
+        )
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
         "KV cache and working memory": working_bytes(
@@ -574,10 +579,7 @@ def setup(
         "FFN reader": len(store.reader.buffer),
         # a second staging buffer, the next layer's read in flight (read_ahead.py)
         "FFN read-ahead": len(store.reader.buffer) if reads_ahead(options) else 0,
-        # a layer's streamed neurons decoded (the whole layer at most), one per shape;
-        # computed where read: only their floats converted
-        "FFN in flight": sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values())
-        + (staged if computed_where_read(store, options) else 0),
+        "FFN in flight": flight,
         "predictors": state.predictors.nbytes if state.predictors else 0,
         "shadow": shadow_bytes(store, state.shadow),
         "checksums": store.checks_bytes,  # the table, a flag per block
@@ -677,10 +679,10 @@ def give_layers_their_caches(
     # layers with a cache: every layer of a sparse selector (the overflow streams past
     # even an empty cache); with `all`, those the plan caches (naive plans none); the
     # others stream whole. The layers take turns: one pool per shape serves them all.
-    staged = computed_where_read(store, options)  # then the pool takes nothing
+    where_read = computed_where_read(store, options)  # the pool then takes nothing
     pools = {
         key: Slots(cs, n, dtype, convert=False)
-        for key, (cs, n) in pool_shapes(m.layers, staged).items()
+        for key, (cs, n) in pool_shapes(m.layers, empty=where_read).items()
     }
     pools.update(
         (key, Slots(cs, n, dtype, convert=False))
@@ -774,10 +776,10 @@ def expected_ffn_bytes(
         if capacity == 0 or options.naive:  # each section read whole (aligned)
             total += layer.whole_read()
             continue
-        for k in sections.chosen(
-            layer, False
-        ):  # the streamed tail [capacity, n) of each section,
-            s = layer.sections[k]  # read as one run widened to 4 KiB for direct I/O
+        # the streamed tail [capacity, n) of each section, read as one run widened
+        # to 4 KiB for direct I/O
+        for k in sections.chosen(layer, False):
+            s = layer.sections[k]
             if capacity < layer.neurons:
                 start = s.offset + capacity * s.bundle_bytes
                 stop = s.offset + layer.neurons * s.bundle_bytes
