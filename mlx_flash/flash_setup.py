@@ -377,13 +377,11 @@ def head_group(
     per_chunk = [span([t.rows(a, b) for t in parts.values()]) for a, b in chunks]
     resident = parameter_bytes(module)
     stored = sum(t.nbytes for t in parts.values())
-    return Group(
-        name,
-        resident,
-        sum(per_chunk),
-        max(per_chunk),
-        (max(b - a for a, b in chunks) * (stored + resident)) // vocab,
-    )
+    # in flight: one chunk's arrays, and the next chunk read ahead into a second
+    # staging buffer (`DenseStream.load_each`)
+    arrays = (max(b - a for a, b in chunks) * (stored + resident)) // vocab
+    ahead = max(per_chunk) if len(chunks) > 1 else 0
+    return Group(name, resident, sum(per_chunk), max(per_chunk), arrays + ahead)
 
 
 def streamed_head(

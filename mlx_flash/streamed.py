@@ -5,13 +5,16 @@ FFN's bundles.
 A layer's attention becomes a `StreamedModule`: before each call its tensors are read
 (one coalesced read: format v2 starts every tensor of 4 KiB or more on a block) and
 put into the module, after it they are dropped. The LM head becomes a `StreamedHead`
-that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM.
+that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM
+as arrays; while a decoded token's chunk computes, the next one is read into a second
+staging buffer (`DenseStream.load_each`).
 """
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +25,7 @@ from .errors import FlashError, ReadError
 from .stats import FlashStats
 from .store.encoding import Encoding, matmul
 from .store.format import ALIGN
-from .store.reader import READERS, aligned_extents
+from .store.reader import READERS, ReadStats, aligned_extents
 from .store.safety import check_safetensors
 
 NUMPY = {  # the numpy type of each safetensors dtype read
@@ -109,29 +112,76 @@ class DenseStream:
     ):
         self.path = Path(path)
         self.reader = READERS[reader](self.path, capacity, threads, checker)
+        self._args = (reader, threads, checker)
+        self.spare = None  # a second reader: the next chunk read ahead (`load_each`)
+        self._ahead: Optional[ThreadPoolExecutor] = None
         self.stats = stats
         self.dtype: Optional[mx.Dtype] = None  # the compute dtype, set by the setup
 
     def load(self, tensors: Sequence[TensorAt], decoding: bool) -> List[mx.array]:
+        return next(self.load_each([tensors], decoding))
+
+    def load_each(
+        self, groups: Sequence[Sequence[TensorAt]], decoding: bool
+    ) -> Iterator[List[mx.array]]:
+        """Each group's tensors as arrays (copies), in turn; while the caller uses one
+        group's, the next is read on a thread into the other staging buffer (the
+        spare reader, made on first use with the largest group's size: the plan
+        counts it in the head's pass in flight). Arrays are made on this thread."""
+        readers = [self.reader]
+        if len(groups) > 1:
+            if self.spare is None:
+                kind, threads, checker = self._args
+                capacity = max(span(g) for g in groups)
+                self.spare = READERS[kind](self.path, capacity, threads, checker)
+                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="mlx_flash-head")
+            readers.append(self.spare)
+        pending: Optional[Future] = None
+        try:
+            with self.stats.timed("io") if decoding else contextlib.nullcontext():
+                views, nbytes, order = self._read(groups[0], self.reader)
+            for k, tensors in enumerate(groups):
+                with self.stats.timed("io") if decoding else contextlib.nullcontext():
+                    if pending is not None:
+                        views, nbytes, order = pending.result()
+                    if k + 1 < len(groups):  # into the buffer these views are not in
+                        reader = readers[(k + 1) % 2]
+                        pending = self._ahead.submit(self._read, groups[k + 1], reader)
+                    else:
+                        pending = None
+                    arrays = [None] * len(tensors)
+                    for i, raw in zip(order, views):
+                        arrays[i] = to_array(raw, tensors[i], self.dtype)
+                    del views  # views of a staging buffer: the arrays are copies
+                if decoding:
+                    self.stats.bytes += nbytes
+                yield arrays
+        finally:  # a read still in flight must land before its buffer is reused
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    pending.result()
+
+    def _read(self, tensors: Sequence[TensorAt], reader) -> tuple:
+        """`tensors` read with `reader`: (views in offset order, bytes read, that
+        order of `tensors`)."""
         order = sorted(range(len(tensors)), key=lambda i: tensors[i].offset)
-        before = self.reader.stats.bytes
-        with self.stats.timed("io") if decoding else contextlib.nullcontext():
-            try:
-                views = self.reader.read_ranges(
-                    [(tensors[i].offset, tensors[i].nbytes) for i in order]
-                )
-            except ReadError as e:  # name the tensor holding the failing byte
-                raise e.within(holding(tensors, e.offset)) from None
-            arrays = [None] * len(tensors)
-            for i, raw in zip(order, views):
-                arrays[i] = to_array(raw, tensors[i], self.dtype)
-            del views  # views of the staging buffer: the arrays are copies
-        if decoding:
-            self.stats.bytes += self.reader.stats.bytes - before
-        return arrays
+        stats = ReadStats()
+        try:
+            views = reader.read_ranges(
+                [(tensors[i].offset, tensors[i].nbytes) for i in order], stats
+            )
+        except ReadError as e:  # name the tensor holding the failing byte
+            raise e.within(holding(tensors, e.offset)) from None
+        reader.stats.reads += stats.reads
+        reader.stats.bytes += stats.bytes
+        return views, stats.bytes, order
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True)
         self.reader.close()
+        if self.spare is not None:
+            self.spare.close()
 
 
 def holding(tensors: Sequence[TensorAt], at: Optional[int]) -> str:
@@ -244,16 +294,10 @@ class StreamedHead(nn.Module):
         if x.ndim >= 2 and x.shape[-2] > 1:
             return self._lazy(x, names)
         decoding = _decoding([x])
-        out = []
-        for a, b in self.chunks():
-            got = dict(
-                zip(
-                    names,
-                    self._stream.load(
-                        [self._parts[n].rows(a, b) for n in names], decoding
-                    ),
-                )
-            )
+        out, chunks = [], self.chunks()
+        groups = [[self._parts[n].rows(a, b) for n in names] for a, b in chunks]
+        for arrays in self._stream.load_each(groups, decoding):
+            got = dict(zip(names, arrays))
             w = got["weight"]
             if self._encoding.quantized:
                 w = (w, got["scales"]) + ((got["biases"],) if "biases" in got else ())

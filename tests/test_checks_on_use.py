@@ -15,7 +15,7 @@ from mlx_flash.errors import ReadError
 from mlx_flash.store.format import BUNDLES_NAME, DENSE_NAME
 from mlx_flash.store.store import BundleStore
 from mlx_flash.store.writer import convert
-from mlx_flash.streamed import dense_tensors
+from mlx_flash.streamed import StreamedHead, dense_tensors
 
 PROMPT = [1, 5, 9, 3]
 
@@ -133,6 +133,27 @@ def test_a_streamed_tensor_is_checked_when_first_read(tmp_path):
     flip_bit(store / DENSE_NAME, t.offset + t.nbytes // 2, 0)
     model, _ = load(str(store), dram_budget=budget, max_kv_size=256)
     with pytest.raises(ReadError, match=f"tensor {name}: bytes .*checksum"):
+        decode(model)
+
+
+def test_a_damaged_head_chunk_read_ahead_raises_in_the_head(tmp_path, monkeypatch):
+    """The streamed LM head reads its next chunk on a thread while one computes: a
+    flipped bit in its last chunk is the head's `ReadError`, naming the tensor, on the
+    decoding thread (and the output of that step is never computed)."""
+    from mlx_flash import flash_setup
+
+    monkeypatch.setattr(flash_setup, "head_chunk", lambda attention: 1024)  # chunks
+    make_checkpoint(tmp_path / "hf", "qwen2", num_hidden_layers=6)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    budget = floor_budget(store, max_kv_size=256)
+    model, _ = load(str(store), dram_budget=budget, max_kv_size=256)
+    head = next(m for m in model.modules() if isinstance(m, StreamedHead))
+    a, b = head.chunks()[-1]
+    assert a > 0  # several chunks: the last one is read ahead
+    t = head._parts["weight"].rows(a, b)
+    flip_bit(store / DENSE_NAME, t.offset + t.nbytes // 2, 0)
+    model, _ = load(str(store), dram_budget=budget, max_kv_size=256)
+    with pytest.raises(ReadError, match=f"tensor {t.name}: bytes .*checksum"):
         decode(model)
 
 

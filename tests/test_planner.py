@@ -134,6 +134,7 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     assert greedy(model) == expected
     heads = [m for m in model.modules() if isinstance(m, StreamedHead)]
     assert len(heads) == 1 and len(heads[0].chunks()) > 1
+    assert heads[0]._stream.spare is not None  # each next chunk was read ahead
     # nothing of the streamed groups is held between tokens
     held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert held == p.fixed["dense (small tensors)"] + p.resident_groups
