@@ -8,7 +8,7 @@ import argparse
 import mlx.core as mx
 import numpy as np
 
-from mlx_flash.store.format import bundle_offsets, decode_rows, dequantize
+from mlx_flash.store.format import assemble, dequantize, gather_parts
 from mlx_flash.store.store import BundleStore
 
 
@@ -21,21 +21,25 @@ def main():
     store = BundleStore(args.store)
     m = store.manifest
     entry = m.layers[args.layer]
+    parts = {}  # component -> its parts, from every section (planar: one each)
     for section in entry.sections:
         start = section.offset + args.neuron * section.bundle_bytes
         raw = np.frombuffer(store.reader.read(start, section.bundle_bytes), np.uint8)
-        print(
-            f"bytes {start}-{start + section.bundle_bytes} ({section.bundle_bytes} B)"
-        )
         comps = entry.section_components(section)
-        for c, (at, size) in zip(comps, bundle_offsets(comps).values()):
-            w = decode_rows(raw[None, at : at + size], c, mx.float32)
-            values = np.array(dequantize(w, c.length))[0]
-            print(
-                f"  {c.name:<14} +{at:<6} {size:>6} B  {c.encoding.describe():<24} "
-                f"{np.array2string(values[:6], precision=4)} ... "
-                f"|max| {abs(values).max():.4f}"
-            )
+        held = ", ".join(c.name + (f" {c.part}" if c.part else "") for c in comps)
+        print(
+            f"bytes {start}-{start + section.bundle_bytes} "
+            f"({section.bundle_bytes} B): {held}"
+        )
+        gather_parts(raw[None].copy(), comps, parts)
+    for name, got in parts.items():
+        c = entry.components[name]
+        values = np.array(dequantize(assemble(c, got, mx.float32), c.length))[0]
+        print(
+            f"  {name:<14} {c.nbytes:>6} B  {c.encoding.describe():<24} "
+            f"{np.array2string(values[:6], precision=4)} ... "
+            f"|max| {abs(values).max():.4f}"
+        )
     store.close()
 
 

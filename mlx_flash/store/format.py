@@ -60,15 +60,6 @@ from .manifest import (  # noqa: F401
 )
 
 
-def bundle_offsets(components: List[Component]) -> Dict[str, tuple]:
-    """Byte (offset, size) of each component inside one bundle, in order."""
-    offsets, at = {}, 0
-    for c in components:
-        offsets[c.name] = (at, c.nbytes)
-        at += c.nbytes
-    return offsets
-
-
 def decode_bundles(
     rows: np.ndarray, components: List[Component], dtype: mx.Dtype
 ) -> Dict[str, Weight]:
