@@ -555,16 +555,13 @@ def setup(
         layers = neuron_layers(
             store, sections, options, dtype, profile, calibration, gap_bytes
         )
-    where_read = computed_where_read(store, options)  # the pool then takes nothing
-    shapes = pool_shapes(m.layers, empty=where_read)
-    if calibration is not None:  # the kept channels' columns streamed past the cache
-        shapes.update(pool_shapes(m.columns))
     # a layer's streamed neurons decoded (the whole layer at most), one per shape;
-    # computed where read, only their floats converted
-    flight = sum(n * pool_bytes(cs, dtype) for cs, n in shapes.values())
-    if where_read:
+    # computed where they were read, only their floats converted (no pool)
+    per_neuron = staged_bytes if computed_where_read(store, options) else pool_bytes
+    flight = sum(n * per_neuron(cs, dtype) for cs, n in pool_shapes(m.layers).values())
+    if calibration is not None:  # the kept channels' columns streamed past the cache
         flight += sum(
-            n * staged_bytes(cs, dtype) for cs, n in pool_shapes(m.layers).values()
+            n * pool_bytes(cs, dtype) for cs, n in pool_shapes(m.columns).values()
         )
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
@@ -679,8 +676,8 @@ def give_layers_their_caches(
     # others stream whole. The layers take turns: one pool per shape serves them all.
     where_read = computed_where_read(store, options)  # the pool then takes nothing
     pools = {
-        key: Slots(cs, n, dtype, convert=False)
-        for key, (cs, n) in pool_shapes(m.layers, empty=where_read).items()
+        key: Slots(cs, 0 if where_read else n, dtype, convert=False)
+        for key, (cs, n) in pool_shapes(m.layers).items()
     }
     pools.update(
         (key, Slots(cs, n, dtype, convert=False))
@@ -736,16 +733,14 @@ def shape_key(entry: LayerEntry) -> tuple:
     return tuple((c.name, c.length, c.encoding) for c in entry.components.values())
 
 
-def pool_shapes(
-    layers: List[LayerEntry], empty: bool = False
-) -> Dict[tuple, Tuple[List[Component], int]]:
+def pool_shapes(layers: List[LayerEntry]) -> Dict[tuple, Tuple[List[Component], int]]:
     """The layers' distinct bundle shapes (components and encodings): each one's
-    components and the most neurons a layer of it has (0 rows with `empty`)."""
+    components and the most neurons a layer of it has."""
     shapes = {}
     for entry in layers:
         key = shape_key(entry)
         n = max(entry.neurons, shapes[key][1] if key in shapes else 0)
-        shapes[key] = (list(entry.components.values()), 0 if empty else n)
+        shapes[key] = (list(entry.components.values()), n)
     return shapes
 
 

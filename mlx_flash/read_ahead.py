@@ -86,9 +86,11 @@ class ReadAhead:
 
     def take(self, request: Request) -> Optional[List[tuple]]:
         """The pieces read ahead for `request`; else None, once a read still in
-        flight is dropped (its buffer is then free for the caller's own read)."""
+        flight is dropped: the caller then reads with the store's reader, whose
+        buffer the layer computes from (`busy`)."""
         if self._pending is None or not self._pending.same(request):
             self.settle()
+            self.busy = self.store.reader
             return None
         future, self._pending, self._future = self._future, None, None
         pieces, nbytes, reads, self.busy = future.result()  # a failed read raises

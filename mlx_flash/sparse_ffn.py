@@ -378,7 +378,6 @@ class FlashFFN(nn.Module):
                 pieces = self._ahead.take(request)
                 if pieces is not None:
                     return pieces
-                self._ahead.busy = self._store.reader  # what this layer reads into
             return self._store.read_runs(self._layer, ids, sections, gap, columns)
 
     @staticmethod

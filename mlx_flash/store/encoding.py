@@ -308,17 +308,18 @@ def decode_parts(raw: np.ndarray, component: Component) -> Dict[str, mx.array]:
     return out
 
 
-def assemble(component: Component, parts: Dict[str, mx.array], dtype) -> Weight:
+def assemble(
+    component: Component, parts: Dict[str, mx.array], dtype: mx.Dtype
+) -> Weight:
     """A component's parts as stored, (n, part bytes) uint8 each (copies or views of
     a buffer: `assemble` never copies them) -> its MLX weight: packed words as
-    uint32, floats converted to `dtype` (None: kept as stored), a float mode's
-    scales as they are."""
+    uint32, floats converted to `dtype`, a float mode's scales as they are."""
     enc = component.encoding
     stored = FLOAT_DTYPES.get(enc.dtype)
 
     def value(a: mx.array) -> mx.array:
         a = a.view(stored)
-        return a if dtype is None or stored == dtype else a.astype(dtype)
+        return a if stored == dtype else a.astype(dtype)
 
     if not enc.quantized:
         return value(parts["values"])
