@@ -58,7 +58,8 @@ def attach(model, on: bool) -> None:
     checker = model.flash_store.checkers.get
     model.flash_store.reader.checker = checker("ffn.bundles") if on else None
     if model.flash_stream is not None:
-        model.flash_stream.reader.checker = checker("model.safetensors") if on else None
+        for reader in model.flash_stream.readers:
+            reader.checker = checker("model.safetensors") if on else None
     for m in model.modules():
         if hasattr(m, "_checker"):
             m._checker = checker("model.safetensors") if on else None

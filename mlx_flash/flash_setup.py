@@ -9,7 +9,7 @@ are the resident weights read; the streamed ones never are, until used.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -358,11 +358,11 @@ def head_candidates(
         parent, name = parent_of(model, path)
         setattr(parent, name, disk)
 
-    if tied:
+    row = sum(t.nbytes // t.shape[0] for t in parts.values())  # one per token, pread
+    if tied:  # the head's chunks and the token's row
         group = head_group(path + " (tied LM head)", table, parts, chunk)
-    else:  # one row per token
-        row = sum(t.nbytes // t.shape[0] for t in parts.values())
-        # read by pread, one row per token
+        group = replace(group, streamed=group.streamed + row)
+    else:
         group = Group(path.removeprefix("model."), parameter_bytes(table), row, 0, 0)
     found.append(Candidate(group, stream))
     return found
@@ -377,11 +377,8 @@ def head_group(
     per_chunk = [span([t.rows(a, b) for t in parts.values()]) for a, b in chunks]
     resident = parameter_bytes(module)
     stored = sum(t.nbytes for t in parts.values())
-    # in flight: one chunk's arrays, and the next chunk read ahead into a second
-    # staging buffer (`DenseStream.load_each`)
     arrays = (max(b - a for a, b in chunks) * (stored + resident)) // vocab
-    ahead = max(per_chunk) if len(chunks) > 1 else 0
-    return Group(name, resident, sum(per_chunk), max(per_chunk), arrays + ahead)
+    return Group(name, resident, sum(per_chunk), max(per_chunk), arrays)
 
 
 def streamed_head(

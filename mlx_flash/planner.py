@@ -78,7 +78,7 @@ class Plan:
     held: List[bool]  # per group: resident (True) or streamed
     layers: List[Neurons]
     capacities: List[int]  # cache slots per layer (the first `capacity` of `use`)
-    streaming: int = 0  # the dense stream's staging buffer and one pass in flight
+    streaming: int = 0  # the dense stream's staging buffers and one pass in flight
     expected_bytes: Optional[int] = None  # read per token once warm; None: unknown
     pinned: List[int] = field(default_factory=list)  # per layer: the hot part's slots
     prefill_step: int = 2048  # tokens a prompt is processed in at a time, at most
@@ -206,10 +206,12 @@ def least_budget(fixed: Dict[str, int], groups: Sequence[Group]) -> int:
 
 
 def streaming_bytes(groups: Sequence[Group]) -> int:
-    """The dense stream's staging buffer (its largest read) and one pass in flight."""
+    """The dense stream's two staging buffers (each holds its largest read: one pass
+    computes from arrays copied out of one while the next is read into the other)
+    and one pass in flight."""
     if not groups:
         return 0
-    return max(g.staging for g in groups) + max(g.in_flight for g in groups)
+    return 2 * max(g.staging for g in groups) + max(g.in_flight for g in groups)
 
 
 def plan_residency(

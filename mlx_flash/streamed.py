@@ -6,8 +6,8 @@ A layer's attention becomes a `StreamedModule`: before each call its tensors are
 (one coalesced read: format v2 starts every tensor of 4 KiB or more on a block) and
 put into the module, after it they are dropped. The LM head becomes a `StreamedHead`
 that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM
-as arrays; while a decoded token's chunk computes, the next one is read into a second
-staging buffer (`DenseStream.load_each`).
+as arrays. While a decoded token's pass (an attention, a head chunk) computes, the
+pass that follows it is read into a second staging buffer (`DenseStream`).
 """
 
 import contextlib
@@ -92,9 +92,17 @@ def span(tensors: Sequence[TensorAt]) -> int:
 class DenseStream:
     """Reads tensors of the dense file into MLX arrays, counting decoding's bytes.
 
+    Each pass (a streamed attention, a chunk of a streamed head) is read into one of
+    two staging buffers; while a decoded token's pass computes, the pass that came
+    after it last time is read into the other one on a background thread (so the
+    next streamed attention, or the head's next chunk, or the next token's first
+    streamed attention). A pass that finds another read ahead than its own drops it
+    (its bytes were read for nothing) and reads now.
+
     Args:
         path: the store's model.safetensors.
-        capacity: the largest read (`span`) any caller makes.
+        capacity: the largest read (`span`) any pass makes; each of the two staging
+            buffers holds one (both in the plan: `planner.streaming_bytes`).
         threads, reader: as the store's reader.
         stats: the model's counters; bytes read while decoding one token count there.
         checker: the dense file's `BlockChecker` (each block checked when first
@@ -111,12 +119,19 @@ class DenseStream:
         checker=None,
     ):
         self.path = Path(path)
-        self.reader = READERS[reader](self.path, capacity, threads, checker)
-        self._args = (reader, threads, checker)
-        self.spare = None  # a second reader: the next chunk read ahead (`load_each`)
-        self._ahead: Optional[ThreadPoolExecutor] = None
+        self.readers = tuple(
+            READERS[reader](self.path, capacity, threads, checker) for _ in range(2)
+        )
         self.stats = stats
         self.dtype: Optional[mx.Dtype] = None  # the compute dtype, set by the setup
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mlx_flash-dense")
+        # a decoded token's passes, each to the one that followed it last
+        self._follows: Dict[Tuple[TensorAt, ...], Sequence[TensorAt]] = {}
+        self._last: Optional[Tuple[TensorAt, ...]] = None  # decoding's last pass
+        # the pass read ahead: (its tensors, the read, the reader it reads with)
+        self._pending: Optional[Tuple[Tuple[TensorAt, ...], Future, int]] = None
+        self._cur = 0  # the reader whose buffer the pass computing now was read into
+        self.taken = self.dropped = 0  # reads ahead used, and read for nothing
 
     def load(self, tensors: Sequence[TensorAt], decoding: bool) -> List[mx.array]:
         return next(self.load_each([tensors], decoding))
@@ -124,42 +139,58 @@ class DenseStream:
     def load_each(
         self, groups: Sequence[Sequence[TensorAt]], decoding: bool
     ) -> Iterator[List[mx.array]]:
-        """Each group's tensors as arrays (copies), in turn; while the caller uses one
-        group's, the next is read on a thread into the other staging buffer (the
-        spare reader, made on first use with the largest group's size: the plan
-        counts it in the head's pass in flight). Arrays are made on this thread."""
-        readers = [self.reader]
-        if len(groups) > 1:
-            if self.spare is None:
-                kind, threads, checker = self._args
-                capacity = max(span(g) for g in groups)
-                self.spare = READERS[kind](self.path, capacity, threads, checker)
-                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="mlx_flash-head")
-            readers.append(self.spare)
-        pending: Optional[Future] = None
-        try:
+        """Each group's tensors as arrays (copies made on this thread), in turn; the
+        next group (or, decoding, the pass that followed the last one before) is read
+        ahead while the caller uses one."""
+        for k, tensors in enumerate(groups):
+            key = tuple(tensors)
             with self.stats.timed("io") if decoding else contextlib.nullcontext():
-                views, nbytes, order = self._read(groups[0], self.reader)
-            for k, tensors in enumerate(groups):
-                with self.stats.timed("io") if decoding else contextlib.nullcontext():
-                    if pending is not None:
-                        views, nbytes, order = pending.result()
-                    if k + 1 < len(groups):  # into the buffer these views are not in
-                        reader = readers[(k + 1) % 2]
-                        pending = self._ahead.submit(self._read, groups[k + 1], reader)
-                    else:
-                        pending = None
-                    arrays = [None] * len(tensors)
-                    for i, raw in zip(order, views):
-                        arrays[i] = to_array(raw, tensors[i], self.dtype)
-                    del views  # views of a staging buffer: the arrays are copies
+                views, nbytes, order = self._take(key, decoding)
                 if decoding:
-                    self.stats.bytes += nbytes
-                yield arrays
-        finally:  # a read still in flight must land before its buffer is reused
-            if pending is not None:
-                with contextlib.suppress(Exception):
-                    pending.result()
+                    if self._last is not None:
+                        self._follows[self._last] = tensors
+                    self._last = key
+                else:
+                    self._last = None
+                ahead = groups[k + 1] if k + 1 < len(groups) else None
+                if ahead is None and decoding:
+                    ahead = self._follows.get(key)
+                if ahead is not None:  # into the buffer these views are not in
+                    other = 1 - self._cur
+                    future = self._thread.submit(self._read, ahead, self.readers[other])
+                    self._pending = (tuple(ahead), future, other)
+                arrays = [None] * len(tensors)
+                for i, raw in zip(order, views):
+                    arrays[i] = to_array(raw, tensors[i], self.dtype)
+                del views  # views of a staging buffer: the arrays are copies
+            if decoding:
+                self.stats.bytes += nbytes
+            yield arrays
+
+    def _take(self, key: Tuple[TensorAt, ...], decoding: bool) -> tuple:
+        """The pass `key`: read ahead, or (after dropping a read ahead of another
+        pass: decoding counts its bytes) read now."""
+        if self._pending is not None and self._pending[0] == key:
+            _, future, self._cur = self._pending
+            self._pending = None
+            self.taken += 1
+            return future.result()  # a failed read raises here
+        dropped = self.settle()
+        if decoding:
+            self.stats.bytes += dropped
+        return self._read(key, self.readers[self._cur])
+
+    def settle(self) -> int:
+        """Wait for a read ahead still in flight and drop it (an error too: nothing
+        will use its bytes); the bytes it read."""
+        if self._pending is None:
+            return 0
+        future, self._pending = self._pending[1], None
+        self.dropped += 1
+        try:
+            return future.result()[1]
+        except Exception:
+            return 0
 
     def _read(self, tensors: Sequence[TensorAt], reader) -> tuple:
         """`tensors` read with `reader`: (views in offset order, bytes read, that
@@ -177,11 +208,10 @@ class DenseStream:
         return views, stats.bytes, order
 
     def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=True)
-        self.reader.close()
-        if self.spare is not None:
-            self.spare.close()
+        self.settle()
+        self._thread.shutdown(wait=True)
+        for reader in self.readers:
+            reader.close()
 
 
 def holding(tensors: Sequence[TensorAt], at: Optional[int]) -> str:

@@ -134,10 +134,42 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     assert greedy(model) == expected
     heads = [m for m in model.modules() if isinstance(m, StreamedHead)]
     assert len(heads) == 1 and len(heads[0].chunks()) > 1
-    assert heads[0]._stream.spare is not None  # each next chunk was read ahead
+    # decoding read every pass ahead but a token's first (after the prompt)
+    stream = heads[0]._stream
+    assert stream.taken > 0 and stream.dropped == 0
     # nothing of the streamed groups is held between tokens
     held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert held == p.fixed["dense (small tensors)"] + p.resident_groups
+
+
+def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks):
+    """Decoding at the floor: once two tokens have shown the order of its passes
+    (each streamed attention, each chunk of the head; the second, which the first
+    attention follows), every pass of the tokens after them was read while the pass
+    before it computed, none on the decoding thread, and the bytes per token are the
+    plan's."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    make_checkpoint(tmp_path / "hf", "qwen2", num_hidden_layers=6)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    floor = load(str(store), max_kv_size=256, progress=False)[0].flash_plan.floor
+    model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
+    stream = model.flash_stream
+    head = next(m for m in model.modules() if isinstance(m, StreamedHead))
+    passes = len(head.chunks()) + sum(
+        isinstance(layer.self_attn, StreamedModule) for layer in model.layers
+    )
+    assert passes > len(head.chunks()) > 1
+    cache, y = make_prompt_cache(model), mx.array([PROMPT])
+    for step in range(7):
+        if step == 3:  # the prompt, then two decoded tokens
+            model.flash_stats.reset()
+            taken, dropped = stream.taken, stream.dropped
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+        mx.eval(y)
+    s = model.flash_stats
+    assert stream.taken - taken == 4 * passes and stream.dropped == dropped
+    assert s.bytes / s.tokens == model.flash_plan.expected_bytes
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
