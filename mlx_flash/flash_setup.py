@@ -64,6 +64,7 @@ from .store.format import (
 )
 from .store.store import BundleStore
 from .streamed import (
+    MLX,
     DenseStream,
     StreamedHead,
     StreamedModule,
@@ -266,13 +267,12 @@ def attention_candidates(
             if any(prefix + k not in tensors for k, _ in params):
                 continue  # not stored under the model's names: stays resident
             ts = [tensors[prefix + k] for k, _ in params]
-            resident = parameter_bytes(child)
             group = Group(
                 prefix[:-1].removeprefix("model."),
-                resident,
+                parameter_bytes(child),
                 span(ts),
                 span(ts),
-                sum(t.nbytes for t in ts) + resident,
+                converted(params, ts),
             )
 
             def stream(s, layer=layer, name=name, child=child, prefix=prefix):
@@ -375,10 +375,20 @@ def head_group(
     vocab = parts["weight"].shape[0]
     chunks = [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)]
     per_chunk = [span([t.rows(a, b) for t in parts.values()]) for a, b in chunks]
-    resident = parameter_bytes(module)
-    stored = sum(t.nbytes for t in parts.values())
-    arrays = (max(b - a for a, b in chunks) * (stored + resident)) // vocab
-    return Group(name, resident, sum(per_chunk), max(per_chunk), arrays)
+    params = [(k, p) for k, p in tree_flatten(module.parameters()) if k in parts]
+    arrays = converted(params, [parts[k] for k, _ in params])
+    arrays = -(-max(b - a for a, b in chunks) * arrays // vocab)  # one chunk's
+    return Group(name, parameter_bytes(module), sum(per_chunk), max(per_chunk), arrays)
+
+
+def converted(params: List[Tuple[str, mx.array]], tensors: List[TensorAt]) -> int:
+    """DRAM a streamed pass of these parameters takes beside the staging buffer its
+    arrays view: the floats stored in another dtype than the parameter's."""
+    return sum(
+        p.nbytes
+        for (_, p), t in zip(params, tensors)
+        if t.floating and MLX[t.dtype] != p.dtype
+    )
 
 
 def streamed_head(

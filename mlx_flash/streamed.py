@@ -5,9 +5,11 @@ FFN's bundles.
 A layer's attention becomes a `StreamedModule`: before each call its tensors are read
 (one coalesced read: format v2 starts every tensor of 4 KiB or more on a block) and
 put into the module, after it they are dropped. The LM head becomes a `StreamedHead`
-that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM
-as arrays. While a decoded token's pass (an attention, a head chunk) computes, the
-pass that follows it is read into a second staging buffer (`DenseStream`).
+that reads its matrix in chunks of vocabulary rows, so at most one chunk is in DRAM.
+A pass computes where it was read: its arrays are views of the staging buffer
+(floats stored in another dtype than the compute dtype converted). While a decoded
+token's pass (an attention, a head chunk) computes, the pass that follows it is read
+into a second staging buffer (`DenseStream`).
 """
 
 import contextlib
@@ -75,12 +77,33 @@ def dense_tensors(path: Path) -> Dict[str, TensorAt]:
     }
 
 
-def to_array(raw: memoryview, t: TensorAt, dtype: Optional[mx.Dtype]) -> mx.array:
-    """A tensor's bytes -> an MLX array (one copy), floats cast to `dtype`."""
-    a = mx.array(np.frombuffer(raw, NUMPY[t.dtype]).reshape(t.shape))
-    if t.dtype == "BF16":
-        a = a.view(mx.bfloat16)
-    return a.astype(dtype) if dtype is not None and t.floating else a
+MLX = {  # the MLX type of each safetensors dtype read
+    "U32": mx.uint32,
+    "U8": mx.uint8,
+    "F32": mx.float32,
+    "F16": mx.float16,
+    "BF16": mx.bfloat16,
+    "I32": mx.int32,
+}
+
+
+def to_array(
+    raw: memoryview, t: TensorAt, dtype: Optional[mx.Dtype], staging=None
+) -> mx.array:
+    """A tensor's bytes -> an MLX array, floats cast to `dtype`: a view of the
+    bytes where they lie in `staging` (a reader's `Staging` buffer: valid until its
+    next read) and are aligned for their type, else a copy."""
+    host = np.frombuffer(raw, np.uint8)
+    itemsize = np.dtype(NUMPY[t.dtype]).itemsize
+    a = None
+    if staging is not None and host.ctypes.data % max(itemsize, 4) == 0:
+        a = staging.mlx(host)
+    if a is None:
+        a = mx.array(host)
+    a = a.view(MLX[t.dtype]).reshape(t.shape)
+    return (
+        a.astype(dtype) if dtype is not None and t.floating and a.dtype != dtype else a
+    )
 
 
 def span(tensors: Sequence[TensorAt]) -> int:
@@ -139,9 +162,11 @@ class DenseStream:
     def load_each(
         self, groups: Sequence[Sequence[TensorAt]], decoding: bool
     ) -> Iterator[List[mx.array]]:
-        """Each group's tensors as arrays (copies made on this thread), in turn; the
-        next group (or, decoding, the pass that followed the last one before) is read
-        ahead while the caller uses one."""
+        """Each group's tensors as arrays (made on this thread), in turn; the next
+        group (or, decoding, the pass that followed the last one before) is read
+        ahead while the caller uses one. The arrays view the staging buffer they were
+        read into (floats converted): the caller evaluates what it computes from them
+        before asking for the group after next, which is read into the same buffer."""
         for k, tensors in enumerate(groups):
             key = tuple(tensors)
             with self.stats.timed("io") if decoding else contextlib.nullcontext():
@@ -159,10 +184,11 @@ class DenseStream:
                     other = 1 - self._cur
                     future = self._thread.submit(self._read, ahead, self.readers[other])
                     self._pending = (tuple(ahead), future, other)
-                arrays = [None] * len(tensors)
+                arrays = [None] * len(tensors)  # views of the staging buffer
+                staging = self.readers[self._cur].buffer
                 for i, raw in zip(order, views):
-                    arrays[i] = to_array(raw, tensors[i], self.dtype)
-                del views  # views of a staging buffer: the arrays are copies
+                    arrays[i] = to_array(raw, tensors[i], self.dtype, staging)
+                del views
             if decoding:
                 self.stats.bytes += nbytes
             yield arrays

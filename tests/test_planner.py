@@ -172,6 +172,28 @@ def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks):
     assert s.bytes / s.tokens == model.flash_plan.expected_bytes
 
 
+def test_a_streamed_pass_computes_from_its_staging_buffer():
+    """A streamed tensor's array is a view of the bytes where the reader put them
+    (what the reader writes there next shows through); floats stored in another
+    dtype are converted; bytes outside a staging buffer are copied."""
+    from mlx_flash.store.reader import Staging
+    from mlx_flash.streamed import TensorAt, to_array
+
+    staging = Staging(2 * 4096)
+    staging.host[:16] = np.arange(16, dtype=np.uint8)
+    packed = TensorAt("w", "U32", (2, 2), 0)
+    a = to_array(staging.view[:16], packed, mx.float32, staging)
+    mx.eval(a)
+    assert a.dtype == mx.uint32 and a[0, 0].item() == 0x03020100
+    staging.host[:4] = 0xFF
+    assert a[0, 0].item() == 0xFFFFFFFF  # the buffer's bytes, not a copy of them
+    staging.host[16:24] = np.array([1, 2, 3, 4], np.float16).view(np.uint8)
+    half = to_array(staging.view[16:24], TensorAt("s", "F16", (4,), 16), mx.float32)
+    assert half.dtype == mx.float32 and half.tolist() == [1, 2, 3, 4]
+    copied = to_array(memoryview(bytes(16)), packed, None, staging)
+    assert copied.tolist() == [[0, 0], [0, 0]]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch):
     """From the floor to everything: exact tokens, the plan within its budget, the
