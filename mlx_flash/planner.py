@@ -206,9 +206,9 @@ def least_budget(fixed: Dict[str, int], groups: Sequence[Group]) -> int:
 
 
 def streaming_bytes(groups: Sequence[Group]) -> int:
-    """The dense stream's two staging buffers (each holds its largest read: one pass
-    computes from arrays copied out of one while the next is read into the other)
-    and one pass in flight."""
+    """The dense stream's two staging buffers (each holds its largest read: a pass
+    computes from one while the next is read into the other) and one pass in
+    flight."""
     if not groups:
         return 0
     return 2 * max(g.staging for g in groups) + max(g.in_flight for g in groups)

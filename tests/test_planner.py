@@ -143,11 +143,11 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
 
 
 def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks):
-    """Decoding at the floor: once two tokens have shown the order of its passes
-    (each streamed attention, each chunk of the head; the second, which the first
-    attention follows), every pass of the tokens after them was read while the pass
-    before it computed, none on the decoding thread, and the bytes per token are the
-    plan's."""
+    """Decoding at the floor: once two decoded tokens have shown the order of its
+    passes (each streamed attention, each chunk of the head; the second shows that
+    the next token's first attention follows the head's last chunk), every pass of
+    the tokens after them was read while the pass before it computed, none on the
+    decoding thread, and the bytes per token are the plan's."""
     from mlx_lm.models.cache import make_prompt_cache
 
     make_checkpoint(tmp_path / "hf", "qwen2", num_hidden_layers=6)
@@ -188,7 +188,8 @@ def test_a_streamed_pass_computes_from_its_staging_buffer():
     staging.host[:4] = 0xFF
     assert a[0, 0].item() == 0xFFFFFFFF  # the buffer's bytes, not a copy of them
     staging.host[16:24] = np.array([1, 2, 3, 4], np.float16).view(np.uint8)
-    half = to_array(staging.view[16:24], TensorAt("s", "F16", (4,), 16), mx.float32)
+    scales = TensorAt("s", "F16", (4,), 16)
+    half = to_array(staging.view[16:24], scales, mx.float32, staging)
     assert half.dtype == mx.float32 and half.tolist() == [1, 2, 3, 4]
     copied = to_array(memoryview(bytes(16)), packed, None, staging)
     assert copied.tolist() == [[0, 0], [0, 0]]
