@@ -231,6 +231,7 @@ class DenseStream:
             raise e.within(holding(tensors, e.offset)) from None
         reader.stats.reads += stats.reads
         reader.stats.bytes += stats.bytes
+        reader.stats.seconds += stats.seconds
         return views, stats.bytes, order
 
     def close(self) -> None:

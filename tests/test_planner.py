@@ -142,7 +142,7 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     assert held == p.fixed["dense (small tensors)"] + p.resident_groups
 
 
-def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks):
+def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks, capsys):
     """Decoding at the floor: once two decoded tokens have shown the order of its
     passes (each streamed attention, each chunk of the head; the second shows that
     the next token's first attention follows the head's last chunk), every pass of
@@ -170,6 +170,12 @@ def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks):
     s = model.flash_stats
     assert stream.taken - taken == 4 * passes and stream.dropped == dropped
     assert s.bytes / s.tokens == model.flash_plan.expected_bytes
+    from mlx_flash.generate import print_stats
+
+    print_stats(model)  # --stats counts the dense part's reads beside the bundles'
+    dense = sum(r.stats.bytes for r in stream.readers)
+    assert f"+ {dense / 1e6:.1f} MB of the dense part in" in capsys.readouterr().out
+    assert dense > 0
 
 
 def test_a_streamed_pass_computes_from_its_staging_buffer():
