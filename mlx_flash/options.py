@@ -185,7 +185,8 @@ class FlashOptions:
     no_read_ahead: bool = _option(
         "Do not read the next layer's FFN bytes while this layer computes (all and "
         "naive read ahead by default, into a second staging buffer the DRAM plan "
-        "counts; the other selectors decide on the token and never do)",
+        "counts; the other selectors decide on the token and never do; streamed "
+        "attention and LM head chunks are read ahead whatever this says)",
         False,
     )
     compute_dtype: Optional[str] = _option(
