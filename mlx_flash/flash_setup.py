@@ -564,7 +564,8 @@ def setup(
         )
     # a layer's streamed neurons decoded (the whole layer at most), one per shape;
     # computed where they were read, only their floats converted (no pool)
-    per_neuron = staged_bytes if computed_where_read(store, options) else pool_bytes
+    where_read = computed_where_read(store, options)
+    per_neuron = staged_bytes if where_read else pool_bytes
     flight = sum(n * per_neuron(cs, dtype) for cs, n in pool_shapes(m.layers).values())
     if calibration is not None:  # the kept channels' columns streamed past the cache
         flight += sum(
@@ -655,6 +656,7 @@ def setup(
         sections,
         state,
         profile,
+        where_read,
     )
     streamed = sum(g.streamed for g in p.streamed())
     ffn = expected_ffn_bytes(m.layers, sections, options, p.capacities)
@@ -675,13 +677,16 @@ def give_layers_their_caches(
     sections,
     state: SelectorState,
     profile,
+    where_read: bool,
 ) -> None:
+    """Every layer's selector, cache and pool; `where_read`: the streamed neurons
+    are computed from the staging buffer (`computed_where_read`), so the layers' pool
+    takes no rows."""
     m, calibration = store.manifest, state.calibration
     sparse = options.selector != "all" and not options.naive
     # layers with a cache: every layer of a sparse selector (the overflow streams past
     # even an empty cache); with `all`, those the plan caches (naive plans none); the
     # others stream whole. The layers take turns: one pool per shape serves them all.
-    where_read = computed_where_read(store, options)  # the pool then takes nothing
     pools = {
         key: Slots(cs, 0 if where_read else n, dtype, convert=False)
         for key, (cs, n) in pool_shapes(m.layers).items()

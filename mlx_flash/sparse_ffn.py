@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .neuron_cache import NeuronCache, Slots
+from .neuron_cache import NeuronCache, Slots, as_slice
 from .read_ahead import ReadAhead, Request
 from .selectors import AllSelector
 from .stats import FlashStats
@@ -210,7 +210,8 @@ class FlashFFN(nn.Module):
             (c,) = components if len(components) == 1 else (None,)
             if c is None or c.part is None or len(positions) < first + n:
                 return None
-            if not np.array_equal(positions, np.arange(len(positions))):
+            run = as_slice(positions)  # the read positions 0, 1, ... in order
+            if not isinstance(run, slice) or run.start != 0:
                 return None
             staged = self._store.staged(rows[first : first + n])
             if staged is None:
