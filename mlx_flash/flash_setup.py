@@ -58,11 +58,10 @@ from .store.format import (
     DENSE_NAME,
     Component,
     LayerEntry,
-    align_up,
     decode_bundles,
     dequantize,
 )
-from .store.store import BundleStore
+from .store.store import BundleStore, read_bytes, read_chunks
 from .streamed import (
     MLX,
     DenseStream,
@@ -74,6 +73,10 @@ from .streamed import (
     span,
 )
 
+# A layer computed where it was read streams in pieces of at most this many bytes: its
+# two staging buffers (one computing, one reading ahead) hold a piece each, not a
+# layer (2 x 31 MiB on Qwen2.5-Coder-1.5B), and what they leave goes to the caches
+STREAM_PIECE = 8 << 20
 # A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
 # one chunk in flight, so the floor does not hold a whole head
 HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
@@ -563,10 +566,21 @@ def setup(
             store, sections, options, dtype, profile, calibration, gap_bytes
         )
     # a layer's streamed neurons decoded (the whole layer at most), one per shape;
-    # computed where they were read, only their floats converted (no pool)
+    # computed where they were read, only their floats converted (no pool), a
+    # piece at a time
     where_read = computed_where_read(store, options)
+    share = 1.0
+    if where_read:
+        whole = max(e.whole_read() for e in m.layers)
+        # (a piece holds a neuron at least: a block per section, and one more each)
+        least = max(e.bundle_bytes() + 2 * ALIGN * len(e.sections) for e in m.layers)
+        store.restage(min(whole, max(STREAM_PIECE, least)))
+        share = len(store.reader.buffer) / whole
     per_neuron = staged_bytes if where_read else pool_bytes
-    flight = sum(n * per_neuron(cs, dtype) for cs, n in pool_shapes(m.layers).values())
+    flight = sum(
+        math.ceil(n * share) * per_neuron(cs, dtype)
+        for cs, n in pool_shapes(m.layers).values()
+    )
     if calibration is not None:  # the kept channels' columns streamed past the cache
         flight += sum(
             n * pool_bytes(cs, dtype) for cs, n in pool_shapes(m.columns).values()
@@ -659,7 +673,9 @@ def setup(
         where_read,
     )
     streamed = sum(g.streamed for g in p.streamed())
-    ffn = expected_ffn_bytes(m.layers, sections, options, p.capacities)
+    ffn = expected_ffn_bytes(
+        m.layers, sections, options, p.capacities, len(store.reader.buffer)
+    )
     if ffn is not None:
         p.expected_bytes = streamed + ffn
     elif profile is not None or calibration is not None:  # an estimate: the
@@ -770,23 +786,23 @@ def expected_ffn_bytes(
     sections: Sections,
     options: FlashOptions,
     capacities: List[int],
+    staging: int,
 ) -> Optional[int]:
     """FFN bytes read per decoded token once the caches are warm, where the plan
     alone decides it: `naive` and uncached layers read whole; `all` the neurons its
-    caches cannot hold (the paper's hybrid streams the rest). Other selectors: None."""
+    caches cannot hold (the paper's hybrid streams the rest), each read in the
+    pieces a `staging`-byte buffer takes (`read_chunks`), its runs widened to 4 KiB
+    for direct I/O. Other selectors: None."""
     if not options.naive and options.selector != "all":
         return None
     total = 0
     for layer, capacity in zip(layers, capacities):
-        if capacity == 0 or options.naive:  # each section read whole (aligned)
-            total += layer.whole_read()
-            continue
-        # the streamed tail [capacity, n) of each section, read as one run widened
-        # to 4 KiB for direct I/O
-        for k in sections.chosen(layer, False):
-            s = layer.sections[k]
-            if capacity < layer.neurons:
-                start = s.offset + capacity * s.bundle_bytes
-                stop = s.offset + layer.neurons * s.bundle_bytes
-                total += align_up(stop) - (start - start % ALIGN)
+        if capacity == 0 or options.naive:  # every section, whole
+            chosen, ids = layer.sections, np.arange(layer.neurons)
+        else:  # the streamed tail [capacity, n) of the chosen sections
+            chosen = [layer.sections[k] for k in sections.chosen(layer, False)]
+            ids = np.arange(capacity, layer.neurons)
+        if len(ids):
+            pieces = read_chunks(chosen, ids, 0, staging)
+            total += sum(read_bytes(chosen, piece, 0) for piece in pieces)
     return total

@@ -10,7 +10,7 @@ prefill chunk's selections would be nearly dense anyway (see README, "Prefill").
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +21,7 @@ from .read_ahead import ReadAhead, Request
 from .selectors import AllSelector
 from .stats import FlashStats
 from .store.format import Weight, assemble, matmul
-from .store.store import BundleStore
+from .store.store import BundleStore, read_chunks
 
 ACTIVATIONS = {
     "silu": nn.silu,
@@ -76,6 +76,7 @@ class FlashFFN(nn.Module):
         self._gap, self._pool, self._columns = 0, None, None
         self._ahead: Optional[ReadAhead] = None  # reads the next layer's bytes
         self._whole = False  # the cache holds every neuron and the selector takes all
+        self._pieces = (None, [])  # the last ids cut into pieces (`_chunks`), by key
         self.trace = None  # a list: each decoded token's (channels or None, ids)
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
@@ -157,7 +158,7 @@ class FlashFFN(nn.Module):
             return None  # computed from its cache: nothing read
         if not decoding or self._cache is None:
             every = list(range(len(entry.sections)))
-            return Request(self._layer, np.arange(entry.neurons), every, 0)
+            return self._first(np.arange(entry.neurons), every, 0)
         cache = self._cache
         if not isinstance(self._selector, AllSelector) or cache.window is not None:
             return None
@@ -165,7 +166,26 @@ class FlashFFN(nn.Module):
         through = cache.admissible(ids)
         if (cache.slot_of[ids[through]] < 0).any():  # it would admit some: filling
             return None
-        return Request(self._layer, ids[~through], self._sections, self._gap)
+        return self._first(ids[~through], self._sections, self._gap)
+
+    def _first(self, ids: np.ndarray, sections, gap: int) -> Request:
+        """The first read of `ids`' bundles (all of them, or their first piece)."""
+        return Request(self._layer, self._chunks(ids, sections, gap)[0], sections, gap)
+
+    def _chunks(
+        self, ids: np.ndarray, sections, gap: int, columns: bool = False
+    ) -> List[np.ndarray]:
+        """`ids` in the pieces the staging buffer takes them in: one, unless the
+        buffer is smaller than the layer (`BundleStore.restage`, `read_chunks`)."""
+        entry = self._store.entry(self._layer, columns)
+        capacity = len(self._store.reader.buffer)
+        if not len(ids) or entry.whole_read(list(sections)) <= capacity:
+            return [ids]
+        key = (columns, tuple(sections), gap, ids.tobytes())
+        if self._pieces[0] != key:  # (the same every token with `all`: cut once)
+            chosen = [entry.sections[k] for k in sections]
+            self._pieces = (key, read_chunks(chosen, ids, gap, capacity))
+        return self._pieces[1]
 
     def _count_whole(self) -> None:
         stats, n = self._stats, self._cache.capacity
@@ -184,16 +204,44 @@ class FlashFFN(nn.Module):
     def _dense(self, x: mx.array) -> mx.array:
         self._stats.dense_layers += 1
         entry = self._store.manifest.layers[self._layer]
-        n, every = entry.neurons, range(len(entry.sections))
+        every = list(range(len(entry.sections)))
         decoding = x.shape[0] * x.shape[1] == 1
-        pieces = self._read(np.arange(n), list(every), 0, False, decoding)
-        w = self._staged(pieces, 0, n, x.dtype)
-        if w is None:
-            with self._stats.timed("memory") if decoding else contextlib.nullcontext():
-                for positions, components, rows in pieces:
-                    self._pool.put(positions, components, rows)
-            w = self._pool.first(n, self._encodings)
-        return self.with_bias(self._partial(x, w, None))
+        y = mx.zeros_like(x)
+        for ids, _, pieces, last in self._reads(
+            np.arange(entry.neurons), every, 0, False, decoding
+        ):
+            w = self._staged(pieces, 0, len(ids), x.dtype)
+            if w is None:
+                timed = self._stats.timed("memory") if decoding else None
+                with timed or contextlib.nullcontext():
+                    for positions, components, rows in pieces:
+                        self._pool.put(positions, components, rows)
+                w = self._pool.first(len(ids), self._encodings)
+            y = y + self._partial(x, w, None)
+            if not last:
+                self._settled(y)
+        return self.with_bias(y)
+
+    def _reads(self, ids: np.ndarray, sections, gap: int, columns: bool, decoding=True):
+        """Read `ids`' bundles piece by piece (`_chunks`): yields ``(piece's ids, its
+        first position in ids, its pieces, last)``; each read starts the next piece's
+        ahead, into the other buffer. The caller uses a piece's views before asking
+        for the next one, and evaluates what computes from them unless `last`
+        (`_settled`): the buffer is read into again."""
+        chunks, at = self._chunks(ids, sections, gap, columns), 0
+        for i, chunk in enumerate(chunks):
+            pieces = self._read(chunk, sections, gap, columns, decoding)
+            last = i + 1 == len(chunks)
+            if not last and self._ahead is not None and not columns:
+                self._ahead.start(Request(self._layer, chunks[i + 1], sections, gap))
+            yield chunk, at, pieces, last
+            at += len(chunk)
+
+    def _settled(self, *arrays: mx.array) -> None:
+        """Evaluate `arrays` now: they compute from a staging buffer (or the pool)
+        that the next piece of the layer is read into."""
+        self._stats.evals += 1
+        mx.eval(*arrays)
 
     def _staged(
         self, pieces: list, first: int, n: int, dtype: mx.Dtype
@@ -234,7 +282,15 @@ class FlashFFN(nn.Module):
         ids, pre = selection.ids, selection.pre
         if self.trace is not None:
             self.trace.append((None, ids))
-        parts = self._fetch(cache, self._pool, ids, self._sections, self._gap, x.dtype)
+        y = mx.zeros_like(x)
+        for positions, w, reused in self._fetch(
+            cache, self._pool, ids, self._sections, self._gap, x.dtype
+        ):
+            with stats.timed("compute"):
+                p = None if pre is None else pre[mx.array(positions.astype(np.uint32))]
+                y = y + self._partial(x, w, p)
+                if reused:
+                    self._settled(y)
         stats.selected += len(ids)
         self._whole = (
             isinstance(self._selector, AllSelector)
@@ -242,11 +298,6 @@ class FlashFFN(nn.Module):
             and cache.capacity == len(cache.slot_of)  # the cache holds the layer
             and len(ids) == cache.capacity  # and it was all selected
         )
-        y = mx.zeros_like(x)
-        with stats.timed("compute"):
-            for positions, w in parts:
-                p = None if pre is None else pre[mx.array(positions.astype(np.uint32))]
-                y = y + self._partial(x, w, p)
         return self.with_bias(y)
 
     def _input(self, x: mx.array) -> mx.array:
@@ -258,25 +309,28 @@ class FlashFFN(nn.Module):
         with stats.timed("select"):
             channels = select.channels(x)  # (the attention before it included)
         stats.syncs += 1
-        parts = self._fetch(
+        xk, h = self._take(x.reshape(-1), channels), [0, 0]
+        for index, w, reused in self._fetch(
             columns.cache, columns.pool, channels, [0], columns.gap, x.dtype, True, True
-        )
-        stats.channels += len(channels)
-        xk = self._take(x.reshape(-1), channels)
-        with stats.timed("compute"):
-            h = [0, 0]
-            for index, w in parts:
+        ):
+            with stats.timed("compute"):
                 v = xk[mx.array(index.astype(np.uint32))].reshape(1, 1, -1)
                 for k, name in enumerate(self.rows):
                     enc = self._column_encodings[name]
                     h[k] = h[k] + matmul(v, w[name], enc, transpose=False)
+                if reused:
+                    self._settled(*h)
+        stats.channels += len(channels)
+        with stats.timed("compute"):
             a = self.activate(h)  # (1, 1, n)
         with stats.timed("select"):
             ids = select.neurons(a)
         stats.syncs += 1
         if self.trace is not None:
             self.trace.append((channels, ids))
-        parts = self._fetch(
+        y = mx.zeros_like(x)
+        ak, enc = self._take(a.reshape(-1), ids), self._encodings[self.column]
+        for index, w, reused in self._fetch(
             self._cache,
             self._pool,
             ids,
@@ -284,14 +338,13 @@ class FlashFFN(nn.Module):
             self._gap,
             x.dtype,
             masked=True,
-        )
-        stats.selected += len(ids)
-        y = mx.zeros_like(x)
-        ak, enc = self._take(a.reshape(-1), ids), self._encodings[self.column]
-        with stats.timed("compute"):
-            for index, w in parts:
+        ):
+            with stats.timed("compute"):
                 v = ak[mx.array(index.astype(np.uint32))].reshape(1, 1, -1)
                 y = y + matmul(v, w[self.column], enc, transpose=False)
+                if reused:
+                    self._settled(y)
+        stats.selected += len(ids)
         return self.with_bias(y)
 
     @staticmethod
@@ -310,14 +363,17 @@ class FlashFFN(nn.Module):
         dtype: mx.Dtype,
         columns: bool = False,
         masked: bool = False,
-    ) -> List[Tuple[np.ndarray, Dict[str, Weight]]]:
-        """The weights of `ids` (most important first) as pieces ``(positions,
-        weights)``: the hits and the best-scored misses that fit through the cache
-        (a cached id costs no slot), the rest streamed past it into the pool
+    ) -> Iterator[Tuple[np.ndarray, Dict[str, Weight], bool]]:
+        """The weights of `ids` (most important first) as parts ``(positions,
+        weights, reused)``: the hits and the best-scored misses that fit through the
+        cache (a cached id costs no slot), the rest streamed past it into the pool
         (benchmarks/results/hot-set.md: LRU's hit rate 2.4% -> 7.2% at 5% of a
-        layer on SmolLM2). Misses and overflow are one coalesced read, each id's
+        layer on SmolLM2). Misses and overflow are one coalesced read (in pieces,
+        when the staging buffer is smaller than the layer: `_reads`), each id's
         bytes moved once: into its slot, or into the pool's rows; or, for a planar
-        store's gapless runs, the overflow not at all (`_staged`).
+        store's gapless runs, the overflow not at all (`_staged`): each piece's
+        part then comes as it is read, `reused` where the caller must evaluate it
+        before the next (its buffer is read into again); the cache's part last.
 
         With `masked`, the cache's piece is every slot, no gather: its positions
         give each slot the position of its id in `ids`, or ``len(ids)`` where the
@@ -329,19 +385,28 @@ class FlashFFN(nn.Module):
             through = cache.admissible(ids)
             mine, extra = ids[through], ids[~through]
             slots, load_ids, load_slots = cache.admit(mine)
+        n, past = len(load_ids), np.nonzero(~through)[0]  # the first n go to slots
+        pooled = False
         try:
-            pieces = self._read(
+            for chunk, at, pieces, last in self._reads(
                 np.concatenate([load_ids, extra]), sections, gap, columns
-            )
+            ):
+                k = min(max(n - at, 0), len(chunk))  # the piece's ids for slots
+                staged = None
+                if not columns:
+                    staged = self._staged(pieces, k, len(chunk) - k, dtype)
+                with stats.timed("memory"):
+                    if staged is not None:  # only the cache's rows move
+                        pieces = [(p[:k], c, rows[:k]) for p, c, rows in pieces if k]
+                    pieces = [(p + at, c, rows) for p, c, rows in pieces]
+                    self._place(cache, pool, pieces, load_slots)
+                if staged is not None:
+                    yield past[at + k - n : at + len(chunk) - n], staged, not last
+                else:
+                    pooled = pooled or len(chunk) > k
         except BaseException:
-            cache.release(load_slots)  # admitted, never filled: forget them
+            cache.release(load_slots)  # admitted, maybe never filled: forget them
             raise
-        n = len(load_ids)  # the first n read positions go to their slots
-        staged = None if columns else self._staged(pieces, n, len(extra), dtype)
-        with stats.timed("memory"):
-            if staged is not None:  # only the cache's rows move
-                pieces = [(p[:n], c, rows[:n]) for p, c, rows in pieces if n]
-            self._place(cache, pool, pieces, load_slots)
         hits, loaded = len(mine) - len(load_ids), len(load_ids) + len(extra)
         if columns:
             stats.channel_hits += hits
@@ -349,18 +414,14 @@ class FlashFFN(nn.Module):
         else:
             stats.hits += hits
             stats.loaded += loaded
-        parts = []
         if masked and cache.capacity:
             index = np.full(cache.capacity, len(ids), np.int64)
             index[slots] = np.nonzero(through)[0]
-            parts.append((index, cache.arrays))
+            yield index, cache.arrays, False
         elif len(mine):
-            parts.append((np.nonzero(through)[0], cache.gather(slots)))
-        if len(extra):
-            if staged is None:
-                staged = pool.first(len(extra), cache.arrays)
-            parts.append((np.nonzero(~through)[0], staged))
-        return parts
+            yield np.nonzero(through)[0], cache.gather(slots), False
+        if pooled:
+            yield past, pool.first(len(extra), cache.arrays), False
 
     def _from_cache(self, x: mx.array) -> mx.array:
         """Every neuron cached, every neuron used: no selection, no reads, no gather

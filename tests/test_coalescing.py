@@ -2,12 +2,14 @@
 gap."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_flash.store.format import ALIGN
+from mlx_flash.store.manifest import Section
 from mlx_flash.store.reader import aligned_extents
-from mlx_flash.store.store import neuron_runs
+from mlx_flash.store.store import neuron_runs, read_bytes, read_chunks
 
 
 @settings(max_examples=200, deadline=None)
@@ -46,3 +48,33 @@ def test_extents_are_aligned_and_cover_the_ranges(raw):
     # no extent reads more than the pages its ranges touch
     pages = {p for o, n in ranges for p in range(o // ALIGN, (o + n - 1) // ALIGN + 1)}
     assert sum(e - s for s, e in extents) == len(pages) * ALIGN
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 999), min_size=1, max_size=400, unique=True),
+    st.integers(0, 4),
+    st.integers(5, 64),
+    st.sampled_from([48, 96, 1000]),
+)
+def test_pieces_keep_the_order_and_each_read_fits(ids, gap, pages, bundle):
+    """A layer read through a staging buffer smaller than it: consecutive pieces of
+    the ids in their order, each read within the buffer, as large as it allows."""
+    sections = [Section(["g"], 0, bundle), Section(["d"], 1000 * bundle, bundle)]
+    sections[1].offset += -sections[1].offset % ALIGN
+    ids, capacity = np.array(ids), pages * ALIGN
+    pieces = read_chunks(sections, ids, gap, capacity)
+    assert np.array_equal(np.concatenate(pieces), ids)
+    sizes = [read_bytes(sections, p, gap) for p in pieces]
+    assert all(size <= capacity for size in sizes)
+    if read_bytes(sections, ids, gap) <= capacity:
+        assert len(pieces) == 1
+    for piece, following in zip(pieces, pieces[1:]):  # none could take one more
+        bigger = np.concatenate([piece, following[:1]])
+        assert read_bytes(sections, bigger, gap) > capacity
+
+
+def test_a_piece_holds_a_neuron_at_least():
+    sections = [Section(["g"], 0, 4 * ALIGN)]
+    with pytest.raises(ValueError, match="one neuron"):
+        read_chunks(sections, np.arange(3), 0, 2 * ALIGN)

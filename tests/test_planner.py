@@ -15,6 +15,7 @@ from mlx_flash import convert, load
 from mlx_flash.errors import FlashError
 from mlx_flash.planner import Group, Neurons, floor_bytes, plan_residency
 from mlx_flash.store.safety import check_safetensors
+from mlx_flash.store.store import read_manifest as store_manifest
 from mlx_flash.streamed import StreamedHead, StreamedModule
 
 PROMPT = [1, 5, 6, 7, 8, 9, 10, 3]
@@ -106,9 +107,18 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(flash_setup, "head_chunk", lambda attention: 1024)
 
 
+@pytest.fixture(params=["whole", "pieces"])
+def pieces(request, monkeypatch):
+    """Layers computed where read streamed whole, or in pieces of a few KiB (their
+    staging buffers smaller than a layer)."""
+    if request.param == "pieces":
+        monkeypatch.setattr(flash_setup, "STREAM_PIECE", 6 * 4096)
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fmt", ["float32", "q4"])
-def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
+def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks, pieces):
     """At the floor every attention and the LM head stream (in chunks), no neuron is
     cached, and decoding gives the dense logits and greedy tokens."""
     make_checkpoint(tmp_path / "hf", arch, num_hidden_layers=6)  # groups > buffers
@@ -137,6 +147,11 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks):
     # decoding read every pass ahead but a token's first (after the prompt)
     stream = heads[0]._stream
     assert stream.taken > 0 and stream.dropped == 0
+    whole = max(e.whole_read() for e in store_manifest(store).layers)
+    staging = len(model.flash_store.reader.buffer)
+    assert staging == p.fixed["FFN reader"]
+    # (a q4 layer of the tiny model takes a block per section: no smaller piece)
+    assert (staging < whole) == (pieces == "pieces" and fmt == "float32")
     # nothing of the streamed groups is held between tokens
     held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert held == p.fixed["dense (small tensors)"] + p.resident_groups
@@ -202,7 +217,7 @@ def test_a_streamed_pass_computes_from_its_staging_buffer():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch):
+def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch, pieces):
     """From the floor to everything: exact tokens, the plan within its budget, the
     bytes read per token exactly the plan's expectation, and fewer as it grows."""
     make_checkpoint(tmp_path / "hf", arch)
@@ -468,3 +483,38 @@ def test_the_prefill_step_shrinks_with_the_budget_and_is_in_the_plan(tmp_path):
     assert steps == sorted(steps) and steps[0] == MIN_PREFILL < steps[-1]
     asked = load(str(store), max_kv_size=256, prefill_step_size=100)[0].flash_plan
     assert asked.prefill_step == 100
+
+
+def test_a_layer_streams_in_pieces_each_read_ahead(tmp_path, monkeypatch):
+    """Staging buffers smaller than a layer: naive decoding reads every layer in
+    pieces, each read while the piece before it computes (the first piece of a
+    layer during the layer before), none dropped once decoding; one evaluation per
+    piece; the dense tokens and logits; the bytes the plan expects."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    monkeypatch.setattr(flash_setup, "STREAM_PIECE", 6 * 4096)
+    make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=4)
+    store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    expected, expected_logits = greedy(roomy), roomy(mx.array([PROMPT]))
+    model, _ = load(str(store), naive=True, max_kv_size=256, progress=False)
+    ffn, staging = model.layers[0].mlp, len(model.flash_store.reader.buffer)
+    entry = model.flash_store.manifest.layers[0]
+    every = list(range(len(entry.sections)))
+    chunks = ffn._chunks(np.arange(entry.neurons), every, 0)
+    assert len(chunks) > 2 and staging < entry.whole_read()
+    assert np.array_equal(np.concatenate(chunks), np.arange(entry.neurons))
+    assert mx.allclose(model(mx.array([PROMPT])), expected_logits, atol=1e-5)
+    assert greedy(model) == expected
+    ahead = model.flash_read_ahead
+    cache, y = make_prompt_cache(model), mx.array([PROMPT])
+    for step in range(5):
+        if step == 2:  # the prompt, then one decoded token
+            model.flash_stats.reset()
+            taken, dropped = ahead.taken, ahead.dropped
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+        mx.eval(y)
+    s, layers = model.flash_stats, len(model.layers)
+    assert ahead.taken - taken == 3 * layers * len(chunks) and ahead.dropped == dropped
+    assert s.evals / s.tokens == layers * len(chunks)
+    assert s.bytes / s.tokens == model.flash_plan.expected_bytes

@@ -68,6 +68,32 @@ def read_bytes(sections: Sequence[Section], ids: np.ndarray, max_gap: int) -> in
     return sum(e - s for s, e in aligned_extents(run_ranges(sections, runs)))
 
 
+def read_chunks(
+    sections: Sequence[Section], ids: np.ndarray, max_gap: int, capacity: int
+) -> List[np.ndarray]:
+    """`ids` (in read order) cut into consecutive pieces each read within `capacity`
+    bytes (`read_bytes`): a staging buffer smaller than a layer reads it piece by
+    piece (the FFN is a sum over neurons). One piece when the whole read fits."""
+    pieces, start = [], 0
+
+    def fits(n: int) -> bool:
+        return read_bytes(sections, ids[start : start + n], max_gap) <= capacity
+
+    while start < len(ids):
+        take, over = len(ids) - start, None  # the most that fits; the least not
+        while not fits(take):  # shrink by the share that fits, then search up
+            if take == 1:
+                raise ValueError(f"one neuron's read exceeds {capacity} bytes")
+            need = read_bytes(sections, ids[start : start + take], max_gap)
+            over, take = take, max(1, min(take - 1, take * capacity // need))
+        while over is not None and over - take > 1:  # (reads grow with the piece)
+            mid = (take + over) // 2
+            take, over = (mid, over) if fits(mid) else (take, mid)
+        pieces.append(ids[start : start + take])
+        start += take
+    return pieces
+
+
 def align_down(n: int) -> int:
     return n - n % ALIGN
 
@@ -438,6 +464,21 @@ class BundleStore:
                 layer=layer,
                 neurons=(first, last),
             ) from None
+
+    def restage(self, nbytes: int) -> None:
+        """Give the reader (and the spare, made again when next asked for) staging
+        buffers of `nbytes`: the layers then read in pieces of at most that
+        (`read_chunks`); before anything reads ahead."""
+        assert self.read_ahead is None, "restaged under a read ahead"
+        kind, bundles, _, threads = self._reader_args
+        checker = self.reader.checker
+        self.reader.close()
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
+        self._reader_args = (kind, bundles, max(nbytes, HEADER_BYTES), threads)
+        self.reader = READERS[kind](*self._reader_args[1:])
+        self.reader.checker = checker
 
     def spare_reader(self):
         """A second reader of the bundles file, of the same kind, size and checks,
