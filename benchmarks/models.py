@@ -107,14 +107,21 @@ def calibrate(store: Path) -> None:
 
 
 def stale(path: Path) -> bool:
-    """A cached store to rebuild: of an older format, or converted before a GGUF's
+    """A cached store to rebuild: of an older format; converted before a GGUF's
     dense Q6_K tensors were re-quantized by default (2026-12-01; until then float16:
     Qwen2.5-Coder-1.5B's head took 467 MB instead of 204): a dense tensor of a
-    `REQUANTIZED` type without its entry in the config's quantization."""
+    `REQUANTIZED` type without its entry in the config's quantization; or before
+    `down` was re-quantized per neuron at `DOWN_BITS` by default (2026-12-08; until
+    then 8 bits)."""
+    from mlx_flash.store.components import DOWN_BITS
     from mlx_flash.store.quantize import REQUANTIZED
-    from mlx_flash.store.store import is_current
+    from mlx_flash.store.store import is_current, read_manifest
 
     if not is_current(path):
+        return True
+    manifest = read_manifest(path)
+    down = manifest.layers[0].components[manifest.column]
+    if "per neuron" in down.origin.note and down.encoding.bits != DOWN_BITS:
         return True
     dense = json.loads((path / "flash_config.json").read_text()).get("dense", {})
     quantized = json.loads((path / "config.json").read_text()).get("quantization")

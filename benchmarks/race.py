@@ -4,8 +4,10 @@ beside one sampler of CPU time.
 - One memory limit per budget, the same for every engine: the budget plus one stated
   runtime allowance (`RUNTIME_ALLOWANCE`). Each engine's idle footprint is measured and
   reported, but no longer sets its limit.
-- Budgets are fractions of the source GGUF file, passed to mlx_flash as bytes (its own
-  `--dram-budget 0.5` means half of the *store*).
+- Budgets are fractions of the source GGUF file. mlx_flash, which plans its own
+  memory, is passed as bytes (its own `--dram-budget 0.5` means half of the *store*)
+  the limit less its idle footprint measured in the same run (`planned_budget`): what
+  the others leave free goes to llama.cpp's page cache by itself.
 - llama.cpp runs under a limit with its CPU repacking on and off; the faster row that
   completed stands for llama.cpp in the summaries.
 - A run is flagged busy when processes other than the benchmark used more than
@@ -39,14 +41,29 @@ def memory_limit(budget: int, allowance: int = RUNTIME_ALLOWANCE) -> int:
     return budget + allowance
 
 
-def budget_words(fraction: float, file_bytes: int) -> str:
+def planned_budget(limit: int, idle: int | None, allowance: int) -> int:
+    """mlx_flash's DRAM budget under `limit`: the limit less its idle footprint
+    measured in the same run (the interpreter, its libraries, the tokenizer), or
+    less the allowance where none was measured. It plans its own memory, so this is
+    it configured at its best; llama.cpp's page cache takes whatever is free by
+    itself."""
+    return limit - (allowance if idle is None else idle)
+
+
+def budget_words(fraction: float, file_bytes: int, planned: int | None = None) -> str:
     """How a budget reads in a table header: what it is a fraction of and how mlx_flash
     receives it (as bytes; its own `--dram-budget 0.5` would mean half of the
-    store)."""
-    return (
+    store): the budget itself, or with `planned` the limit less its idle
+    footprint."""
+    words = (
         f"budget {fraction:.0%} of the {file_bytes / 1e6:.0f} MB GGUF file = "
-        f"{budget_bytes(fraction, file_bytes) / MiB:.0f} MiB, passed to mlx_flash as "
-        "bytes"
+        f"{budget_bytes(fraction, file_bytes) / MiB:.0f} MiB"
+    )
+    if planned is None:
+        return words + ", passed to mlx_flash as bytes"
+    return (
+        f"{words}; mlx_flash's --dram-budget {planned / MiB:.0f} MiB (bytes): the "
+        "limit less its measured idle footprint"
     )
 
 

@@ -210,12 +210,10 @@ def table(result: dict) -> str:
     """Every row of every budget, all columns."""
     lines = []
     for b in result["budgets"]:
+        planned = b.get("flash_budget_bytes")  # (results before 2026-12-08: none)
+        budget = race.budget_words(b["fraction"], result["file_bytes"], planned)
         lines += [
-            (
-                f"\n#### {result['model']}, "
-                f"{race.budget_words(b['fraction'], result['file_bytes'])}; "
-                f"{limits_words(result, b)}\n"
-            ),
+            (f"\n#### {result['model']}, {budget}; {limits_words(result, b)}\n"),
             (
                 "| config | status | ms/token | p90 | × naive | × mlx-lm fp32 | select "
                 "| io | memory | compute | disk MB/token | store MB/token "

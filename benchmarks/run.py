@@ -298,13 +298,18 @@ def spec_for(engine, path, options, limited, budget, tokens, args) -> dict:
     return spec
 
 
-def run_budget(name, fraction, file_bytes, paths, first, args, env, meter) -> dict:
+def run_budget(
+    name, fraction, file_bytes, paths, first, args, env, meter, idle
+) -> dict:
     """Every configuration at one budget, round-robin for `args.rounds` rounds, under
-    one memory limit for every engine."""
+    one memory limit for every engine (mlx_flash planning all of it but its measured
+    `idle` footprint)."""
     budget = race.budget_bytes(fraction, file_bytes)
-    lim = race.memory_limit(budget, args.allowance * 2**20)
+    allowance = args.allowance * 2**20
+    lim = race.memory_limit(budget, allowance)
+    planned = race.planned_budget(lim, idle, allowance)
     tokens = args.tokens or MODELS[name][2]
-    rows = selected(configs(args.formats, budget), args.only)
+    rows = selected(configs(args.formats, planned), args.only)
     if "predictors" not in paths:
         rows = [c for c in rows if c[3].get("selector") != "lowrank"]
     if first:  # rows without a limit do not depend on the budget: measured once
@@ -384,6 +389,7 @@ def run_budget(name, fraction, file_bytes, paths, first, args, env, meter) -> di
         "fraction": fraction,
         "budget_bytes": budget,
         "limit_bytes": lim,
+        "flash_budget_bytes": planned,
         "probes": probes,
         "rows": rowsum,
         "runs": runs,
@@ -431,7 +437,17 @@ def run_model(name, args, env) -> dict:
     for fraction in fractions:
         first = result["budgets"][0] if result["budgets"] else None
         result["budgets"].append(
-            run_budget(name, fraction, file_bytes, paths, first, args, env, meter)
+            run_budget(
+                name,
+                fraction,
+                file_bytes,
+                paths,
+                first,
+                args,
+                env,
+                meter,
+                idle.get("mlx"),
+            )
         )
     return result
 

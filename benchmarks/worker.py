@@ -297,11 +297,12 @@ def idle_worker(spec: dict) -> dict:
         from mlx_lm.utils import load_tokenizer
 
         import mlx_flash  # noqa: F401
-        from mlx_flash.utils import release_memory
+        from mlx_flash.utils import drop_build_tables, release_memory
 
         imported = rss_mb()
-        tokenizer = load_tokenizer(Path(spec["path"]))  # noqa: F841 (kept alive)
-        release_memory()  # as mlx_flash.load does after its tokenizer
+        tokenizer = load_tokenizer(Path(spec["path"]))  # kept alive
+        drop_build_tables(tokenizer)  # as mlx_flash.load does after its tokenizer
+        release_memory()
     else:
         from llama_cpp import Llama
 

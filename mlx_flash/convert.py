@@ -202,8 +202,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--down-format",
         choices=FFN_FORMATS,
         default="auto",
-        help="Encoding of down/fc2 columns (auto: as --ffn-format; q8 for quantized "
-        "sources, whose columns must be re-quantized per neuron)",
+        help="Encoding of down/fc2 columns (auto: as --ffn-format; q6 for quantized "
+        "sources, whose columns must be re-quantized per neuron: +0.05%% perplexity "
+        "against q8 on Qwen2.5-Coder-0.5B)",
     )
     parser.add_argument(
         "--group-size",

@@ -58,6 +58,19 @@ def test_a_budget_says_what_it_is_a_fraction_of_and_how_mlx_flash_gets_it():
     )
 
 
+def test_mlx_flash_plans_the_limit_less_its_measured_idle_footprint():
+    limit = race.memory_limit(234 * MiB)
+    assert (
+        race.planned_budget(limit, 150 * MiB, race.RUNTIME_ALLOWANCE)
+        == (234 + 200 - 150) * MiB
+    )
+    assert race.planned_budget(limit, None, race.RUNTIME_ALLOWANCE) == 234 * MiB
+    words = race.budget_words(0.5, 491_400_064, 284 * MiB)
+    assert words.startswith("budget 50% of the 491 MB GGUF file = 234 MiB")
+    assert "mlx_flash's --dram-budget 284 MiB (bytes)" in words
+    assert "idle footprint" in words
+
+
 def test_llama_rows_under_a_limit_and_their_repacking():
     assert race.llama_limited("llama.cpp mmap, no limit") is None
     assert race.llama_limited("q4 naive") is None

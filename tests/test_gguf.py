@@ -19,6 +19,7 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlx_flash.errors import FlashError
+from mlx_flash.store.components import DOWN_BITS
 from mlx_flash.store.gguf_file import hf_name, read_gguf
 from mlx_flash.store.gguf_quants import (
     EXACT_BITS,
@@ -29,6 +30,7 @@ from mlx_flash.store.gguf_quants import (
     unpack_q5_k,
 )
 from mlx_flash.store.sources import Origin, open_source
+from mlx_flash.utils import drop_build_tables
 
 # A real checkpoint (../shared/MODELS.md); its test skips when it is not installed. The
 # Q4_K_M models are tests/test_real_gguf.py's.
@@ -617,6 +619,33 @@ def test_tokenizer_files_load_in_mlx_lm(tmp_path):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_dropping_the_build_tables_keeps_the_tokenizer(tmp_path):
+    """A Qwen2-style BPE tokenizer keeps the vocabulary and merges it was built from
+    as Python objects; `load` drops them, and every use goes on the same."""
+    model, config, params = tiny_model("qwen2")
+    tensors = to_gguf_tensors(params, config, "qwen2")
+    hf = save_hf(read_gguf(write_gguf(tmp_path / "m.gguf", "qwen2", tensors)), tmp_path)
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "Qwen2Tokenizer"  # the class Qwen's own files name
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    full, slim = load_tokenizer(hf), load_tokenizer(hf)
+    assert isinstance(slim._tokenizer._vocab, dict)
+    drop_build_tables(slim)
+    assert slim._tokenizer._vocab is None and slim._tokenizer._merges is None
+    texts = ["the cat<|im_end|>", "a cat sat on the mat!", "naïve café 123"]
+    for text in texts:
+        assert slim.encode(text) == full.encode(text)
+        assert slim.decode(slim.encode(text)) == full.decode(full.encode(text))
+    assert slim.vocab == full.vocab and slim.eos_token_ids == full.eos_token_ids
+    chat = [{"role": "user", "content": "hi"}]
+    assert slim.apply_chat_template(chat) == full.apply_chat_template(chat)
+    detokenizer = slim.detokenizer
+    for token in full.encode(texts[1]):
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    assert detokenizer.text == texts[1]
+
+
 def test_sentencepiece_tokenizer_adds_bos(tmp_path):
     model, config, params = tiny_model("gemma3")
     tensors = to_gguf_tensors(params, config, "gemma3")
@@ -780,7 +809,9 @@ def test_dense_tensors_without_an_exact_form_are_requantized(mixed_gguf, tmp_pat
             bound = 1.5 * step + 2e-3 * mx.abs(source) + 1e-6  # float16 read first
             assert (mx.abs(got - source) <= bound).all().item(), base
         down = store.manifest.layers[0].components["down_proj"]
-        assert down.origin.kind == "Q6_K" and down.encoding.bits == 8  # per neuron
+        assert (
+            down.origin.kind == "Q6_K" and down.encoding.bits == DOWN_BITS
+        )  # per neuron
     finally:
         store.close()
 

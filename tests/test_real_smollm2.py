@@ -12,6 +12,7 @@ from mlx_lm.generate import generate_step
 
 from mlx_flash import FlashError, convert, load
 from mlx_flash.budget import SLACK
+from mlx_flash.store.components import DOWN_BITS
 from mlx_flash.default_model import default_model_path
 
 pytestmark = pytest.mark.real
@@ -61,7 +62,7 @@ def test_store_keeps_the_gguf_rows_exactly(smollm2):
         rows["gate_proj"][1], source[name + ".scales"].astype(mx.float32)
     )
     down = model.flash_store.manifest.layers[3].components["down_proj"]
-    assert down.encoding.bits == 8 and not down.origin.exact  # a named lossy step
+    assert down.encoding.bits == DOWN_BITS and not down.origin.exact  # named, lossy
     assert model.flash_store.manifest.layers[3].components["gate_proj"].origin.exact
 
 
