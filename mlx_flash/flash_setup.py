@@ -569,18 +569,17 @@ def setup(
     # computed where they were read, only their floats converted (no pool), a
     # piece at a time
     where_read = computed_where_read(store, options)
-    share = 1.0
     if where_read:
         whole = max(e.whole_read() for e in m.layers)
         # (a piece holds a neuron at least: a block per section, and one more each)
         least = max(e.bundle_bytes() + 2 * ALIGN * len(e.sections) for e in m.layers)
         store.restage(min(whole, max(STREAM_PIECE, least)))
-        share = len(store.reader.buffer) / whole
     per_neuron = staged_bytes if where_read else pool_bytes
-    flight = sum(
-        math.ceil(n * share) * per_neuron(cs, dtype)
-        for cs, n in pool_shapes(m.layers).values()
-    )
+    flight = 0
+    for cs, n in pool_shapes(m.layers).values():
+        if where_read:  # the most neurons one piece holds
+            n = min(n, len(store.reader.buffer) // sum(c.nbytes for c in cs))
+        flight += n * per_neuron(cs, dtype)
     if calibration is not None:  # the kept channels' columns streamed past the cache
         flight += sum(
             n * pool_bytes(cs, dtype) for cs, n in pool_shapes(m.columns).values()
