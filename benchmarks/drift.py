@@ -1,13 +1,14 @@
-"""What re-quantizing costs: perplexity of SmolLM2 stores against the GGUF's own
-weights.
+"""What re-quantizing costs: perplexity of stores against the GGUF's own weights.
 
 A GGUF's ffn_down is quantized along the neuron axis, so a neuron's down column must be
 re-quantized (or kept in float) to be bundled. This measures the drift each choice
 causes, on WikiText-2 test text (../shared/data), with mlx-lm on the dense directory as
-reference.
+reference. `--model` takes any GGUF (default: the embedded SmolLM2); `--stores` picks
+the stores by name (default: the SmolLM2 set), e.g. the benchmark's q4 rows with each
+width of down:
 
-    python benchmarks/drift.py [--text ../shared/data/corpora/wikitext2-test.txt]
-        [--tokens 4096]
+    python benchmarks/drift.py [--model FILE.gguf] [--tokens 4096]
+        [--stores "q4 rows, q8 down;q4 rows, q6 down"]
 """
 
 import argparse
@@ -25,6 +26,14 @@ STORES = {
     "all q4 (down re-quantized to 4 bits)": {"ffn_format": "q4", "group_size": 32},
     "all fp16": {"ffn_format": "float16"},
 }
+# the benchmark's q4 stores (rows affine 4-bit, group 32) with each width of down
+for bits in (8, 6, 5, 4):
+    STORES[f"q4 rows, q{bits} down"] = {
+        "ffn_format": "q4",
+        "down_format": f"q{bits}",
+        "group_size": 32,
+    }
+DEFAULT = list(STORES)[:4]
 
 
 def perplexity(model, tokens, chunk=256):
@@ -39,43 +48,51 @@ def perplexity(model, tokens, chunk=256):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2)")
+    p.add_argument("--stores", default=";".join(DEFAULT), help="names, ';'-separated")
     p.add_argument("--text", default="../shared/data/corpora/wikitext2-test.txt")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the result file's name")
     args = p.parse_args()
+    from mlx_flash.blas import prefer_fast_blas
+
+    prefer_fast_blas()  # mlx-lm's float reference: minutes, not an hour
 
     import mlx_lm
 
     import mlx_flash
     from mlx_flash.default_model import default_model_path
 
-    gguf, work = default_model_path(), Path(tempfile.mkdtemp(prefix="drift-"))
+    gguf = args.model or default_model_path()
+    work = Path(tempfile.mkdtemp(prefix="drift-"))
     dense_dir = work / "dense"
     text = Path(args.text).read_text()[: args.tokens * 8]
     results = {}
-    for i, (name, options) in enumerate(STORES.items()):
+    for i, name in enumerate(args.stores.split(";")):
         store = mlx_flash.convert(
             gguf,
             work / f"s{i}",
             dense_out=None if i else dense_dir,
             progress=False,
-            **options,
+            **STORES[name],
         )
         model, tokenizer = mlx_flash.load(str(store))
         tokens = tokenizer.encode(text)[: args.tokens]
         results[name] = perplexity(model, tokens)
-        print(f"{name}: ppl {results[name]:.3f}", flush=True)
+        size = sum(f.stat().st_size for f in Path(store).iterdir())
+        results[name + ", store MB"] = size / 1e6
+        print(f"{name}: ppl {results[name]:.3f}, store {size / 1e6:.0f} MB", flush=True)
+        del model
     dense, _ = mlx_lm.load(str(dense_dir))
     dense.set_dtype(mx.float32)
-    results["mlx-lm dense (the GGUF's weights)"] = perplexity(dense, tokens)
-    print(
-        f"dense: ppl {results['mlx-lm dense (the GGUF' + chr(39) + 's weights)']:.3f}"
-    )
+    reference = "mlx-lm dense (the GGUF's weights)"
+    results[reference] = perplexity(dense, tokens)
+    print(f"dense: ppl {results[reference]:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "drift.json").write_text(
-        json.dumps({"tokens": len(tokens), "ppl": results}, indent=1)
-    )
+    record = {"model": str(gguf), "tokens": len(tokens), "ppl": results}
+    (out / f"drift{args.tag}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
