@@ -25,6 +25,7 @@ from .budget import (
     RUNTIME,
     decoded_bytes,
     in_flight_bytes,
+    parse_budget,
     pool_bytes,
     prefill_bytes,
     prefill_step,
@@ -73,10 +74,6 @@ from .streamed import (
     span,
 )
 
-# A layer computed where it was read streams in pieces of at most this many bytes: its
-# two staging buffers (one computing, one reading ahead) hold a piece each, not a
-# layer (2 x 31 MiB on Qwen2.5-Coder-1.5B), and what they leave goes to the caches
-STREAM_PIECE = 8 << 20
 # A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
 # one chunk in flight, so the floor does not hold a whole head
 HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
@@ -569,11 +566,14 @@ def setup(
     # computed where they were read, only their floats converted (no pool), a
     # piece at a time
     where_read = computed_where_read(store, options)
-    if where_read:
+    if where_read and options.stream_piece is not None:
+        # its two staging buffers (one computing, one reading ahead) hold a piece
+        # each, not a layer (2 x 27 MiB on Qwen2.5-Coder-1.5B): the rest is cached
         whole = max(e.whole_read() for e in m.layers)
+        piece = parse_budget(options.stream_piece, whole)
         # (a piece holds a neuron at least: a block per section, and one more each)
         least = max(e.bundle_bytes() + 2 * ALIGN * len(e.sections) for e in m.layers)
-        store.restage(min(whole, max(STREAM_PIECE, least)))
+        store.restage(min(whole, max(piece, least)))
     per_neuron = staged_bytes if where_read else pool_bytes
     flight = 0
     for cs, n in pool_shapes(m.layers).values():

@@ -41,6 +41,7 @@ def test_every_option_is_a_flag_with_the_same_default():
         "sparsity": "0.4",
         "shadow_bits": "2",
         "prompt_caches": "1",
+        "stream_piece": "8MiB",
     }
     argv = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), v)]
     got = parse(*argv, "--verify", "--no-read-ahead")
@@ -48,6 +49,7 @@ def test_every_option_is_a_flag_with_the_same_default():
     assert got.no_read_ahead and not FlashOptions().no_read_ahead
     assert (got.fraction, got.window, got.threads, got.max_kv_size) == (0.25, 4, 2, 512)
     assert got.prefill_step_size == 256 and got.sparsity == 0.4
+    assert got.stream_piece == "8MiB" and FlashOptions().stream_piece is None
     assert got.shadow_bits == 2 and got.prompt_caches == 1 and got.compute_threads == 3
     assert {f.name for f in fields(FlashOptions)} == set(flags) | {
         "verify",

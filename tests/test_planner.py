@@ -107,13 +107,14 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(flash_setup, "head_chunk", lambda attention: 1024)
 
 
+PIECE = 6 * 4096  # a few blocks: a tiny float32 layer (96 KiB) in 5 pieces
+
+
 @pytest.fixture(params=["whole", "pieces"])
-def pieces(request, monkeypatch):
-    """Layers computed where read streamed whole, or in pieces of a few KiB (their
-    staging buffers smaller than a layer)."""
-    if request.param == "pieces":
-        monkeypatch.setattr(flash_setup, "STREAM_PIECE", 6 * 4096)
-    return request.param
+def pieces(request):
+    """The options that stream layers computed where read whole, or in pieces of a
+    few KiB (their staging buffers smaller than a layer)."""
+    return {"stream_piece": PIECE} if request.param == "pieces" else {}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -126,13 +127,15 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks, pieces):
         {"quantize": True, "q_bits": 4, "q_group_size": 32} if fmt == "q4" else {}
     )
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False, **quantize)
-    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False, **pieces)
     expected_logits = roomy(mx.array([PROMPT]))
     expected = greedy(roomy)
     p = roomy.flash_plan
     floor = p.floor
     assert floor == floor_bytes(p.least_fixed, p.groups)
-    model, _ = load(str(store), max_kv_size=256, dram_budget=floor, progress=False)
+    model, _ = load(
+        str(store), max_kv_size=256, dram_budget=floor, progress=False, **pieces
+    )
     p = model.flash_plan
     assert p.total <= floor and p.capacities == [0] * len(model.layers)
     names = [g.name for g in p.streamed()]
@@ -151,7 +154,7 @@ def test_all_at_the_floor_is_exact(tmp_path, arch, fmt, small_chunks, pieces):
     staging = len(model.flash_store.reader.buffer)
     assert staging == p.fixed["FFN reader"]
     # (a q4 layer of the tiny model takes a block per section: no smaller piece)
-    assert (staging < whole) == (pieces == "pieces" and fmt == "float32")
+    assert (staging < whole) == (bool(pieces) and fmt == "float32")
     # nothing of the streamed groups is held between tokens
     held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert held == p.fixed["dense (small tensors)"] + p.resident_groups
@@ -222,13 +225,17 @@ def test_every_budget_runs_and_reads_what_the_plan_expects(tmp_path, arch, piece
     bytes read per token exactly the plan's expectation, and fewer as it grows."""
     make_checkpoint(tmp_path / "hf", arch)
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
-    roomy, _ = load(str(store), max_kv_size=256, progress=False)
+    roomy, _ = load(str(store), max_kv_size=256, progress=False, **pieces)
     expected = greedy(roomy)
     floor, total = roomy.flash_plan.floor, roomy.flash_plan.total
     last = None
     for budget in np.linspace(floor, total, 7).astype(int):
         model, _ = load(
-            str(store), max_kv_size=256, dram_budget=int(budget), progress=False
+            str(store),
+            max_kv_size=256,
+            dram_budget=int(budget),
+            progress=False,
+            **pieces,
         )
         p = model.flash_plan
         assert p.total <= budget
@@ -485,19 +492,20 @@ def test_the_prefill_step_shrinks_with_the_budget_and_is_in_the_plan(tmp_path):
     assert asked.prefill_step == 100
 
 
-def test_a_layer_streams_in_pieces_each_read_ahead(tmp_path, monkeypatch):
+def test_a_layer_streams_in_pieces_each_read_ahead(tmp_path):
     """Staging buffers smaller than a layer: naive decoding reads every layer in
     pieces, each read while the piece before it computes (the first piece of a
     layer during the layer before), none dropped once decoding; one evaluation per
     piece; the dense tokens and logits; the bytes the plan expects."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    monkeypatch.setattr(flash_setup, "STREAM_PIECE", 6 * 4096)
     make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=4)
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
     roomy, _ = load(str(store), max_kv_size=256, progress=False)
     expected, expected_logits = greedy(roomy), roomy(mx.array([PROMPT]))
-    model, _ = load(str(store), naive=True, max_kv_size=256, progress=False)
+    model, _ = load(
+        str(store), naive=True, stream_piece=PIECE, max_kv_size=256, progress=False
+    )
     ffn, staging = model.layers[0].mlp, len(model.flash_store.reader.buffer)
     entry = model.flash_store.manifest.layers[0]
     every = list(range(len(entry.sections)))
