@@ -85,9 +85,11 @@ def budget_short(result: dict, b: dict) -> str:
     if new_rules(result):
         allowance = result["allowance_bytes"]
         limit = race.memory_limit(b["budget_bytes"], allowance)
+        planned = b.get("flash_budget_bytes")
+        flash = "" if planned is None else f"; mlx_flash plans {planned / MiB:.0f} MiB"
         return (
             f"{text}, limit {limit / MiB:.0f} MiB for every engine (+ "
-            f"{allowance / MiB:.0f} MiB allowance)"
+            f"{allowance / MiB:.0f} MiB allowance){flash}"
         )
     extra = result.get("headroom_bytes", 0)
     limits = " / ".join(
@@ -151,7 +153,9 @@ def summary(results: list[dict]) -> str:
         "Cells: ms per token (MB read from the disk per token); refused: the DRAM "
         "plan does not fit the budget; † a round ran on a busy machine (see each "
         "model's table). Budgets: fractions of the GGUF file, passed to mlx_flash as "
-        "bytes (mlx_flash's `--dram-budget 0.5` means half of the store instead). "
+        "bytes (mlx_flash's `--dram-budget 0.5` means half of the store instead; "
+        "since 2026-12-08 mlx_flash gets the limit less its measured idle "
+        "footprint, stated per budget). "
         "llama.cpp under a limit: the faster of its repack on/off rows that completed "
         "(both are in each model's table).\n\n"
         + "\n".join(words)
@@ -175,7 +179,13 @@ def header(result: dict) -> str:
         f"llama-cpp-python {m['llama_cpp_python']}; {result['rounds']} round(s) × "
         f"{result['tokens']} tokens, greedy, EOS ignored, medians. Budgets are "
         "fractions of the GGUF file, passed to mlx_flash as bytes (mlx_flash's "
-        "`--dram-budget 0.5` would mean half of the store's size on disk). "
+        "`--dram-budget 0.5` would mean half of the store's size on disk)"
+        + (
+            ": the limit less mlx_flash's idle footprint measured in this run (it "
+            "plans its own memory; llama.cpp's page cache takes what is free). "
+            if any("flash_budget_bytes" in b for b in result["budgets"])
+            else ". "
+        )
     )
     if not new_rules(result):
         return head + (
