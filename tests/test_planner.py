@@ -101,6 +101,21 @@ def greedy(model, n=12):
     return [int(t) for t, _ in steps]
 
 
+def reads_ahead_after(model, reader, warm: int, steps: int):
+    """Greedy steps from the prompt (the first), the model's stats counted from step
+    `warm` on: the reads ahead `reader` had taken and dropped since."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache, y = make_prompt_cache(model), mx.array([PROMPT])
+    for step in range(steps):
+        if step == warm:
+            model.flash_stats.reset()
+            taken, dropped = reader.taken, reader.dropped
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
+        mx.eval(y)
+    return reader.taken - taken, reader.dropped - dropped
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Heads streamed in several chunks even on a tiny vocabulary."""
@@ -166,7 +181,6 @@ def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks, capsys):
     the next token's first attention follows the head's last chunk), every pass of
     the tokens after them was read while the pass before it computed, none on the
     decoding thread, and the bytes per token are the plan's."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     make_checkpoint(tmp_path / "hf", "qwen2", num_hidden_layers=6)
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
@@ -178,15 +192,9 @@ def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks, capsys):
         isinstance(layer.self_attn, StreamedModule) for layer in model.layers
     )
     assert passes > len(head.chunks()) > 1
-    cache, y = make_prompt_cache(model), mx.array([PROMPT])
-    for step in range(7):
-        if step == 3:  # the prompt, then two decoded tokens
-            model.flash_stats.reset()
-            taken, dropped = stream.taken, stream.dropped
-        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
-        mx.eval(y)
+    taken, dropped = reads_ahead_after(model, stream, warm=3, steps=7)
     s = model.flash_stats
-    assert stream.taken - taken == 4 * passes and stream.dropped == dropped
+    assert taken == 4 * passes and dropped == 0
     assert s.bytes / s.tokens == model.flash_plan.expected_bytes
     from mlx_flash.generate import print_stats
 
@@ -497,7 +505,6 @@ def test_a_layer_streams_in_pieces_each_read_ahead(tmp_path):
     pieces, each read while the piece before it computes (the first piece of a
     layer during the layer before), none dropped once decoding; one evaluation per
     piece; the dense tokens and logits; the bytes the plan expects."""
-    from mlx_lm.models.cache import make_prompt_cache
 
     make_checkpoint(tmp_path / "hf", "llama", num_hidden_layers=4)
     store = convert(tmp_path / "hf", tmp_path / "store", progress=False)
@@ -514,15 +521,8 @@ def test_a_layer_streams_in_pieces_each_read_ahead(tmp_path):
     assert np.array_equal(np.concatenate(chunks), np.arange(entry.neurons))
     assert mx.allclose(model(mx.array([PROMPT])), expected_logits, atol=1e-5)
     assert greedy(model) == expected
-    ahead = model.flash_read_ahead
-    cache, y = make_prompt_cache(model), mx.array([PROMPT])
-    for step in range(5):
-        if step == 2:  # the prompt, then one decoded token
-            model.flash_stats.reset()
-            taken, dropped = ahead.taken, ahead.dropped
-        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1, keepdims=True)
-        mx.eval(y)
+    taken, dropped = reads_ahead_after(model, model.flash_read_ahead, warm=2, steps=5)
     s, layers = model.flash_stats, len(model.layers)
-    assert ahead.taken - taken == 3 * layers * len(chunks) and ahead.dropped == dropped
+    assert taken == 3 * layers * len(chunks) and dropped == 0
     assert s.evals / s.tokens == layers * len(chunks)
     assert s.bytes / s.tokens == model.flash_plan.expected_bytes
