@@ -115,15 +115,17 @@ def stale(path: Path) -> bool:
     then 8 bits)."""
     from mlx_flash.store.components import DOWN_BITS
     from mlx_flash.store.quantize import REQUANTIZED
-    from mlx_flash.store.store import is_current, read_manifest
+    from mlx_flash.store.store import is_current
 
     if not is_current(path):
         return True
-    manifest = read_manifest(path)
-    down = manifest.layers[0].components[manifest.column]
-    if "per neuron" in down.origin.note and down.encoding.bits != DOWN_BITS:
-        return True
-    dense = json.loads((path / "flash_config.json").read_text()).get("dense", {})
+    manifest = json.loads((path / "flash_config.json").read_text())
+    for layer in manifest.get("layers", [])[:1]:
+        down = layer["components"][manifest["column"]]
+        relaid = "per neuron" in down["origin"].get("note", "")
+        if relaid and down["encoding"].get("bits") != DOWN_BITS:
+            return True
+    dense = manifest.get("dense", {})
     quantized = json.loads((path / "config.json").read_text()).get("quantization")
     return any(
         o["kind"] in REQUANTIZED and base not in (quantized or {})

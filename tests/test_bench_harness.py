@@ -185,9 +185,10 @@ def test_results_from_before_issue_14_keep_their_per_engine_limits():
 def test_a_store_with_a_float16_q6k_dense_part_is_rebuilt(tmp_path):
     """Cached benchmark stores converted before Q6_K dense tensors were re-quantized
     by default (no entry in the config's quantization) are stale; those of an older
-    format too."""
+    format too, and those whose down was re-laid at another width."""
     import json
 
+    from mlx_flash.store.components import DOWN_BITS
     from mlx_flash.store.format import FORMAT_VERSION
 
     models = bench_module("models")
@@ -208,6 +209,17 @@ def test_a_store_with_a_float16_q6k_dense_part_is_rebuilt(tmp_path):
     assert models.stale(store("float16", None))
     assert not models.stale(store("q6", {"lm_head": q6}))
     assert models.stale(store("old", {"lm_head": q6}, version=1))
+    # and stores whose down was re-laid per neuron at another width than today's
+    for bits in (8, DOWN_BITS):
+        path = store(f"down{bits}", {"lm_head": q6})
+        manifest = json.loads((path / "flash_config.json").read_text())
+        note = "dequantized, transposed, stored per neuron as affine"
+        down = {"encoding": {"bits": bits}, "origin": {"kind": "Q6_K", "note": note}}
+        manifest.update(
+            column="down_proj", layers=[{"components": {"down_proj": down}}]
+        )
+        (path / "flash_config.json").write_text(json.dumps(manifest))
+        assert models.stale(path) == (bits != DOWN_BITS)
 
 
 def test_frontier_rows_added_into_an_earlier_run_of_the_same_text(tmp_path):
