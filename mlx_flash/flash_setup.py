@@ -566,7 +566,14 @@ def setup(
     # computed where they were read, only their floats converted (no pool), a
     # piece at a time
     where_read = computed_where_read(store, options)
-    if where_read and options.stream_piece is not None:
+    if options.stream_piece is not None and not where_read:
+        raise FlashError(
+            "--stream-piece streams layers computed where they are read: a planar "
+            "store with --selector all (or --naive) and no --window",
+            store.path,
+            "drop --stream-piece, or convert the model with --layout planar",
+        )
+    if options.stream_piece is not None:
         # its two staging buffers (one computing, one reading ahead) hold a piece
         # each, not a layer (2 x 27 MiB on Qwen2.5-Coder-1.5B): the rest is cached
         whole = max(e.whole_read() for e in m.layers)

@@ -526,3 +526,11 @@ def test_a_layer_streams_in_pieces_each_read_ahead(tmp_path):
     assert taken == 3 * layers * len(chunks) and dropped == 0
     assert s.evals / s.tokens == layers * len(chunks)
     assert s.bytes / s.tokens == model.flash_plan.expected_bytes
+
+
+def test_pieces_are_refused_where_layers_are_not_computed_where_read(tmp_path):
+    make_checkpoint(tmp_path / "hf", "llama")
+    store = convert(tmp_path / "hf", tmp_path / "store", layout="split", progress=False)
+    with pytest.raises(FlashError, match="--stream-piece") as e:
+        load(str(store), stream_piece="1MiB", progress=False)
+    assert "--layout planar" in e.value.fix

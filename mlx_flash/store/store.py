@@ -76,19 +76,18 @@ def read_chunks(
     piece (the FFN is a sum over neurons). One piece when the whole read fits."""
     pieces, start = [], 0
 
-    def fits(n: int) -> bool:
-        return read_bytes(sections, ids[start : start + n], max_gap) <= capacity
+    def size(n: int) -> int:
+        return read_bytes(sections, ids[start : start + n], max_gap)
 
     while start < len(ids):
         take, over = len(ids) - start, None  # the most that fits; the least not
-        while not fits(take):  # shrink by the share that fits, then search up
+        while (need := size(take)) > capacity:  # shrink by the share that fits ...
             if take == 1:
                 raise ValueError(f"one neuron's read exceeds {capacity} bytes")
-            need = read_bytes(sections, ids[start : start + take], max_gap)
             over, take = take, max(1, min(take - 1, take * capacity // need))
-        while over is not None and over - take > 1:  # (reads grow with the piece)
-            mid = (take + over) // 2
-            take, over = (mid, over) if fits(mid) else (take, mid)
+        while over is not None and over - take > 1:  # ... then search up (a read
+            mid = (take + over) // 2  # grows with its piece)
+            take, over = (mid, over) if size(mid) <= capacity else (take, mid)
         pieces.append(ids[start : start + take])
         start += take
     return pieces
