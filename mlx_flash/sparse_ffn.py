@@ -77,6 +77,7 @@ class FlashFFN(nn.Module):
         self._ahead: Optional[ReadAhead] = None  # reads the next layer's bytes
         self._whole = False  # the cache holds every neuron and the selector takes all
         self._pieces = (None, [])  # the last ids cut into pieces (`_chunks`), by key
+        self._computing = ()  # a piece's arrays evaluated in the background
         self.trace = None  # a list: each decoded token's (channels or None, ids)
         if m.out_bias:
             setattr(self, self.column, OutBias(m.hidden_size))
@@ -144,8 +145,10 @@ class FlashFFN(nn.Module):
         return s.bytes + ahead.bytes, s.reads + ahead.reads
 
     def _read_next(self, decoding: bool) -> None:
-        """This layer's bytes are placed: read the next layer's ahead, if known."""
+        """This layer's bytes are placed: read the next layer's ahead, if known
+        (into the buffer of its piece before last: computed first)."""
         if self._ahead is not None:
+            self._waited()
             self._ahead.after(self._layer, decoding)
 
     def planned_read(self, decoding: bool) -> Optional[Request]:
@@ -212,6 +215,7 @@ class FlashFFN(nn.Module):
         ):
             w = self._staged(pieces, 0, len(ids), x.dtype)
             if w is None:
+                self._waited()  # the pool's rows may still be computed from
                 timed = self._stats.timed("memory") if decoding else None
                 with timed or contextlib.nullcontext():
                     for positions, components, rows in pieces:
@@ -229,19 +233,33 @@ class FlashFFN(nn.Module):
         for the next one, and evaluates what computes from them unless `last`
         (`_settled`): the buffer is read into again."""
         chunks, at = self._chunks(ids, sections, gap, columns), 0
+        ahead = self._ahead if not columns else None
         for i, chunk in enumerate(chunks):
+            request = Request(self._layer, chunk, sections, gap)
+            if ahead is None or not ahead.holds(request):
+                self._waited()  # read now, maybe into the last piece's buffer
             pieces = self._read(chunk, sections, gap, columns, decoding)
             last = i + 1 == len(chunks)
-            if not last and self._ahead is not None and not columns:
-                self._ahead.start(Request(self._layer, chunks[i + 1], sections, gap))
+            if not last and ahead is not None:
+                self._waited()  # the next read goes where the piece before was
+                ahead.start(Request(self._layer, chunks[i + 1], sections, gap))
             yield chunk, at, pieces, last
             at += len(chunk)
 
     def _settled(self, *arrays: mx.array) -> None:
-        """Evaluate `arrays` now: they compute from a staging buffer (or the pool)
-        that the next piece of the layer is read into."""
+        """Start evaluating `arrays` (they compute from a staging buffer, or the
+        pool, that a later piece of the layer is read into) while the next piece is
+        taken; `_waited` before that buffer is read into again."""
+        self._waited()
         self._stats.evals += 1
-        mx.eval(*arrays)
+        mx.async_eval(*arrays)
+        self._computing = arrays
+
+    def _waited(self) -> None:
+        """Wait for the piece being evaluated (`_settled`), if any."""
+        if self._computing:
+            mx.eval(*self._computing)
+            self._computing = ()
 
     def _staged(
         self, pieces: list, first: int, n: int, dtype: mx.Dtype
@@ -399,6 +417,8 @@ class FlashFFN(nn.Module):
                     if staged is not None:  # only the cache's rows move
                         pieces = [(p[:k], c, rows[:k]) for p, c, rows in pieces if k]
                     pieces = [(p + at, c, rows) for p, c, rows in pieces]
+                    if pieces:  # (slots and pool rows: nothing may compute from them)
+                        self._waited()
                     self._place(cache, pool, pieces, load_slots)
                 if staged is not None:
                     yield past[at + k - n : at + len(chunk) - n], staged, not last
