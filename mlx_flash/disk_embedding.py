@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import FlashError, ReadError
+from .store.aligned_safetensors import MLX_DTYPES
 from .store.encoding import dequantize, quant_params
 from .store.safety import check_safetensors
 from .streamed import NUMPY, TensorAt, to_array
@@ -135,15 +136,8 @@ def table_on_disk(
             for p in ("weight", "scales", "biases")
             if p in tensors
         ]
-        dtypes = {
-            "U32": mx.uint32,
-            "U8": mx.uint8,
-            "F32": mx.float32,
-            "F16": mx.float16,
-            "BF16": mx.bfloat16,
-        }
         probe = tuple(
-            mx.zeros(s, dtypes[tensors[p].dtype])
+            mx.zeros(s, MLX_DTYPES[tensors[p].dtype])
             for s, p in zip(shapes, ("weight", "scales", "biases"))
         )
         encoding = quant_params(probe, dims)

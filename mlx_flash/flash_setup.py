@@ -62,9 +62,9 @@ from .store.format import (
     decode_bundles,
     dequantize,
 )
+from .store.aligned_safetensors import MLX_DTYPES
 from .store.store import BundleStore, read_bytes, read_chunks
 from .streamed import (
-    MLX,
     DenseStream,
     StreamedHead,
     StreamedModule,
@@ -387,7 +387,7 @@ def converted(params: List[Tuple[str, mx.array]], tensors: List[TensorAt]) -> in
     return sum(
         p.nbytes
         for (_, p), t in zip(params, tensors)
-        if t.floating and MLX[t.dtype] != p.dtype
+        if t.floating and MLX_DTYPES[t.dtype] != p.dtype
     )
 
 

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import FlashError, ReadError
 from .stats import FlashStats
+from .store.aligned_safetensors import MLX_DTYPES
 from .store.encoding import Encoding, matmul
 from .store.format import ALIGN
 from .store.reader import READERS, ReadStats, aligned_extents
@@ -77,16 +78,6 @@ def dense_tensors(path: Path) -> Dict[str, TensorAt]:
     }
 
 
-MLX = {  # the MLX type of each safetensors dtype read
-    "U32": mx.uint32,
-    "U8": mx.uint8,
-    "F32": mx.float32,
-    "F16": mx.float16,
-    "BF16": mx.bfloat16,
-    "I32": mx.int32,
-}
-
-
 def to_array(
     raw: memoryview, t: TensorAt, dtype: Optional[mx.Dtype], staging=None
 ) -> mx.array:
@@ -100,7 +91,7 @@ def to_array(
         a = staging.mlx(host)
     if a is None:
         a = mx.array(host)
-    a = a.view(MLX[t.dtype]).reshape(t.shape)
+    a = a.view(MLX_DTYPES[t.dtype]).reshape(t.shape)
     return (
         a.astype(dtype) if dtype is not None and t.floating and a.dtype != dtype else a
     )

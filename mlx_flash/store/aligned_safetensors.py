@@ -32,6 +32,8 @@ _DTYPES = {
     mx.uint64: "U64",
     mx.bool_: "BOOL",
 }
+# a safetensors dtype name -> the MLX dtype its bytes are read as
+MLX_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def without_pads(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
