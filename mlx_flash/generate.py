@@ -164,11 +164,10 @@ def print_stats(model) -> None:
     s = store.read_totals()  # (both readers: one reads ahead)
     read = f"{s.bytes / 1e6:.1f} MB of bundles in {s.reads} reads"
     nbytes, seconds = s.bytes, s.seconds
-    if model.flash_stream is not None:  # attention or the head streamed: its readers
-        d = [r.stats for r in model.flash_stream.readers]
-        dense, reads = sum(x.bytes for x in d), sum(x.reads for x in d)
-        read += f" + {dense / 1e6:.1f} MB of the dense part in {reads} reads"
-        nbytes, seconds = nbytes + dense, seconds + sum(x.seconds for x in d)
+    if model.flash_stream is not None:  # attention or the head streamed: its reads
+        d = model.flash_stream.read_totals()
+        read += f" + {d.bytes / 1e6:.1f} MB of the dense part in {d.reads} reads"
+        nbytes, seconds = nbytes + d.bytes, seconds + d.seconds
     rate = nbytes / 1e9 / seconds if seconds else 0.0
     mode = "direct I/O" if store.reader.direct else "buffered I/O (direct refused)"
     print(f"[mlx_flash] read {read}, {seconds:.3f} s ({rate:.2f} GB/s, {mode})")

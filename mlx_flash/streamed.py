@@ -225,6 +225,11 @@ class DenseStream:
         reader.stats.seconds += stats.seconds
         return views, stats.bytes, order
 
+    def read_totals(self) -> ReadStats:
+        """The dense part's reads so far, by both readers (as
+        `BundleStore.read_totals` for the bundles)."""
+        return ReadStats.total([r.stats for r in self.readers])
+
     def close(self) -> None:
         self.settle()
         self._thread.shutdown(wait=True)

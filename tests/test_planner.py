@@ -199,7 +199,7 @@ def test_every_streamed_pass_is_read_ahead(tmp_path, small_chunks, capsys):
     from mlx_flash.generate import print_stats
 
     print_stats(model)  # --stats counts the dense part's reads beside the bundles'
-    dense = sum(r.stats.bytes for r in stream.readers)
+    dense = stream.read_totals().bytes
     assert f"+ {dense / 1e6:.1f} MB of the dense part in" in capsys.readouterr().out
     assert dense > 0
 

@@ -90,6 +90,15 @@ class ReadStats:
     bytes: int = 0
     seconds: float = 0.0
 
+    @staticmethod
+    def total(stats: Sequence["ReadStats"]) -> "ReadStats":
+        """Several readers' counters added up."""
+        return ReadStats(
+            sum(s.reads for s in stats),
+            sum(s.bytes for s in stats),
+            sum(s.seconds for s in stats),
+        )
+
 
 class BundleReader:
     """Parallel aligned reads of byte ranges of one file into a reusable staging buffer.

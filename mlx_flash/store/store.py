@@ -504,11 +504,7 @@ class BundleStore:
         either reader, counted apart)."""
         ahead = self.read_ahead
         readers = [self.reader.stats] + ([ahead.stats] if ahead is not None else [])
-        return ReadStats(
-            sum(r.reads for r in readers),
-            sum(r.bytes for r in readers),
-            sum(r.seconds for r in readers),
-        )
+        return ReadStats.total(readers)
 
     def close(self) -> None:
         if self.read_ahead is not None:  # nothing may read into a closed reader
