@@ -84,10 +84,6 @@ class ReadAhead:
         following = (layer + 1) % len(self.layers)
         self.start(self.layers[following].planned_read(decoding or following == 0))
 
-    def holds(self, request: Request) -> bool:
-        """Whether `request` is the read in flight (`take` will return it)."""
-        return self._pending is not None and self._pending.same(request)
-
     def take(self, request: Request) -> Optional[List[tuple]]:
         """The pieces read ahead for `request`; else None, once a read still in
         flight is dropped: the caller then reads with the store's reader, whose

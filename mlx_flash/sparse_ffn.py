@@ -235,9 +235,6 @@ class FlashFFN(nn.Module):
         chunks, at = self._chunks(ids, sections, gap, columns), 0
         ahead = self._ahead if not columns else None
         for i, chunk in enumerate(chunks):
-            request = Request(self._layer, chunk, sections, gap)
-            if ahead is None or not ahead.holds(request):
-                self._waited()  # read now, maybe into the last piece's buffer
             pieces = self._read(chunk, sections, gap, columns, decoding)
             last = i + 1 == len(chunks)
             if not last and ahead is not None:
@@ -451,15 +448,21 @@ class FlashFFN(nn.Module):
     def _read(
         self, ids: np.ndarray, sections, gap: int, columns: bool, decoding: bool = True
     ) -> list:
-        """The bundles of `ids`: read ahead by the layer before, or read now."""
+        """The bundles of `ids`: read ahead (by the layer or piece before), or read
+        now, once the piece before is computed (its buffer may be this read's)."""
         if not len(ids):
             return []
-        with self._stats.timed("io") if decoding else contextlib.nullcontext():
-            if self._ahead is not None and not columns:
-                request = Request(self._layer, ids, sections, gap)
-                pieces = self._ahead.take(request)
-                if pieces is not None:
-                    return pieces
+
+        def io():
+            return self._stats.timed("io") if decoding else contextlib.nullcontext()
+
+        if self._ahead is not None and not columns:
+            with io():
+                pieces = self._ahead.take(Request(self._layer, ids, sections, gap))
+            if pieces is not None:
+                return pieces
+        self._waited()
+        with io():
             return self._store.read_runs(self._layer, ids, sections, gap, columns)
 
     @staticmethod
