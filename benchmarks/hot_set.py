@@ -101,6 +101,7 @@ def table(trace, counts, n, bundle):
         hot,
         hot_recency,
         lru,
+        online,
         simulate,
         trace_counts,
         window,
@@ -119,6 +120,8 @@ def table(trace, counts, n, bundle):
             "window 4": window(c, 4),
             "hot": hot(counts, c),
             "proposed split": hot_recency(counts, c),
+            # no profile: pinned from decoding's own counts so far
+            "online hot + LRU (no profile)": online(c),
             **fixed,
             # no static set does better on this trace
             "hot (the trace's own counts)": Policy("", c, pinned=hot(own, c).pinned),
@@ -221,6 +224,10 @@ def markdown(result):
         "routes hits first (`SlotMap.admissible`). `hot p% + LRU`: p% of the slots "
         "pinned to the profile's most frequent neurons, the rest LRU; "
         "`proposed split`: `propose_split` per layer (its mean share in brackets). "
+        "`online hot + LRU (no profile)`: what decoding does for a store without a "
+        "profile (`hot_set.OnlineHotSet`): the trace's counts so far, split and "
+        "pinned at 32, 128, 512, ... tokens, pinned ids taking a slot when next "
+        "selected. "
         "`hot (the trace's own counts)`: the best static set for this trace, a "
         "ceiling for `hot`. Cells: hit rate, MB read per token (the missing "
         "neurons' bundles, without alignment).",
@@ -251,6 +258,17 @@ def markdown(result):
                 f"- {s:.0%}: {ours:.1%} = {ours / max(today, 1e-9):.1f}x today's LRU "
                 f"({today:.1%}), {ours / max(first, 1e-9):.2f}x LRU routing hits "
                 f"first ({first:.1%})"
+            )
+        lines += ["", "Online pinning (no profile) against LRU at the same size:", ""]
+        for s in SIZES:
+            cells = {r["policy"]: r for r in rows if r["size"] == s}
+            learned = cells["online hot + LRU (no profile)"]["hit_rate"]
+            first = cells["LRU"]["hit_rate"]
+            lines.append(
+                f"- {s:.0%}: {learned:.1%} = {learned / max(first, 1e-9):.2f}x LRU "
+                f"routing hits first ({first:.1%}), "
+                f"{learned / max(cells['proposed split']['hit_rate'], 1e-9):.2f}x "
+                "the profile's proposed split"
             )
         holds = [
             s for s in SIZES if _ratio(rows, s, "LRU, ids[:capacity] (today)") >= 3

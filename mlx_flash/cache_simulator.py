@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .hot_set import FrequencyCounter, LayerCounts, propose_split
+from .hot_set import FrequencyCounter, LayerCounts, OnlineHotSet, propose_split
 from .neuron_cache import SlotMap
 from .store.store import read_bytes
 
@@ -31,6 +31,8 @@ class Policy:
         pinned: per layer, the hot part's ids; None: no hot part.
         keep_cached: route cached ids through the cache first (`SlotMap.admissible`);
             False is today's rule in sparse_ffn, ``ids[:capacity]``.
+        online: pin from the trace's counts so far as decoding does for a store
+            without a profile (`hot_set.OnlineHotSet`).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Policy:
     window: Optional[int] = None
     pinned: Optional[Sequence[np.ndarray]] = None
     keep_cached: bool = True
+    online: bool = False
 
     def slots(self, layer: int, neurons: int) -> SlotMap:
         pinned = None if self.pinned is None else self.pinned[layer]
@@ -47,6 +50,11 @@ class Policy:
 def lru(capacity: int, keep_cached: bool = True) -> Policy:
     name = "LRU" if keep_cached else "LRU, ids[:capacity] (today)"
     return Policy(name, capacity, keep_cached=keep_cached)
+
+
+def online(capacity: int) -> Policy:
+    """No profile: the hot part pinned from the counts so far (`OnlineHotSet`)."""
+    return Policy("online hot + LRU", capacity, online=True)
 
 
 def window(capacity: int, tokens: int) -> Policy:
@@ -116,6 +124,7 @@ def simulate(
     if isinstance(bundle_bytes, int):
         bundle_bytes = [bundle_bytes] * len(trace)
     selected = misses = read = 0
+    counts = OnlineHotSet([neurons] * len(trace)) if policy.online else None
     for layer, tokens in enumerate(trace):
         slots, layer_misses = policy.slots(layer, neurons), 0
         for ids in tokens:
@@ -124,6 +133,8 @@ def simulate(
             _, loaded, _ = slots.admit(ids[through])
             layer_misses += len(ids) - np.count_nonzero(through) + len(loaded)
             selected += len(ids)
+            if counts is not None:
+                counts.update(layer, ids, slots)
         misses += layer_misses
         read += layer_misses * bundle_bytes[layer]
     tokens = len(trace[0]) if len(trace) else 0

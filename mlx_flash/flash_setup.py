@@ -34,7 +34,7 @@ from .budget import (
 )
 from .disk_embedding import table_on_disk
 from .errors import FlashError
-from .hot_set import propose_split
+from .hot_set import OnlineHotSet, propose_split
 from .input_sparse import Calibration, InputSelector, load_calibration
 from .neuron_cache import NeuronCache, Slots
 from .neuron_profile import NeuronProfile, has_profile, load_profile
@@ -720,6 +720,12 @@ def give_layers_their_caches(
     ffns = [layer.mlp for layer in model.layers]
     ahead = ReadAhead(store, ffns) if reads_ahead(options) else None
     model.flash_read_ahead = ahead
+    # no profile: a selector that picks a share of the neurons counts them as it
+    # decodes and pins its caches' hot parts from the counts (hot_set.OnlineHotSet)
+    online = None
+    if sparse and options.selector != "input" and profile is None and any(p.capacities):
+        online = OnlineHotSet([e.neurons for e in m.layers])
+    model.flash_hot_set = online
     for i, layer in enumerate(model.layers):
         entry, ffn = m.layers[i], layer.mlp
         select = make_selector(options, store, i, ffn, sections, state, dtype)
@@ -754,7 +760,7 @@ def give_layers_their_caches(
             columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap)
         pool = pools[shape_key(entry)]
         cached = sections.chosen(entry, False)
-        ffn.setup(select, cache, cached, gap, pool, columns, ahead)
+        ffn.setup(select, cache, cached, gap, pool, columns, ahead, online)
 
 
 def reads_ahead(options: FlashOptions) -> bool:

@@ -173,6 +173,8 @@ def print_stats(model) -> None:
     print(f"[mlx_flash] read {read}, {seconds:.3f} s ({rate:.2f} GB/s, {mode})")
     print(f"[mlx_flash] reader: {model.flash_tuning.describe()}")
     print(model.flash_stats.summary())
+    if getattr(model, "flash_hot_set", None) is not None:
+        print(model.flash_hot_set.describe())
     tokens = max(model.flash_stats.tokens, 1)
     print(
         f"[mlx_flash] read per token: expected {model.flash_plan.expected()} (the "

@@ -5,8 +5,8 @@ Per layer, counts say how many tokens selected each neuron (`selected`) and how 
 consecutive token pairs of one sequence selected it at both tokens (`repeated`). They
 come from a stored profile measured on a calibration text (`neuron_profile.py`) or,
 for a store without one, from a `FrequencyCounter` updated with each decoded token's
-ids. A cache of `capacity` slots pins the `hot` most frequently selected neurons and
-gives the rest to the recency part; `propose_split` chooses `hot`.
+ids (`OnlineHotSet`). A cache of `capacity` slots pins the `hot` most frequently
+selected neurons and gives the rest to the recency part; `propose_split` chooses `hot`.
 """
 
 from dataclasses import dataclass
@@ -162,3 +162,45 @@ def propose_split(counts: LayerCounts, capacity: int, tolerance: float = 1e-3) -
         return 0
     hot, hits = split_curve(counts, capacity)
     return int(hot[np.argmax(hits >= hits.max() * (1 - tolerance))])
+
+
+# Online pinning: the first split after this many decoded tokens, then each time the
+# count has grown this many times (32, 128, 512, ... tokens): a split costs ~1-70 ms
+# per layer (`propose_split` on 8,960 neurons), so it is made rarely, and the counts
+# it rests on grow with the text.
+ONLINE_FIRST, ONLINE_FACTOR = 32, 4
+
+
+class OnlineHotSet:
+    """The hot part for a store without a profile: every layer's selections counted
+    as decoding goes (`FrequencyCounter`) and, at ``ONLINE_FIRST`` tokens and each
+    ``ONLINE_FACTOR`` times as many since, the layer's cache split anew from its
+    counts so far (`propose_split`) and its most frequent neurons pinned
+    (`SlotMap.repin`: those cached stay where they are, the others take a slot
+    when next selected; nothing is read for pinning alone).
+
+    Args:
+        neurons: each layer's neuron count.
+    """
+
+    def __init__(self, neurons: Sequence[int]):
+        self.counter = FrequencyCounter(neurons)
+        self.splits = [0] * len(neurons)  # per layer: the pinned count last chosen
+        self._next = [ONLINE_FIRST] * len(neurons)
+
+    def update(self, layer: int, ids: np.ndarray, slots) -> None:
+        """Count one token's selected `ids` in `layer`; re-pin its cache `slots` (a
+        `SlotMap`) when the schedule says so (between tokens: after its reads)."""
+        self.counter.update(layer, ids)
+        counts = self.counter.layers[layer]
+        if counts.tokens >= self._next[layer]:
+            self._next[layer] *= ONLINE_FACTOR
+            self.splits[layer] = propose_split(counts, slots.capacity)
+            slots.repin(counts.hot_ids(self.splits[layer]))
+
+    def describe(self) -> str:
+        tokens = self.counter.layers[0].tokens if self.counter.layers else 0
+        return (
+            f"[mlx_flash] hot part: online counts over {tokens} tokens (no neuron "
+            f"profile), {sum(self.splits)} neurons pinned in all layers"
+        )

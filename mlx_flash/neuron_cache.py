@@ -7,10 +7,12 @@ neurons as it holds, the least recently used leaving first. `strict=True` is the
 windowing (§3.1): between tokens, exactly the neurons of the last `window` tokens stay,
 the others leave even with slots to spare.
 
-A cache may also have a hot part (PowerInfer, Song et al. 2023): neurons pinned once,
-from a neuron-frequency profile (`neuron_profile.py`), that always hit and never leave;
-the recency part works as above in the remaining slots. `SlotMap` is this bookkeeping
-alone, which the cache simulator (`cache_simulator.py`) runs without any weights.
+A cache may also have a hot part (PowerInfer, Song et al. 2023): neurons pinned from a
+neuron-frequency profile (`neuron_profile.py`, read once at load) or, for a store
+without one, from counts made while decoding (`hot_set.OnlineHotSet`, `SlotMap.repin`);
+they always hit and never leave; the recency part works as above in the remaining
+slots. `SlotMap` is this bookkeeping alone, which the cache simulator
+(`cache_simulator.py`) runs without any weights.
 """
 
 from dataclasses import dataclass, replace
@@ -34,12 +36,15 @@ class CacheStats:  # this layer's; the model-wide counters are in FlashStats
 class SlotMap:
     """The bookkeeping of one layer's cache: which neuron is in which slot, who leaves.
 
-    Slots ``0 .. len(pinned) - 1`` are the hot part (PowerInfer's hot neurons, here
-    the neurons a profile found most often selected): pinned id ``k`` lives in slot
-    ``k``, always hits and never leaves. The other slots are the recency part: as
-    many recently used neurons as they hold, the least recently used leaving first,
-    or with `window` the paper's strict windowing (§3.1). Pure numpy, no buffers: the
-    cache simulator runs the same policy without any weights.
+    The hot part (PowerInfer's hot neurons, here the neurons a profile, or the counts
+    so far, found most often selected): a pinned id always goes through the cache
+    and, once in a slot, never leaves. Ids pinned at construction live in slots
+    ``0 .. len(pinned) - 1`` (pinned id ``k`` in slot ``k``: the caller fills them
+    once); ids pinned later (`repin`) take a slot when next selected. The other
+    slots are the recency part: as many recently used neurons as they hold, the
+    least recently used leaving first, or with `window` the paper's strict windowing
+    (§3.1). Pure numpy, no buffers: the cache simulator runs the same policy without
+    any weights.
 
     Args:
         n_neurons: neurons in the layer.
@@ -69,6 +74,7 @@ class SlotMap:
         self.is_pinned = np.zeros(n_neurons, bool)
         self.is_pinned[pinned] = True
         self.step, self.stats = 0, CacheStats()
+        self._placed = pinned  # in slots 0 .. k - 1, filled once by the caller
         self._place_pinned()
 
     @property
@@ -82,8 +88,9 @@ class SlotMap:
 
     def admissible(self, ids: np.ndarray, keep_cached: bool = True) -> np.ndarray:
         """Which of one token's `ids` (most important first) go through the cache:
-        every pinned id; with `keep_cached` every id already cached (a hit costs no
-        slot); then the first others that fit in the recency part's remaining
+        every pinned id cached; with `keep_cached` every id already cached (a hit
+        costs no slot); the pinned ids not yet cached (`repin`) that free slots
+        take; then the first others that fit in the recency part's remaining
         slots. The rest is the overflow, read past the cache. With
         ``keep_cached=False`` and no pinned ids this is ``ids[:capacity]``.
 
@@ -91,35 +98,40 @@ class SlotMap:
             a bool mask over `ids`.
         """
         hot = self.is_pinned[ids]
-        cached = (self.slot_of[ids] >= 0) & ~hot
+        held = self.slot_of[ids] >= 0
+        cached = held & ~hot
         if not keep_cached:
             cached[:] = False
+        hits = np.count_nonzero(cached)
+        free = self.capacity - np.count_nonzero(self.last_used == _NEVER) - hits
+        arriving = hot & ~held  # pinned, not in a slot yet: first to take one
+        arriving &= np.cumsum(arriving) <= free
         other = ~hot & ~cached
-        room = self.recency_capacity - np.count_nonzero(cached)
-        return hot | cached | (other & (np.cumsum(other) <= room))
+        room = min(self.recency_capacity - hits, free - np.count_nonzero(arriving))
+        return (hot & held) | arriving | cached | (other & (np.cumsum(other) <= room))
 
     def admit(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Bookkeeping for one token's neurons `ids` (unique; those not pinned at most
-        `recency_capacity`: see `admissible`).
+        """Bookkeeping for one token's neurons `ids` (unique; as many missing as
+        slots can take: see `admissible`).
 
         Returns:
             ``(slots, load_ids, load_slots)``: the slot of every id, and the ids that
             must be read from the store with the slots they go to.
         """
-        recent = len(ids) - np.count_nonzero(self.is_pinned[ids])
-        assert recent <= self.recency_capacity, "route the selection first: admissible"
         self.step += 1
         slots = self.slot_of[ids]
         hit = slots >= 0
         recent = slots[hit]
-        self.last_used[recent[recent >= len(self.pinned)]] = self.step  # protects hits
+        recent = recent[self.last_used[recent] != _NEVER]
+        self.last_used[recent] = self.step  # protects hits
         load_ids = ids[~hit]
         free = np.nonzero(self.last_used < self.step)[0]  # empty slots have -1
+        assert len(free) >= len(load_ids), "route the selection first: admissible"
         victims = free[np.argsort(self.last_used[free], kind="stable")][: len(load_ids)]
         self.stats.evictions += int(np.count_nonzero(self.id_of[victims] >= 0))
         self.release(victims)
         self.id_of[victims], self.slot_of[load_ids] = load_ids, victims
-        self.last_used[victims] = self.step
+        self.last_used[victims] = np.where(self.is_pinned[load_ids], _NEVER, self.step)
         slots[~hit] = victims
         if self.strict:  # between tokens, hold only the last `window` tokens' neurons
             self.release(np.nonzero(self.last_used <= self.step - self.window)[0])
@@ -127,15 +139,33 @@ class SlotMap:
         return slots, load_ids, victims
 
     def release(self, slots: np.ndarray) -> None:
-        """Empty these slots (their neurons are no longer cached); pinned slots stay."""
-        slots = slots[slots >= len(self.pinned)]
+        """Empty these slots (their neurons are no longer cached; a pinned id among
+        them stays pinned and takes a slot again when next selected). Eviction and
+        the window never pick a pinned slot."""
         old = self.id_of[slots]
         self.slot_of[old[old >= 0]] = -1
         self.id_of[slots], self.last_used[slots] = -1, -1
 
+    def repin(self, pinned: np.ndarray) -> None:
+        """Make `pinned` (unique ids, at most `capacity`) the hot part, between
+        tokens. Its ids already cached are pinned where they are (no bytes move);
+        the others take a slot when next selected (never read for pinning alone).
+        Ids leaving the hot part stay cached as the most recently used."""
+        pinned = np.asarray(pinned, np.int64).reshape(-1)
+        if len(pinned) > self.capacity or len(np.unique(pinned)) != len(pinned):
+            raise ValueError(f"{len(pinned)} pinned ids (unique?) for {self.capacity}")
+        held = self.last_used == _NEVER
+        self.last_used[held] = self.step  # the old hot part: most recent
+        self.is_pinned[:] = False
+        self.is_pinned[pinned] = True
+        slots = self.slot_of[pinned]
+        self.last_used[slots[slots >= 0]] = _NEVER
+        self.pinned, self._placed = pinned, pinned[:0]  # none placed by a caller now
+
     def clear(self) -> None:
-        """Forget every neuron of the recency part (the buffers stay allocated). The
-        pinned ones stay: their slots are written once, never by a token's step."""
+        """Forget every cached neuron (the buffers stay allocated) but those placed
+        at construction: their slots are written once, never by a token's step.
+        Pinned ids stay pinned; one not placed takes a slot when next selected."""
         self.slot_of[:], self.id_of[:], self.last_used[:] = -1, -1, -1
         self._place_pinned()
 
@@ -143,8 +173,8 @@ class SlotMap:
         return np.sort(self.id_of[self.id_of >= 0])
 
     def _place_pinned(self) -> None:
-        k = len(self.pinned)
-        self.id_of[:k], self.slot_of[self.pinned] = self.pinned, np.arange(k)
+        k = len(self._placed)
+        self.id_of[:k], self.slot_of[self._placed] = self._placed, np.arange(k)
         self.last_used[:k] = _NEVER  # never a victim, never outside the window
 
 

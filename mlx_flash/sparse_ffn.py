@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .hot_set import OnlineHotSet
 from .neuron_cache import NeuronCache, Slots, as_slice
 from .read_ahead import ReadAhead, Request
 from .selectors import AllSelector
@@ -75,6 +76,7 @@ class FlashFFN(nn.Module):
         self._selector, self._cache, self._sections = None, None, []
         self._gap, self._pool, self._columns = 0, None, None
         self._ahead: Optional[ReadAhead] = None  # reads the next layer's bytes
+        self._online: Optional[OnlineHotSet] = None  # counts selections, pins the hot
         self._whole = False  # the cache holds every neuron and the selector takes all
         self._pieces = (None, [])  # the last ids cut into pieces (`_chunks`), by key
         self._computing = ()  # a piece's arrays evaluated in the background
@@ -91,16 +93,19 @@ class FlashFFN(nn.Module):
         pool: Slots,
         columns: Optional[Columns] = None,
         ahead: Optional[ReadAhead] = None,
+        online: Optional[OnlineHotSet] = None,
     ):
         """Decoding: `selector` picks ids, `cache` (or None: stream the layer whole)
         holds the bundle `sections`; what streams past it is decoded into `pool`
         (rows for every neuron of the layer, shared by the layers in turn). With
         `columns`, the `input` selector first picks input channels, read by column.
         With `ahead`, once its own bytes are placed the layer reads the next
-        layer's ahead, where they are known before it runs (`read_ahead.py`)."""
+        layer's ahead, where they are known before it runs (`read_ahead.py`). With
+        `online` (a store without a neuron profile), each token's selection is
+        counted and the cache's hot part pinned from the counts."""
         self._selector, self._cache, self._sections = selector, cache, sections
         self._gap, self._pool, self._whole = gap, pool, False
-        self._columns, self._ahead = columns, ahead
+        self._columns, self._ahead, self._online = columns, ahead, online
 
     def forget(self) -> None:
         """Empty the neuron cache: after a step interrupted between admitting neurons
@@ -307,6 +312,8 @@ class FlashFFN(nn.Module):
                 if reused:
                     self._settled(y)
         stats.selected += len(ids)
+        if self._online is not None:  # (between tokens: this one's reads are placed)
+            self._online.update(self._layer, ids, cache)
         self._whole = (
             isinstance(self._selector, AllSelector)
             and cache.window is None

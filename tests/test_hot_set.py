@@ -14,11 +14,20 @@ from mlx_flash.cache_simulator import (
     hot,
     hot_recency,
     lru,
+    online,
     simulate,
     trace_counts,
     window,
 )
-from mlx_flash.hot_set import FrequencyCounter, propose_split, split_curve
+from mlx_flash.hot_set import (
+    ONLINE_FACTOR,
+    ONLINE_FIRST,
+    FrequencyCounter,
+    OnlineHotSet,
+    propose_split,
+    split_curve,
+)
+from mlx_flash.neuron_cache import SlotMap
 
 N = 32
 tokens_of_ids = st.lists(
@@ -150,6 +159,42 @@ def test_with_locality_the_split_keeps_recency_slots_and_they_pay():
     assert proposed.hits >= 0.99 * best  # the model's split, near the measured best
 
 
+def test_online_pinning_follows_the_counts_so_far():
+    """No profile: at ONLINE_FIRST tokens and each ONLINE_FACTOR times as many
+    since, the layer's split is proposed from its counts so far and exactly their
+    most frequent neurons are pinned; nothing is pinned before."""
+    freq = np.linspace(0.02, 0.7, 64)
+    (trace,) = bernoulli_trace(freq, ONLINE_FIRST * ONLINE_FACTOR + 5, freq)
+    hot_set, slots = OnlineHotSet([64]), SlotMap(64, 16)
+    counter = FrequencyCounter([64])
+    for t, ids in enumerate(trace, 1):
+        ids = ids[slots.admissible(ids)]  # (the overflow is read past the cache)
+        slots.admit(ids)
+        hot_set.update(0, trace[t - 1], slots)
+        counter.update(0, trace[t - 1])
+        counts = counter.layers[0]
+        if t < ONLINE_FIRST:
+            assert len(slots.pinned) == 0
+        if t in (ONLINE_FIRST, ONLINE_FIRST * ONLINE_FACTOR):
+            k = propose_split(counts, 16)
+            assert k > 0 and hot_set.splits[0] == k
+            assert slots.pinned.tolist() == counts.hot_ids(k).tolist()
+    assert slots.is_pinned.sum() == len(slots.pinned)
+
+
+def test_online_pinning_beats_lru_without_locality():
+    """Skewed frequencies, no locality (PowerInfer's case): pinning the counts'
+    most frequent neurons beats an LRU of the same size on the same trace, and
+    comes near a hot part fixed from the trace's own counts."""
+    freq = np.concatenate([np.full(12, 0.8), np.linspace(0.02, 0.3, 116)])
+    trace = bernoulli_trace(freq, 600, freq)
+    counts = trace_counts(trace, 128)
+    learned = simulate(trace, online(16), 128, 1)
+    assert learned.hits + learned.misses == learned.selections
+    assert learned.hits > 1.3 * simulate(trace, lru(16), 128, 1).hits
+    assert learned.hits > 0.95 * simulate(trace, hot_recency(counts, 16), 128, 1).hits
+
+
 def test_no_counts_no_hot_part():
     assert propose_split(FrequencyCounter([8]).layers[0], 4) == 0
 
@@ -173,6 +218,38 @@ def recorded(model):
 
         layer.mlp._selector = select
     return trace
+
+
+def test_online_pinning_in_decoding_is_the_simulators(store):
+    """A store without a profile: decoding counts each layer's selections and pins
+    its cache's hot part from them; its hits are the simulator's `online` policy's
+    on the same trace, the pinned ids the counts' top ones, the tokens those of
+    a run with no budget."""
+    options = {"selector": "oracle", "fraction": 0.5, "prefill_step_size": 16}
+    roomy, _ = load(str(store), progress=False, **options)
+    budget = roomy.flash_plan.budget_for_slots(40)
+    model, _ = load(str(store), dram_budget=budget, progress=False, **options)
+    hot_set = model.flash_hot_set
+    assert hot_set is not None
+    trace = recorded(model)
+    ys = [mx.array([[3]])] * 2
+    caches = [make_prompt_cache(m) for m in (model, roomy)]
+    for step in range(1, ONLINE_FIRST + 9):
+        ys = [
+            mx.argmax(m(y, cache=c)[:, -1], axis=-1, keepdims=True)
+            for m, y, c in zip((model, roomy), ys, caches)
+        ]
+        assert ys[0].item() == ys[1].item()
+        if step == ONLINE_FIRST:  # the first split: the counts' top neurons pinned
+            for i, layer in enumerate(model.layers):
+                counts, k = hot_set.counter.layers[i], hot_set.splits[i]
+                assert counts.tokens == step and k > 0
+                assert layer.mlp._cache.pinned.tolist() == counts.hot_ids(k).tolist()
+    s = model.flash_stats
+    bundles = [layer.bundle_bytes() for layer in model.flash_store.manifest.layers]
+    r = simulate(trace, online(40), 128, bundles)
+    assert (r.hits, r.misses, r.selections) == (s.hits, s.loaded, s.selected)
+    assert f"online counts over {ONLINE_FIRST + 8} tokens" in hot_set.describe()
 
 
 def test_lru_matches_the_decoding_caches_own_hits(store):

@@ -167,6 +167,63 @@ def test_admissible_routes_hits_first_and_fits(tokens, capacity, pinned):
         plain.admit(ids[:capacity])
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    selections,
+    st.integers(1, 30),
+    st.lists(st.tuples(st.integers(0, 24), pinned_sets), max_size=4),
+    st.integers(1, 5),
+    st.booleans(),
+)
+def test_repinning_between_tokens(tokens, capacity, repins, window, strict):
+    """The hot part re-chosen while decoding (online counts): pinned ids already
+    cached stay where they are, the others take a slot when next selected and then
+    always hit; ids leaving it stay cached; capacity, the maps and every slot's
+    contents hold throughout, as does an interrupted step's `clear`."""
+    cache = NeuronCache(COMPONENTS, N, capacity, mx.float32, window if strict else None)
+    at = {step: np.array(ids[:capacity], np.int64) for step, ids in repins}
+    for step, ids in enumerate(tokens):
+        if step in at:
+            before = {i: cache.slot_of[i] for i in cache.cached_ids().tolist()}
+            cache.repin(at[step])
+            assert {i: cache.slot_of[i] for i in before} == before  # nothing moved
+            pinned = np.nonzero(cache.is_pinned)[0]
+            assert set(pinned.tolist()) == set(at[step].tolist())
+        hot_before = set(cache.cached_ids().tolist()) & set(cache.pinned.tolist())
+        ids = route(cache, ids)
+        slots, load_ids, load_slots = cache.admit(ids)
+        assert not set(load_ids.tolist()) & hot_before  # a cached pinned id hits
+        cache.fill(load_slots, BUNDLES[load_ids])
+        cached = cache.id_of[cache.id_of >= 0]
+        assert len(cached) <= capacity and len(set(cached.tolist())) == len(cached)
+        assert all(cache.slot_of[i] == s for s, i in enumerate(cache.id_of) if i >= 0)
+        assert hot_before <= set(cached.tolist())  # pinned and cached: never leaves
+        assert set(ids.tolist()) <= set(cached.tolist())
+        got, want = cache.gather(slots), expected(ids)
+        for name in want:
+            for a, b in zip(parts(got[name]), parts(want[name])):
+                assert mx.array_equal(a, b)
+        if step == len(tokens) // 2 and at:
+            cache.clear()  # nothing was placed by a caller: everything is forgotten
+            assert len(cache.cached_ids()) == 0
+    with pytest.raises(ValueError):
+        cache.repin(np.zeros(2, np.int64))  # not unique
+
+
+def test_repinning_keeps_the_old_hot_part_as_the_most_recent():
+    cache = NeuronCache(COMPONENTS, N, 4, mx.float32, pinned=[0, 1])
+    cache.fill(np.arange(2), BUNDLES[[0, 1]])
+    cache.admit(np.array([2]))
+    cache.admit(np.array([3]))
+    cache.repin(np.array([3, 5]))  # 3 pinned where it is; 5 when it comes
+    assert cache.cached_ids().tolist() == [0, 1, 2, 3]
+    _, loaded, _ = cache.admit(np.array([5]))  # evicts 2 (older than 0 and 1)
+    assert loaded.tolist() == [5] and cache.cached_ids().tolist() == [0, 1, 3, 5]
+    cache.admit(np.array([6]))  # then 0 or 1, never 3 or 5
+    cache.admit(np.array([7]))
+    assert cache.cached_ids().tolist() == [3, 5, 6, 7]
+
+
 def test_bad_pinned_ids_are_refused():
     for pinned, capacity in (([1, 1], 4), ([0, 1, 2], 2), ([N], 4), ([-1], 4)):
         with pytest.raises(ValueError):
