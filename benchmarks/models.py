@@ -112,7 +112,8 @@ def stale(path: Path) -> bool:
     Qwen2.5-Coder-1.5B's head took 467 MB instead of 204): a dense tensor of a
     `REQUANTIZED` type without its entry in the config's quantization; or before
     `down` was re-quantized per neuron at `DOWN_BITS` by default (2026-12-08; until
-    then 8 bits)."""
+    then 8 bits); or a columns store whose columns are bundled (until 2026-12-08:
+    planar since, so the input selector computes its runs where they are read)."""
     from mlx_flash.store.components import DOWN_BITS
     from mlx_flash.store.quantize import REQUANTIZED
     from mlx_flash.store.store import is_current
@@ -125,6 +126,11 @@ def stale(path: Path) -> bool:
         relaid = "per neuron" in down["origin"].get("note", "")
         if relaid and down["encoding"].get("bits") != DOWN_BITS:
             return True
+    for ext in manifest.get("extensions", []):
+        if ext["name"] == "columns":
+            first = ext["meta"]["layers"][0]["sections"]
+            if not all(s.get("part") for s in first):
+                return True
     dense = manifest.get("dense", {})
     quantized = json.loads((path / "config.json").read_text()).get("quantization")
     return any(

@@ -75,6 +75,14 @@ from .streamed import (
 )
 
 # A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
+# A run of neurons (or channels) computed where it was read costs a few MLX ops of its
+# own (its products, its scales converted: ~30 us each on a 2-core x86): the `input`
+# selector, whose runs are all computed in place, merges runs across gaps up to this
+# many bytes (fewer, longer runs, their unneeded rows read and multiplied by zero).
+# Measured on Qwen2.5-Coder-1.5B at 50% of its file: the reader's 24 KiB gap left
+# ~72 column runs a layer and 2,029-2,189 ms a token; 64 KiB-1 MiB 1,432-1,471 ms,
+# reading 866-868 MB instead of 836 (2026-12-08).
+IN_PLACE_RUN_BYTES = 256 * 1024
 # one chunk in flight, so the floor does not hold a whole head
 HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
 
@@ -484,21 +492,27 @@ def neuron_layers(
         kinds = [
             (
                 m.layers,
-                lambda e: sections.components(e, False),
+                lambda e: sections.chosen(e, False),
                 lambda e: neuron_gap(e, sections, options, gap_bytes),
                 "neurons",
             ),
             (
                 m.columns,
-                lambda e: list(e.components.values()),
+                lambda e: list(range(len(e.sections))),
                 lambda e: gap_bytes // e.bundle_bytes(),
                 "channels",
             ),
         ]
-        for entries, components, gap, stage in kinds:
+        for entries, chosen, gap, stage in kinds:
             for entry, k in zip(entries, calibration.layers):
-                cs, share = components(entry), 1 - getattr(k, stage)
-                read = page_bytes(sum(c.nbytes for c in cs), share, gap(entry))
+                ks, share = chosen(entry), 1 - getattr(k, stage)
+                cs = [
+                    c for j in ks for c in entry.section_components(entry.sections[j])
+                ]
+                read = sum(  # (a planar store's parts each read in its own section)
+                    page_bytes(entry.sections[j].bundle_bytes, share, gap(entry))
+                    for j in ks
+                )
                 use = np.full(entry.neurons, share)
                 layers.append(Neurons(decoded_bytes(cs, dtype), read, use))
         return layers
@@ -543,6 +557,9 @@ def setup(
     share of the budget (`budget.prefill_step`).
     """
     m = store.manifest
+    where_read = computed_where_read(store, options)
+    if where_read and options.selector == "input":  # its runs merged wider
+        gap_bytes = max(gap_bytes, IN_PLACE_RUN_BYTES)
     sections = split_sections(store, options.selector)
     state = selector_state(store, options)
     calibration = state.calibration
@@ -565,7 +582,6 @@ def setup(
     # a layer's streamed neurons decoded (the whole layer at most), one per shape;
     # computed where they were read, only their floats converted (no pool), a
     # piece at a time
-    where_read = computed_where_read(store, options)
     if options.stream_piece is not None and not where_read:
         raise FlashError(
             "--stream-piece streams layers computed where they are read: a planar "
@@ -582,15 +598,15 @@ def setup(
         least = max(e.bundle_bytes() + 2 * ALIGN * len(e.sections) for e in m.layers)
         store.restage(min(whole, max(piece, least)))
     per_neuron = staged_bytes if where_read else pool_bytes
+    # (with `calibration`, also the kept channels' columns streamed past the cache)
     flight = 0
-    for cs, n in pool_shapes(m.layers).values():
+    for cs, n in (
+        *pool_shapes(m.layers).values(),
+        *(pool_shapes(m.columns).values() if calibration is not None else ()),
+    ):
         if where_read:  # the most neurons one piece holds
             n = min(n, len(store.reader.buffer) // sum(c.nbytes for c in cs))
         flight += n * per_neuron(cs, dtype)
-    if calibration is not None:  # the kept channels' columns streamed past the cache
-        flight += sum(
-            n * pool_bytes(cs, dtype) for cs, n in pool_shapes(m.columns).values()
-        )
     fixed = {
         "dense (small tensors)": parameter_bytes(model) - dense_groups,
         "KV cache and working memory": working_bytes(
@@ -735,7 +751,7 @@ def give_layers_their_caches(
         for key, (cs, n) in pool_shapes(m.layers).items()
     }
     pools.update(
-        (key, Slots(cs, n, dtype, convert=False))
+        (key, Slots(cs, 0 if where_read else n, dtype, convert=False))
         for key, (cs, n) in pool_shapes(m.columns or []).items()
     )
     ffns = [layer.mlp for layer in model.layers]
@@ -778,7 +794,8 @@ def give_layers_their_caches(
                 options.window,
             )
             c_gap = gap_bytes // c_entry.bundle_bytes()
-            columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap)
+            every = list(range(len(c_entry.sections)))
+            columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap, every)
         pool = pools[shape_key(entry)]
         cached = sections.chosen(entry, False)
         ffn.setup(select, cache, cached, gap, pool, columns, ahead, online)
@@ -809,8 +826,12 @@ def computed_where_read(store: BundleStore, options: FlashOptions) -> bool:
     """Whether every streamed neuron is computed from the staging buffer it was read
     into, never copied into the pool: `all` (and naive) with no window on a planar
     store, whose layers stream whole or from a neuron on, one run per section
-    (`FlashFFN._staged`)."""
-    planar = all(s.part for e in store.manifest.layers for s in e.sections)
+    (`FlashFFN._staged`); `input` on a store whose rows and columns are planar, its
+    runs read whole and the neurons read past masked (`FlashFFN._in_place`)."""
+    m = store.manifest
+    planar = all(s.part for e in m.layers for s in e.sections)
+    if options.selector == "input":  # both stages' runs read whole, masked
+        return planar and all(s.part for e in m.columns or [] for s in e.sections)
     return planar and options.selector == "all" and options.window is None
 
 

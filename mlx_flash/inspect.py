@@ -60,7 +60,9 @@ def describe(store: BundleStore) -> str:
     for entries, suffix in kinds:  # (a columns layer's "neurons" are its channels)
         for i, layer in enumerate(entries):
             for s in layer.sections:
-                what = "+".join(s.components) + suffix
+                what = (
+                    "+".join(s.components) + suffix + (f" {s.part}" if s.part else "")
+                )
                 lines.append(
                     f"{i:>5} {layer.neurons:>8} {what:<28} {s.offset:>12} "
                     f"{s.bundle_bytes:>9} "

@@ -45,11 +45,12 @@ class OutBias(nn.Module):
 class Columns:
     """A layer's gate/up columns by input channel (the `input` selector): the cache
     of recently kept channels, the pool that what streams past it is decoded into,
-    and the read gap in channels."""
+    the read gap in channels, and the sections read (every one of the columns)."""
 
     cache: NeuronCache
     pool: Slots
     gap: int
+    sections: List[int]
 
 
 class FlashFFN(nn.Module):
@@ -231,16 +232,25 @@ class FlashFFN(nn.Module):
                 self._settled(y)
         return self.with_bias(y)
 
-    def _reads(self, ids: np.ndarray, sections, gap: int, columns: bool, decoding=True):
+    def _reads(
+        self,
+        ids: np.ndarray,
+        sections,
+        gap: int,
+        columns: bool,
+        decoding=True,
+        whole=False,
+    ):
         """Read `ids`' bundles piece by piece (`_chunks`): yields ``(piece's ids, its
         first position in ids, its pieces, last)``; each read starts the next piece's
         ahead, into the other buffer. The caller uses a piece's views before asking
         for the next one, and evaluates what computes from them unless `last`
-        (`_settled`): the buffer is read into again."""
+        (`_settled`): the buffer is read into again. `whole`: runs as read
+        (`BundleStore.read_runs`)."""
         chunks, at = self._chunks(ids, sections, gap, columns), 0
-        ahead = self._ahead if not columns else None
+        ahead = self._ahead if not columns and not whole else None
         for i, chunk in enumerate(chunks):
-            pieces = self._read(chunk, sections, gap, columns, decoding)
+            pieces = self._read(chunk, sections, gap, columns, decoding, whole)
             last = i + 1 == len(chunks)
             if not last and ahead is not None:
                 self._waited()  # the next read goes where the piece before was
@@ -333,7 +343,14 @@ class FlashFFN(nn.Module):
         stats.syncs += 1
         xk, h = self._take(x.reshape(-1), channels), [0, 0]
         for index, w, reused in self._fetch(
-            columns.cache, columns.pool, channels, [0], columns.gap, x.dtype, True, True
+            columns.cache,
+            columns.pool,
+            channels,
+            columns.sections,
+            columns.gap,
+            x.dtype,
+            True,
+            True,
         ):
             with stats.timed("compute"):
                 v = xk[mx.array(index.astype(np.uint32))].reshape(1, 1, -1)
@@ -408,11 +425,26 @@ class FlashFFN(nn.Module):
             mine, extra = ids[through], ids[~through]
             slots, load_ids, load_slots = cache.admit(mine)
         n, past = len(load_ids), np.nonzero(~through)[0]  # the first n go to slots
+        entry = self._store.entry(self._layer, columns)
+        in_place = masked and all(entry.sections[k].part for k in sections)
         pooled = False
         try:
             for chunk, at, pieces, last in self._reads(
-                np.concatenate([load_ids, extra]), sections, gap, columns
+                np.concatenate([load_ids, extra]),
+                sections,
+                gap,
+                columns,
+                whole=in_place,
             ):
+                if in_place:  # (a planar store's runs, each computed as read)
+                    runs = self._in_place(
+                        pieces, sections, at, n, past, len(ids), entry, dtype
+                    )
+                    with stats.timed("memory"):  # only the cache's rows move
+                        self._place_own(cache, pieces, at, load_slots)
+                    for j, (index, w) in enumerate(runs):
+                        yield index, w, not last and j + 1 == len(runs)
+                    continue
                 k = min(max(n - at, 0), len(chunk))  # the piece's ids for slots
                 staged = None
                 if not columns:
@@ -447,13 +479,61 @@ class FlashFFN(nn.Module):
         if pooled:
             yield past, pool.first(len(extra), cache.arrays), False
 
+    def _in_place(
+        self, pieces: list, sections, at: int, n: int, past, count: int, entry, dtype
+    ) -> List[Tuple[np.ndarray, Dict[str, Weight]]]:
+        """Each run of a planar read (`read_runs(whole=True)`: section after section,
+        run after run) computed where it was read: its parts' rows viewed in the
+        staging buffer (`BundleStore.staged`), each row given its position in the
+        caller's ids (`past`: those of the read ids from the `n`-th on), or `count`
+        (where the caller's values hold a zero) for a neuron read past in a gap or
+        bound for the cache (the first `n`, computed from their slots)."""
+        runs, out = len(pieces) // len(sections), []
+        for r in range(runs):
+            own = pieces[r::runs]  # the run's piece of each section
+            positions = own[0][0]
+            streamed = (positions >= 0) & (positions + at >= n)
+            if not streamed.any():
+                continue  # the cache's neurons alone
+            index = np.full(len(positions), count, np.int64)
+            index[streamed] = past[positions[streamed] + at - n]
+            parts = {}
+            for _, (c,), rows in own:
+                staged = self._store.staged(rows)
+                assert staged is not None, "a planar run is a view of the buffer"
+                parts.setdefault(c.name, {})[c.part] = staged
+            w = {
+                name: assemble(entry.components[name], q, dtype)
+                for name, q in parts.items()
+            }
+            out.append((index, w))
+        return out
+
+    def _place_own(self, cache, pieces: list, at: int, load_slots: np.ndarray) -> None:
+        """Of a planar read's runs (`_in_place`), the rows bound for the cache into
+        their slots: the read ids' first ``len(load_slots)``."""
+        n, waited = len(load_slots), False
+        for positions, components, rows in pieces if n else ():
+            mine = (positions >= 0) & (positions + at < n)
+            if mine.any():
+                if not waited:  # (slots: nothing may compute from them)
+                    self._waited()
+                    waited = True
+                cache.put(load_slots[positions[mine] + at], components, rows[mine])
+
     def _from_cache(self, x: mx.array) -> mx.array:
         """Every neuron cached, every neuron used: no selection, no reads, no gather
         (the FFN is a sum over neurons, so the slots' order does not matter)."""
         return self.with_bias(self._partial(x, self._cache.arrays, None))
 
     def _read(
-        self, ids: np.ndarray, sections, gap: int, columns: bool, decoding: bool = True
+        self,
+        ids: np.ndarray,
+        sections,
+        gap: int,
+        columns: bool,
+        decoding: bool = True,
+        whole: bool = False,
     ) -> list:
         """The bundles of `ids`: read ahead (by the layer or piece before), or read
         now, once the piece before is computed (its buffer may be this read's)."""
@@ -463,14 +543,16 @@ class FlashFFN(nn.Module):
         def io():
             return self._stats.timed("io") if decoding else contextlib.nullcontext()
 
-        if self._ahead is not None and not columns:
+        if self._ahead is not None and not columns and not whole:
             with io():
                 pieces = self._ahead.take(Request(self._layer, ids, sections, gap))
             if pieces is not None:
                 return pieces
         self._waited()
         with io():
-            return self._store.read_runs(self._layer, ids, sections, gap, columns)
+            return self._store.read_runs(
+                self._layer, ids, sections, gap, columns, whole=whole
+            )
 
     @staticmethod
     def _place(cache, pool, pieces: list, load_slots: np.ndarray) -> None:

@@ -220,6 +220,16 @@ def test_a_store_with_a_float16_q6k_dense_part_is_rebuilt(tmp_path):
         )
         (path / "flash_config.json").write_text(json.dumps(manifest))
         assert models.stale(path) == (bits != DOWN_BITS)
+    # and columns stores whose columns are bundled (planar since 2026-12-08)
+    for part in (None, "packed"):
+        path = store(f"columns-{part}", {"lm_head": q6})
+        manifest = json.loads((path / "flash_config.json").read_text())
+        section = {"components": ["gate_proj"], "offset": 4096, "bundle_bytes": 8}
+        layer = {"sections": [{**section, **({"part": part} if part else {})}]}
+        extension = {"name": "columns", "meta": {"layers": [layer]}}
+        manifest.update(extensions=[extension])
+        (path / "flash_config.json").write_text(json.dumps(manifest))
+        assert models.stale(path) == (part is None)
 
 
 def test_frontier_rows_added_into_an_earlier_run_of_the_same_text(tmp_path):

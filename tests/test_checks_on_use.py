@@ -68,7 +68,14 @@ def test_a_flipped_bit_in_every_section_is_caught_on_first_use(store, seed):
         )
         for section in entry.sections
     ]
-    assert len(places) == 3 * len(m.layers)  # [gate, up], [down], columns
+    # planar rows and columns: each part of each component a section of its own
+    assert {(unit, s.components[0]) for _, unit, _, s in places} == {
+        ("neurons", "gate_proj"),
+        ("neurons", "up_proj"),
+        ("neurons", "down_proj"),
+        ("channels", "gate_proj"),
+        ("channels", "up_proj"),
+    }
     for layer, unit, entry, section in places:
         neuron = int(rng.integers(entry.neurons))
         at = section.offset + neuron * section.bundle_bytes

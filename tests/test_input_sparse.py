@@ -56,10 +56,14 @@ def test_columns_round_trip(tmp_path, ffn_format):
     store = BundleStore(columns_store(tmp_path, ffn_format=ffn_format))
     source = dict(mx.load(str(tmp_path / "hf" / "model.safetensors")))
     m = store.manifest
-    assert [s.components for s in m.layers[0].sections] == [
-        ["gate_proj", "up_proj"],
-        ["down_proj"],
-    ]
+    for entries in (m.layers, m.columns):  # planar: each part of each component
+        parts = [(s.components, s.part) for s in entries[0].sections]
+        assert parts == [
+            ([name], part)
+            for name, c in entries[0].components.items()
+            for part, _ in c.parts
+        ]
+    assert m.format_version == 3
     for i in range(store.num_layers):
         columns = store.read_layer(i, mx.float32, columns=True)
         for name in m.rows:
@@ -194,6 +198,51 @@ def test_under_a_budget_columns_and_neurons_stream(tmp_path):
     assert "channels" in tight.flash_plan.describe()
 
 
+@pytest.mark.parametrize("above", [4096, 16384])  # bytes above the floor
+def test_streamed_columns_and_rows_are_computed_where_they_were_read(tmp_path, above):
+    """A planar columns store (format 3): both stages' runs are read whole and
+    computed from the staging buffer, the channels and neurons read past in them
+    multiplied by zero; only the caches' own rows move (the pools hold nothing and
+    are never written), and the logits are the unbudgeted selector's."""
+    store = columns_store(tmp_path, ffn_format="q4")
+    calibrate(store, tmp_path, shares="0.3")
+    free, _ = load(str(store), selector="input", sparsity=0.3)
+    tight, _ = load(
+        str(store),
+        selector="input",
+        sparsity=0.3,
+        dram_budget=free.flash_plan.floor + above,
+        prefill_step_size=16,
+        gap=2,  # runs merged past unneeded neurons and channels
+    )
+    pools = {}
+    for layer in tight.layers:
+        for pool in (layer.mlp._pool, layer.mlp._columns.pool):
+            pools[id(pool)] = pool
+    for pool in pools.values():
+        assert pool.capacity == 0
+
+        def copied(*args, **kwargs):
+            pytest.fail("a streamed neuron or channel was copied into a pool")
+
+        pool.put = copied
+    runs = []  # each run computed in place: (rows, rows multiplied by zero)
+    for layer in tight.layers:
+        ffn, inner = layer.mlp, layer.mlp._in_place
+
+        def counted(pieces, sections, at, n, past, count, *rest, inner=inner):
+            out = inner(pieces, sections, at, n, past, count, *rest)
+            runs.extend((len(index), int((index == count).sum())) for index, _ in out)
+            return out
+
+        ffn._in_place = counted
+    assert float(mx.abs(decode(tight) - decode(free)).max()) < 1e-4
+    s = tight.flash_stats
+    assert s.loaded > 0 and s.channels_loaded > 0
+    assert runs and any(masked for _, masked in runs)  # read past, multiplied by 0
+    assert all(masked < rows for rows, masked in runs)
+
+
 def test_kept_is_largest_first_and_never_empty():
     scores = np.array([0.1, 0.5, 0.3, 0.05])
     assert kept(scores, 0.2).tolist() == [1, 2]
@@ -238,7 +287,9 @@ def test_damaged_columns_are_refused(tmp_path):
     shutil.copytree(store, bad)
     with open(bad / BUNDLES_NAME, "r+b") as f:  # the header block's digest
         f.seek(ext["offset"] + 20)
-        f.write(b"\xff")
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(FlashError, match="columns extension was written for another"):
         BundleStore(bad)
     shutil.rmtree(bad)
@@ -356,7 +407,9 @@ def test_inspect_and_the_converter_name_the_columns_lossy_step(tmp_path):
     store = BundleStore(columns_store(tmp_path, ffn_format="q4"))
     text = describe(store)
     assert "gate_proj cols   affine q5 g64" in text
-    assert "gate_proj+up_proj cols" in text
+    for name in ("gate_proj", "up_proj"):  # planar: each part a section
+        for part in ("packed", "scales", "biases"):
+            assert f"{name} cols {part}" in text
     steps = store.manifest.lossy_steps()
     assert any(
         s.startswith("gate_proj columns") and "per input channel" in s for s in steps

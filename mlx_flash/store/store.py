@@ -306,6 +306,7 @@ class BundleStore:
         columns: bool = False,
         reader=None,
         stats=None,
+        whole: bool = False,
     ) -> List[Tuple[np.ndarray, List[Component], np.ndarray]]:
         """Read the bundles of neurons `ids` of `layer` in `sections`, as pieces
         ``(positions, components, rows)``: `rows` (len(positions), bytes) uint8 are
@@ -315,9 +316,11 @@ class BundleStore:
 
         Neighbouring ids are read together: runs closer than `max_gap` unneeded
         neurons merge into one read (a bigger read is cheaper than another request).
-        With `columns`, `ids` are input channels and the bundles their columns;
-        `reader`: the reader to read with (default: the store's own), counting in
-        `stats` (default: the reader's own).
+        With `whole`, each run comes whole, a view, the neurons read past in it
+        at position -1 (for a product that multiplies them by zero). With `columns`,
+        `ids` are input channels and the bundles their columns; `reader`: the
+        reader to read with (default: the store's own), counting in `stats`
+        (default: the reader's own).
         """
         entry, order = self.entry(layer, columns), np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
@@ -333,11 +336,15 @@ class BundleStore:
             for (a, b), end, view in zip(runs, ends, views):
                 run = np.frombuffer(view, np.uint8).reshape(b - a, s.bundle_bytes)
                 first, last = sorted_ids[start] - a, sorted_ids[end - 1] - a
-                if last - first + 1 == end - start:  # every neuron of the run: a
-                    rows = run[first : last + 1]  # slice, no copy of its own
+                if whole:  # the run as read, the neurons past at -1
+                    positions = np.full(b - a, -1, np.int64)
+                    positions[sorted_ids[start:end] - a] = order[start:end]
+                    pieces.append((positions, components, run))
+                elif last - first + 1 == end - start:  # every neuron of the run:
+                    pieces.append((order[start:end], components, run[first : last + 1]))
                 else:  # a gap read past unneeded neurons: their rows picked (a copy)
                     rows = run[sorted_ids[start:end] - a]
-                pieces.append((order[start:end], components, rows))
+                    pieces.append((order[start:end], components, rows))
                 start = end
         return pieces
 

@@ -46,6 +46,9 @@ from .sources import Source, open_source
 from .staging import _staged
 
 LAYOUTS = ("bundled", "split", "gate", "columns", "planar")
+# each part of each component in its own section (format 3): a run of neurons (or of
+# channels) read into the staging buffer is the matrix computed from
+PLANAR = ("planar", "columns")
 
 
 def convert(
@@ -84,9 +87,9 @@ def convert(
             was read into), ``bundled`` (one read brings a neuron's every component:
             for the sparse selectors), ``split`` (each component in its own run: the
             no-bundling ablation), ``gate``
-            (gate/fc1 rows apart, for the ``gate`` selector) or ``columns`` (gate/up
-            rows apart from down, and gate/up also bundled by input channel, for the
-            ``input`` selector: docs/FORMAT.md §7.1).
+            (gate/fc1 rows apart, for the ``gate`` selector) or ``columns`` (planar
+            rows, and gate/up also by input channel, planar too, for the ``input``
+            selector: docs/FORMAT.md §7.1).
         dense_out: also write a plain mlx-lm directory holding exactly the values
             the store computes with (its reference).
         overwrite: replace an existing ``out``.
@@ -294,29 +297,27 @@ def write_store(
 
 
 def layout_sections(order: List[str], first: str, layout: str) -> List[List[str]]:
-    """Components per section: ``bundled`` one section; ``split`` and ``planar``
-    one per component (the no-bundling ablation; planar then splits each into its
-    parts: `section_parts`); ``gate`` the first row (gate/fc1, with its bias) apart,
-    so it can stay resident while the rest of each bundle is read on demand;
-    ``columns`` the rows apart from the output projection (the last component), which
-    the ``input`` selector reads alone."""
+    """Components per section: ``bundled`` one section; ``split`` and the planar
+    layouts one per component (the no-bundling ablation; planar then splits each
+    into its parts: `section_parts`; ``columns`` is planar, so the ``input``
+    selector reads the output projection's rows alone); ``gate`` the first row
+    (gate/fc1, with its bias) apart, so it can stay resident while the rest of each
+    bundle is read on demand."""
     if layout == "bundled":
         return [order]
-    if layout in ("split", "planar"):
+    if layout == "split" or layout in PLANAR:
         return [[n] for n in order]
-    if layout == "columns":
-        return [order[:-1], order[-1:]]
     head = [n for n in order if n in (first, first + ".bias")]
     return [head, [n for n in order if n not in head]]
 
 
 def section_parts(component, block: np.ndarray, layout: str) -> list:
     """``(part, bytes)`` of each section a group's bundles `block` (n, bytes) makes:
-    the whole block (part None), or with ``planar`` one section per part of its one
-    `component` (packed words, scales, biases: each a row-major matrix as computed
-    with, so a run of neurons is read straight into the buffer it is computed from,
-    docs/FORMAT.md §3)."""
-    if layout != "planar":
+    the whole block (part None), or with a planar layout one section per part of
+    its one `component` (packed words, scales, biases: each a row-major matrix as
+    computed with, so a run of neurons is read straight into the buffer it is
+    computed from, docs/FORMAT.md §3)."""
+    if layout not in PLANAR:
         return [(None, block)]
     names, sizes = zip(*component.parts)
     return list(zip(names, np.split(block, np.cumsum(sizes)[:-1], axis=1)))
@@ -337,17 +338,23 @@ def _spill(path: Path, i: int, encoded) -> tuple:
 
 def _write_columns(f, manifest: Manifest, columns: list, start: int) -> int:
     """The columns extension at `start` (§7.1): its header block, then each layer's
-    channel bundles; returns its end."""
+    channel bundles, planar (each part of each component a section: a run of
+    channels read is the matrix computed from); returns its end."""
     hidden, layers, at = manifest.hidden_size, [], start + HEADER_BYTES
     for components, scratch, width in columns:
-        at = align_up(at)
-        f.seek(at)
-        with open(scratch, "rb") as part:
-            shutil.copyfileobj(part, f, 1 << 20)
+        block = np.fromfile(scratch, np.uint8).reshape(hidden, width)
         scratch.unlink()
-        names = list(components)
-        layers.append(LayerEntry(hidden, components, [Section(names, at, width)]))
-        at += hidden * width
+        sections, first = [], 0
+        for name, c in components.items():
+            own = block[:, first : first + c.nbytes]
+            for part, piece in section_parts(c, own, "columns"):
+                at = align_up(at)
+                f.seek(at)
+                f.write(np.ascontiguousarray(piece).tobytes())
+                sections.append(Section([name], at, piece.shape[1], part))
+                at += piece.nbytes
+            first += c.nbytes
+        layers.append(LayerEntry(hidden, components, sections))
     ext = Extension(COLUMNS, start, at - start, required=False)
     ext.meta = {"layers": [layer_dict(l) for l in layers]}
     manifest.extensions = [ext]
