@@ -75,13 +75,15 @@ from .streamed import (
 )
 
 # A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
-# A run of neurons (or channels) computed where it was read costs a few MLX ops of its
-# own (its products, its scales converted: ~30 us each on a 2-core x86): the `input`
-# selector, whose runs are all computed in place, merges runs across gaps up to this
-# many bytes (fewer, longer runs, their unneeded rows read and multiplied by zero).
-# Measured on Qwen2.5-Coder-1.5B at 50% of its file: the reader's 24 KiB gap left
-# ~72 column runs a layer and 2,029-2,189 ms a token; 64 KiB-1 MiB 1,432-1,471 ms,
-# reading 866-868 MB instead of 836 (2026-12-08).
+# A run computed where it was read costs a few MLX ops of its own (its products, its
+# scales converted: ~30 us each on a 2-core x86). The `input` selector's columns (a
+# channel's bundle 13 KB on Qwen2.5-Coder-1.5B, ~76% of them kept) read with the
+# reader's 24 KiB gap came in ~72 runs a layer: 2,029-2,189 ms a token against
+# 1,432-1,471 with runs merged across 64 KiB-1 MiB (866-868 MB read instead of 836;
+# 2026-12-08). So its channels merge across gaps up to this many bytes, their
+# unneeded columns read and multiplied by zero. (Its down rows keep the reader's
+# gap: they already come in ~2 runs a layer, and a wider gap would read past the
+# neurons the cache holds.)
 IN_PLACE_RUN_BYTES = 256 * 1024
 # one chunk in flight, so the floor does not hold a whole head
 HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
@@ -464,6 +466,15 @@ def page_bytes(bundle: int, share: float, gap: int = 0) -> int:
     return int(bundle + float((chance * read).sum()) + tail)
 
 
+def channel_gap(entry: LayerEntry, gap_bytes: int, in_place: bool) -> int:
+    """The `input` selector's read gap in channels: the reader's gap in bytes over a
+    channel's bundle, at least `IN_PLACE_RUN_BYTES` where the runs are computed as
+    read (`computed_where_read`)."""
+    return (max(gap_bytes, IN_PLACE_RUN_BYTES) if in_place else gap_bytes) // (
+        entry.bundle_bytes()
+    )
+
+
 def neuron_gap(entry: LayerEntry, sections: Sections, options, gap_bytes: int) -> int:
     """A layer's read gap in neurons: `--gap`, else the reader's gap in bytes over
     the width of a cached bundle."""
@@ -480,6 +491,7 @@ def neuron_layers(
     profile: Optional[NeuronProfile],
     calibration: Optional[Calibration] = None,
     gap_bytes: int = 0,
+    where_read: bool = False,
 ) -> List[Neurons]:
     """Each layer's neurons as the planner weighs them: their decoded and stored
     bytes and how often a token selects each (a profile's frequencies, most frequent
@@ -499,7 +511,7 @@ def neuron_layers(
             (
                 m.columns,
                 lambda e: list(range(len(e.sections))),
-                lambda e: gap_bytes // e.bundle_bytes(),
+                lambda e: channel_gap(e, gap_bytes, where_read),
                 "channels",
             ),
         ]
@@ -558,8 +570,6 @@ def setup(
     """
     m = store.manifest
     where_read = computed_where_read(store, options)
-    if where_read and options.selector == "input":  # its runs merged wider
-        gap_bytes = max(gap_bytes, IN_PLACE_RUN_BYTES)
     sections = split_sections(store, options.selector)
     state = selector_state(store, options)
     calibration = state.calibration
@@ -577,7 +587,14 @@ def setup(
     layers = []
     if not options.naive:
         layers = neuron_layers(
-            store, sections, options, dtype, profile, calibration, gap_bytes
+            store,
+            sections,
+            options,
+            dtype,
+            profile,
+            calibration,
+            gap_bytes,
+            where_read,
         )
     # a layer's streamed neurons decoded (the whole layer at most), one per shape;
     # computed where they were read, only their floats converted (no pool), a
@@ -793,7 +810,7 @@ def give_layers_their_caches(
                 dtype,
                 options.window,
             )
-            c_gap = gap_bytes // c_entry.bundle_bytes()
+            c_gap = channel_gap(c_entry, gap_bytes, where_read)
             every = list(range(len(c_entry.sections)))
             columns = Columns(c_cache, pools[shape_key(c_entry)], c_gap, every)
         pool = pools[shape_key(entry)]

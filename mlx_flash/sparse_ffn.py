@@ -418,7 +418,10 @@ class FlashFFN(nn.Module):
         give each slot the position of its id in `ids`, or ``len(ids)`` where the
         slot's id was not selected (the caller multiplies those by zero). Cheaper
         than gathering when most cached ids are selected (the input selector's
-        70-80% of channels: a gather copies them before the product reads them)."""
+        70-80% of channels: a gather copies them before the product reads them).
+        On a planar store, `masked` reads each run whole and computes it where it
+        was read, the ids read past in it at ``len(ids)`` too (`_in_place`): only
+        the cache's rows move."""
         stats = self._stats
         with stats.timed("memory"):
             through = cache.admissible(ids)
