@@ -266,28 +266,27 @@ def markdown(result):
             lines.append(f"| {name} | " + " | ".join(values) + " |")
         bound = " | ".join(f"{min(1, s / float(f)):.0%}" for s in SIZES)
         lines += [f"| bound: slots / selected | {bound} |", ""]
-        lines += ["Proposed split against LRU at the same size:", ""]
+        proposed, learned = [], []  # each size: against LRU at the same size
         for s in SIZES:
-            cells = {r["policy"]: r for r in rows if r["size"] == s}
-            ours = cells["proposed split"]["hit_rate"]
-            today = cells["LRU, ids[:capacity] (today)"]["hit_rate"]
-            first = cells["LRU"]["hit_rate"]
-            lines.append(
+            cells = {r["policy"]: r["hit_rate"] for r in rows if r["size"] == s}
+            ours, online = (
+                cells["proposed split"],
+                cells["online hot + LRU (no profile)"],
+            )
+            today, first = cells["LRU, ids[:capacity] (today)"], cells["LRU"]
+            proposed.append(
                 f"- {s:.0%}: {ours:.1%} = {ours / max(today, 1e-9):.1f}x today's LRU "
                 f"({today:.1%}), {ours / max(first, 1e-9):.2f}x LRU routing hits "
                 f"first ({first:.1%})"
             )
-        lines += ["", "Online pinning (no profile) against LRU at the same size:", ""]
-        for s in SIZES:
-            cells = {r["policy"]: r for r in rows if r["size"] == s}
-            learned = cells["online hot + LRU (no profile)"]["hit_rate"]
-            first = cells["LRU"]["hit_rate"]
-            lines.append(
-                f"- {s:.0%}: {learned:.1%} = {learned / max(first, 1e-9):.2f}x LRU "
-                f"routing hits first ({first:.1%}), "
-                f"{learned / max(cells['proposed split']['hit_rate'], 1e-9):.2f}x "
+            learned.append(
+                f"- {s:.0%}: {online:.1%} = {online / max(first, 1e-9):.2f}x LRU "
+                f"routing hits first ({first:.1%}), {online / max(ours, 1e-9):.2f}x "
                 "the profile's proposed split"
             )
+        lines += ["Proposed split against LRU at the same size:", "", *proposed, ""]
+        lines += ["Online pinning (no profile) against LRU at the same size:", ""]
+        lines += learned
         holds = [
             s for s in SIZES if _ratio(rows, s, "LRU, ids[:capacity] (today)") >= 3
         ]
