@@ -222,8 +222,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "apart, so the exact default computes streamed layers where they were read), "
         "bundled (one read per neuron: the paper's bundling, for --selector lowrank, "
         "oracle or shadow), split (no bundling: the ablation), gate (gate rows apart, "
-        "for --selector gate) or columns (gate/up also bundled by input channel, for "
-        "--selector input)",
+        "for --selector gate) or columns (planar, and gate/up also by input channel, "
+        "planar too, for --selector input)",
     )
     parser.add_argument(
         "--column-format",

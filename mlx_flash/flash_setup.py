@@ -74,17 +74,18 @@ from .streamed import (
     span,
 )
 
-# A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
 # A run computed where it was read costs a few MLX ops of its own (its products, its
 # scales converted: ~30 us each on a 2-core x86). The `input` selector's columns (a
 # channel's bundle 13 KB on Qwen2.5-Coder-1.5B, ~76% of them kept) read with the
 # reader's 24 KiB gap came in ~72 runs a layer: 2,029-2,189 ms a token against
-# 1,432-1,471 with runs merged across 64 KiB-1 MiB (866-868 MB read instead of 836;
-# 2026-12-08). So its channels merge across gaps up to this many bytes, their
-# unneeded columns read and multiplied by zero. (Its down rows keep the reader's
-# gap: they already come in ~2 runs a layer, and a wider gap would read past the
-# neurons the cache holds.)
+# 1,489-1,682 with runs merged across 256 KiB (868 MB read instead of 836; at 580
+# MiB, no limit, 2026-12-08). So its channels merge across gaps up to this many
+# bytes, their unneeded columns read and multiplied by zero. (Its down rows keep the
+# reader's gap: they already come in ~2 runs a layer, and a wider gap would read
+# past the neurons the cache holds.)
 IN_PLACE_RUN_BYTES = 256 * 1024
+
+# A streamed LM head is read in chunks of vocabulary rows of about this many bytes:
 # one chunk in flight, so the floor does not hold a whole head
 HEAD_CHUNK_BYTES = 1 << 20  # (or the largest attention read, if larger)
 
