@@ -522,10 +522,7 @@ def neuron_layers(
                 cs = [
                     c for j in ks for c in entry.section_components(entry.sections[j])
                 ]
-                read = sum(  # (a planar store's parts each read in its own section)
-                    page_bytes(entry.sections[j].bundle_bytes, share, gap(entry))
-                    for j in ks
-                )
+                read = section_pages([entry.sections[j] for j in ks], share, gap(entry))
                 use = np.full(entry.neurons, share)
                 layers.append(Neurons(decoded_bytes(cs, dtype), read, use))
         return layers
@@ -739,9 +736,15 @@ def selected_reads(entry: LayerEntry, sections: Sections, selected: float, gap: 
     store's parts each in a section of its own. (The planner weighs a neuron by its
     bundle bytes alone: counted with its pages here, the caches looked worth more
     than they are and the plans read 7-15% more, SmolLM2 with `shadow`.)"""
-    share = selected / entry.neurons
-    chosen = (entry.sections[k] for k in sections.chosen(entry, False))
-    return selected * sum(page_bytes(s.bundle_bytes, share, gap) for s in chosen)
+    chosen = [entry.sections[k] for k in sections.chosen(entry, False)]
+    return selected * section_pages(chosen, selected / entry.neurons, gap)
+
+
+def section_pages(chosen: list, share: float, gap: int) -> int:
+    """What reading one selected bundle of the `chosen` sections costs when a
+    random `share` is selected: each section read the reader's way (`page_bytes`),
+    a planar store's parts each in a section of its own."""
+    return sum(page_bytes(s.bundle_bytes, share, gap) for s in chosen)
 
 
 def give_layers_their_caches(

@@ -283,7 +283,7 @@ class FlashFFN(nn.Module):
         (bundled or split sections, several runs, rows picked past a gap)."""
         if not n:
             return None
-        parts = {}
+        parts = []
         for positions, components, rows in pieces:
             (c,) = components if len(components) == 1 else (None,)
             if c is None or c.part is None or len(positions) < first + n:
@@ -291,14 +291,22 @@ class FlashFFN(nn.Module):
             run = as_slice(positions)  # the read positions 0, 1, ... in order
             if not isinstance(run, slice) or run.start != 0:
                 return None
-            staged = self._store.staged(rows[first : first + n])
+            parts.append((c, rows[first : first + n]))
+        return self._viewed(parts, self._store.manifest.layers[self._layer], dtype)
+
+    def _viewed(self, parts: list, entry, dtype) -> Optional[Dict[str, Weight]]:
+        """The weights of planar parts' rows ``[(component, rows)]`` as they lie in
+        a staging buffer, viewed, not copied (`BundleStore.staged`); None if some
+        rows are not such a view."""
+        views = {}
+        for c, rows in parts:
+            staged = self._store.staged(rows)
             if staged is None:
                 return None
-            parts.setdefault(c.name, {})[c.part] = staged
-        entry = self._store.manifest.layers[self._layer]
+            views.setdefault(c.name, {})[c.part] = staged
         return {
-            name: assemble(entry.components[name], p, dtype)
-            for name, p in parts.items()
+            name: assemble(entry.components[name], v, dtype)
+            for name, v in views.items()
         }
 
     def _sparse(self, x: mx.array) -> mx.array:
@@ -500,15 +508,8 @@ class FlashFFN(nn.Module):
                 continue  # the cache's neurons alone
             index = np.full(len(positions), count, np.int64)
             index[streamed] = past[positions[streamed] + at - n]
-            parts = {}
-            for _, (c,), rows in own:
-                staged = self._store.staged(rows)
-                assert staged is not None, "a planar run is a view of the buffer"
-                parts.setdefault(c.name, {})[c.part] = staged
-            w = {
-                name: assemble(entry.components[name], q, dtype)
-                for name, q in parts.items()
-            }
+            w = self._viewed([(c, rows) for _, (c,), rows in own], entry, dtype)
+            assert w is not None, "a planar run is a view of the buffer"
             out.append((index, w))
         return out
 
